@@ -1,0 +1,141 @@
+// Small at::vec helpers shared by the CPU kernels: load any floating dtype into a
+// Vectorized<acc_t> (acc_t = float or double), store it back, horizontal reductions.
+//
+// Vectorized<acc_t>::size() elements are read or written per call; the *_n variants take a count
+// (< size()) for row tails and never touch memory past it.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace kdkernels {
+namespace cpu {
+
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+template <typename T>
+constexpr bool is_reduced_v = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
+// acc_t of a pair of input dtypes: double if either is double, else float.
+template <typename A, typename B>
+using acc_type_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>, double, float>;
+
+template <typename acc_t>
+constexpr acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// Vec<acc_t>::size() elements of scalar_t at p, converted to acc_t.
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> load_vec(const scalar_t* p) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return Vec<acc_t>::loadu(p);
+  } else if constexpr (std::is_same_v<acc_t, float> && is_reduced_v<scalar_t>) {
+    Vec<float> out;
+    at::vec::load_to_float<scalar_t>(p, out);
+    return out;
+  } else {
+    __at_align__ acc_t buf[Vec<acc_t>::size()];
+    for (int64_t k = 0; k < Vec<acc_t>::size(); ++k) buf[k] = static_cast<acc_t>(p[k]);
+    return Vec<acc_t>::loadu(buf);
+  }
+}
+
+// count (0 <= count <= size) elements of scalar_t at p; the other lanes are `fill`.
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> load_vec_n(const scalar_t* p, int64_t count, acc_t fill = acc_t(0)) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return Vec<acc_t>::set(Vec<acc_t>(fill), Vec<acc_t>::loadu(p, count), count);
+  } else if constexpr (std::is_same_v<acc_t, float> && is_reduced_v<scalar_t>) {
+    const Vec<float> v = at::vec::convert<float>(at::vec::Vectorized<scalar_t>::loadu(p, count));
+    return Vec<float>::set(Vec<float>(fill), v, count);
+  } else {
+    __at_align__ acc_t buf[Vec<acc_t>::size()];
+    for (int64_t k = 0; k < Vec<acc_t>::size(); ++k) buf[k] = k < count ? static_cast<acc_t>(p[k]) : fill;
+    return Vec<acc_t>::loadu(buf);
+  }
+}
+
+// count elements at p, each `stride` apart (gather), other lanes `fill`.
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> load_vec_strided(const scalar_t* p, int64_t stride, int64_t count, acc_t fill = acc_t(0)) {
+  __at_align__ acc_t buf[Vec<acc_t>::size()];
+  for (int64_t k = 0; k < Vec<acc_t>::size(); ++k) buf[k] = k < count ? static_cast<acc_t>(p[k * stride]) : fill;
+  return Vec<acc_t>::loadu(buf);
+}
+
+// Store all Vec<acc_t>::size() lanes of v at p as scalar_t.
+template <typename scalar_t, typename acc_t>
+inline void store_vec(const Vec<acc_t>& v, scalar_t* p) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    v.store(p);
+  } else if constexpr (std::is_same_v<acc_t, float> && is_reduced_v<scalar_t>) {
+    // Vectorized<Half/BFloat16> holds 2 * size() lanes; the first size() are ours.
+    at::vec::convert<scalar_t>(v).store(p, Vec<float>::size());
+  } else {
+    __at_align__ acc_t buf[Vec<acc_t>::size()];
+    v.store(buf);
+    for (int64_t k = 0; k < Vec<acc_t>::size(); ++k) p[k] = static_cast<scalar_t>(buf[k]);
+  }
+}
+
+// Store the first count lanes of v at p.
+template <typename scalar_t, typename acc_t>
+inline void store_vec_n(const Vec<acc_t>& v, scalar_t* p, int64_t count) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    v.store(p, count);
+  } else if constexpr (std::is_same_v<acc_t, float> && is_reduced_v<scalar_t>) {
+    at::vec::convert<scalar_t>(v).store(p, count);
+  } else {
+    __at_align__ acc_t buf[Vec<acc_t>::size()];
+    v.store(buf);
+    for (int64_t k = 0; k < count; ++k) p[k] = static_cast<scalar_t>(buf[k]);
+  }
+}
+
+// Store the first count lanes of v at p, each `stride` apart (scatter).
+template <typename scalar_t, typename acc_t>
+inline void store_vec_strided(const Vec<acc_t>& v, scalar_t* p, int64_t stride, int64_t count) {
+  __at_align__ acc_t buf[Vec<acc_t>::size()];
+  v.store(buf);
+  for (int64_t k = 0; k < count; ++k) p[k * stride] = static_cast<scalar_t>(buf[k]);
+}
+
+// Horizontal sum / max as a fixed tree (deterministic; shuffles for float).
+template <typename acc_t, typename VecOp, typename ScalarOp>
+inline acc_t reduce_tree(const Vec<acc_t>& v, const VecOp& vec_op, const ScalarOp& scalar_op) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return at::vec::vec_reduce_all<float>(vec_op, v);
+  } else {
+    __at_align__ acc_t buf[Vec<acc_t>::size()];
+    v.store(buf);
+    for (int64_t w = Vec<acc_t>::size() / 2; w >= 1; w /= 2) {
+      for (int64_t k = 0; k < w; ++k) buf[k] = scalar_op(buf[k], buf[k + w]);
+    }
+    return buf[0];
+  }
+}
+
+template <typename acc_t>
+inline acc_t hsum(const Vec<acc_t>& v) {
+  return reduce_tree<acc_t>(
+      v, [](const Vec<acc_t>& a, const Vec<acc_t>& b) { return a + b; }, [](acc_t a, acc_t b) { return a + b; });
+}
+
+// NaN-propagating.
+template <typename acc_t>
+inline acc_t hmax(const Vec<acc_t>& v) {
+  return reduce_tree<acc_t>(
+      v, [](const Vec<acc_t>& a, const Vec<acc_t>& b) { return at::vec::maximum(a, b); },
+      [](acc_t a, acc_t b) { return (a != a || a > b) ? a : b; });
+}
+
+}  // namespace cpu
+}  // namespace kdkernels

@@ -1,0 +1,106 @@
+// CUDA implementation of kdkernels::bounded_regression_rows: check the tensors, allocate the
+// outputs, and hand raw pointers, sizes and strides to the torch-free launcher in
+// bounded_regression_kernel.cu on the current stream. Compiled only in a CUDA build (setup.py
+// defines KDKERNELS_WITH_CUDA).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../kdkernels.h"
+#include "bounded_regression_kernel.cuh"
+
+namespace kdkernels {
+
+namespace {
+
+cuda::DType bounded_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return cuda::DType::kHalf;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    case at::kFloat:
+      return cuda::DType::kFloat;
+    case at::kDouble:
+      return cuda::DType::kDouble;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, name, ": expected float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  return cuda::DType::kFloat;  // not reached
+}
+
+void bounded_check_on(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), ", got ", t.device());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                                const at::Tensor& target,
+                                                                const c10::optional<at::Tensor>& mask, double margin,
+                                                                const at::Tensor& grad_scale, bool reduce,
+                                                                bool student_grad) {
+  TORCH_CHECK(student.is_cuda(), "student: expected a CUDA tensor, got device ", student.device());
+  bounded_check_on(teacher, student, "teacher");
+  bounded_check_on(target, student, "target");
+  bounded_check_on(grad_scale, student, "grad_scale");
+  TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
+              "grad_scale: expected a one-element float32 tensor, got ", grad_scale.scalar_type(), " of shape ",
+              grad_scale.sizes());
+  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes() && target.sizes() == student.sizes(),
+              "bounded_regression_rows: expected (rows, K) student, teacher and target of one shape, got ",
+              student.sizes(), ", ", teacher.sizes(), ", ", target.sizes());
+  TORCH_CHECK(teacher.scalar_type() == student.scalar_type() && target.scalar_type() == student.scalar_type(),
+              "bounded_regression_rows: expected student, teacher and target of one dtype");
+  const cuda::DType dtype = bounded_dtype(student, "student");
+  const int64_t R = student.size(0);
+  at::Tensor mask_c;
+  if (mask.has_value()) {
+    bounded_check_on(*mask, student, "mask");
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->numel() == R, "mask: expected a bool tensor of ", R,
+                " rows, got ", mask->scalar_type(), " of shape ", mask->sizes());
+    mask_c = mask->contiguous();
+  }
+
+  const c10::cuda::CUDAGuard guard(student.device());
+  const auto acc_options = student.options().dtype(dtype == cuda::DType::kDouble ? at::kDouble : at::kFloat);
+  const int64_t chunks = (R + cuda::kBoundedRegressionRowChunk - 1) / cuda::kBoundedRegressionRowChunk;
+  at::Tensor loss = at::empty({reduce ? std::max<int64_t>(chunks, 1) : R}, acc_options);
+  at::Tensor grad = student_grad ? at::empty({R, student.size(1)}, student.options()) : at::empty({0}, student.options());
+  if (R == 0) {
+    loss.zero_();
+    return {loss, grad};
+  }
+  cuda::BoundedRegressionParams p;
+  p.dtype = dtype;
+  p.student = student.data_ptr();
+  p.teacher = teacher.data_ptr();
+  p.target = target.data_ptr();
+  for (int d = 0; d < 2; ++d) {
+    p.student_strides[d] = student.stride(d);
+    p.teacher_strides[d] = teacher.stride(d);
+    p.target_strides[d] = target.stride(d);
+  }
+  p.rows = R;
+  p.coords = student.size(1);
+  p.mask = mask.has_value() ? mask_c.data_ptr<bool>() : nullptr;
+  p.margin = margin;
+  p.grad_scale = grad_scale.data_ptr<float>();
+  p.loss = loss.data_ptr();
+  p.reduce = reduce;
+  p.grad_student = student_grad ? grad.data_ptr() : nullptr;
+  C10_CUDA_CHECK(cuda::launch_bounded_regression(p, c10::cuda::getCurrentCUDAStream(student.device().index())));
+  return {loss, grad};
+}
+
+}  // namespace kdkernels
+
+TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
+  m.impl("bounded_regression_rows", &kdkernels::bounded_regression_rows_cuda);
+}

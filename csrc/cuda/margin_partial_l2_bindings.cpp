@@ -1,0 +1,107 @@
+// CUDA implementation of kdkernels::margin_partial_l2_elements: check the tensors, allocate the
+// outputs, and hand raw pointers and sizes to the torch-free launcher in margin_partial_l2_kernel.cu
+// on the current stream. Compiled only in a CUDA build (setup.py defines KDKERNELS_WITH_CUDA).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../kdkernels.h"
+#include "margin_partial_l2_kernel.cuh"
+
+namespace kdkernels {
+
+namespace {
+
+cuda::DType mpl2_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return cuda::DType::kHalf;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    case at::kFloat:
+      return cuda::DType::kFloat;
+    case at::kDouble:
+      return cuda::DType::kDouble;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, name, ": expected float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  return cuda::DType::kFloat;  // not reached
+}
+
+void mpl2_check_on(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), ", got ", t.device());
+}
+
+// Same sizes and, on every dimension longer than 1, the same strides; dense in memory.
+bool mpl2_same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes() || !a.is_non_overlapping_and_dense()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cuda(const at::Tensor& student,
+                                                                   const at::Tensor& teacher,
+                                                                   const at::Tensor& margin, int64_t channel_stride,
+                                                                   const at::Tensor& grad_scale, bool reduce,
+                                                                   bool student_grad) {
+  TORCH_CHECK(student.is_cuda(), "student: expected a CUDA tensor, got device ", student.device());
+  mpl2_check_on(teacher, student, "teacher");
+  mpl2_check_on(margin, student, "margin");
+  mpl2_check_on(grad_scale, student, "grad_scale");
+  TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
+              "grad_scale: expected a one-element float32 tensor, got ", grad_scale.scalar_type(), " of shape ",
+              grad_scale.sizes());
+  TORCH_CHECK(mpl2_same_dense_layout(student, teacher), "margin_partial_l2_elements: student ", student.sizes(),
+              " and teacher ", teacher.sizes(), " must be dense with the same strides");
+  const cuda::DType s_dtype = mpl2_dtype(student, "student");
+  const cuda::DType t_dtype = mpl2_dtype(teacher, "teacher");
+  const bool use_double = cuda::loss_is_double(s_dtype, t_dtype);
+  const auto acc_dtype = use_double ? at::kDouble : at::kFloat;
+  TORCH_CHECK(margin.dim() == 1 && margin.is_contiguous() && margin.scalar_type() == acc_dtype,
+              "margin: expected a contiguous 1-d ", acc_dtype, " tensor, got ", margin.scalar_type(), " of shape ",
+              margin.sizes());
+  TORCH_CHECK(channel_stride >= 1, "channel_stride: expected >= 1, got ", channel_stride);
+  const int64_t N = student.numel();
+  TORCH_CHECK(N == 0 || margin.numel() >= 1, "margin: empty for a non-empty input");
+
+  const c10::cuda::CUDAGuard guard(student.device());
+  const auto acc_options = student.options().dtype(acc_dtype);
+  const int64_t chunks = (N + cuda::kMarginPartialL2Chunk - 1) / cuda::kMarginPartialL2Chunk;
+  at::Tensor loss = reduce ? at::empty({std::max<int64_t>(chunks, 1)}, acc_options) : at::empty_like(student, acc_options);
+  at::Tensor grad = student_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  if (N == 0) {
+    loss.zero_();
+    return {loss, grad};
+  }
+  cuda::MarginPartialL2Params p;
+  p.student = student.data_ptr();
+  p.student_dtype = s_dtype;
+  p.teacher = teacher.data_ptr();
+  p.teacher_dtype = t_dtype;
+  p.numel = N;
+  p.margin = margin.data_ptr();
+  p.channels = margin.numel();
+  p.channel_stride = channel_stride;
+  p.grad_scale = grad_scale.data_ptr<float>();
+  p.loss = loss.data_ptr();
+  p.reduce = reduce;
+  p.grad_student = student_grad ? grad.data_ptr() : nullptr;
+  C10_CUDA_CHECK(cuda::launch_margin_partial_l2(p, c10::cuda::getCurrentCUDAStream(student.device().index())));
+  return {loss, grad};
+}
+
+}  // namespace kdkernels
+
+TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
+  m.impl("margin_partial_l2_elements", &kdkernels::margin_partial_l2_elements_cuda);
+}

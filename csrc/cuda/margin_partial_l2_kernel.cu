@@ -1,0 +1,87 @@
+// CUDA kernel of kdkernels::margin_partial_l2_elements (see margin_partial_l2_kernel.cuh):
+//
+//   T = max(F_t, m_c),  counted = (S > T) | (T > 0),  l = counted ? (T - S)^2 : 0,
+//   dl/dS = counted ? 2 (S - T) : 0   (times *grad_scale)
+//
+// One block of kThreads threads owns one chunk of kMarginPartialL2Chunk consecutive elements,
+// each thread a strided (coalesced) subset; the chunk's loss is a deterministic block sum.
+#include "margin_partial_l2_kernel.cuh"
+
+namespace kdkernels {
+namespace cuda {
+namespace {
+
+using detail::acc_t;
+using detail::from_acc;
+using detail::to_acc;
+
+constexpr int kThreads = 256;
+constexpr int kItems = static_cast<int>(kMarginPartialL2Chunk / kThreads);
+static_assert(kMarginPartialL2Chunk % kThreads == 0, "chunk must be a multiple of the block size");
+
+template <typename S, typename T>
+__global__ void __launch_bounds__(kThreads)
+    margin_partial_l2_kernel(const S* __restrict__ student, const T* __restrict__ teacher,
+                             const acc_t<S, T>* __restrict__ margin, int64_t numel, int64_t channels,
+                             int64_t channel_stride, const float* __restrict__ grad_scale, acc_t<S, T>* __restrict__ loss,
+                             bool reduce, S* __restrict__ grad_student) {
+  using Acc = acc_t<S, T>;
+  __shared__ Acc scratch[33];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kMarginPartialL2Chunk;
+  const Acc coef = grad_student != nullptr ? Acc(-2) * static_cast<Acc>(*grad_scale) : Acc(0);
+  Acc sum = 0;
+#pragma unroll 4
+  for (int k = 0; k < kItems; ++k) {
+    const int64_t i = base + static_cast<int64_t>(k) * kThreads + threadIdx.x;
+    if (i >= numel) break;
+    const Acc s = to_acc<Acc>(student[i]);
+    const Acc t = to_acc<Acc>(teacher[i]);
+    const Acc m = margin[(i / channel_stride) % channels];
+    const Acc tm = (t > m || t != t) ? t : m;  // max, NaN-propagating like torch.maximum
+    const Acc d = tm - s;
+    const bool counted = s > tm || tm > Acc(0);
+    const Acc l = counted ? d * d : Acc(0);
+    if (reduce) {
+      sum += l;
+    } else {
+      loss[i] = l;
+    }
+    if (grad_student != nullptr) grad_student[i] = from_acc<S>(counted ? d * coef : Acc(0));
+  }
+  if (reduce) {
+    const Acc total = detail::block_sum(sum, scratch);
+    if (threadIdx.x == 0) loss[blockIdx.x] = total;
+  }
+}
+
+template <typename S, typename T>
+cudaError_t launch_typed(const MarginPartialL2Params& p, cudaStream_t stream) {
+  const int64_t blocks = (p.numel + kMarginPartialL2Chunk - 1) / kMarginPartialL2Chunk;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
+  margin_partial_l2_kernel<S, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      static_cast<const S*>(p.student), static_cast<const T*>(p.teacher), static_cast<const acc_t<S, T>*>(p.margin),
+      p.numel, p.channels, p.channel_stride, p.grad_scale, static_cast<acc_t<S, T>*>(p.loss), p.reduce,
+      static_cast<S*>(p.grad_student));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_margin_partial_l2(const MarginPartialL2Params& params, cudaStream_t stream) {
+  if (params.numel < 0 || params.channels < 1 || params.channel_stride < 1) return cudaErrorInvalidValue;
+  if (params.numel == 0) return cudaSuccess;
+  if (params.student == nullptr || params.teacher == nullptr || params.margin == nullptr ||
+      params.loss == nullptr || (params.grad_student != nullptr && params.grad_scale == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  cudaError_t status = cudaErrorInvalidValue;
+  detail::dispatch_dtype_pair(params.student_dtype, params.teacher_dtype, [&](auto s_tag, auto t_tag) {
+    using S = typename decltype(s_tag)::type;
+    using T = typename decltype(t_tag)::type;
+    status = launch_typed<S, T>(params, stream);
+  });
+  return status;
+}
+
+}  // namespace cuda
+}  // namespace kdkernels

@@ -1,0 +1,62 @@
+// Declarations of the kernel ops of kdkernels._C. Schemas live in kdkernels.cpp; the Python side
+// (kdkernels/ops/*.py) documents what each op computes.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace kdkernels {
+
+using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// kd_loss_rows: student/teacher (outer, classes, inner) any strides; mask (outer, inner) bool.
+TensorTriple kd_loss_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                              const c10::optional<at::Tensor>& mask, double temperature,
+                              const at::Tensor& grad_scale, bool student_grad, bool teacher_grad);
+TensorTriple kd_loss_rows_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                               const c10::optional<at::Tensor>& mask, double temperature,
+                               const at::Tensor& grad_scale, bool student_grad, bool teacher_grad);
+
+// kl_div_pointwise: input/target contiguous, same shape.
+TensorTriple kl_div_pointwise_cpu(const at::Tensor& input, const at::Tensor& target, bool log_target,
+                                  const at::Tensor& grad_scale, bool reduce, bool input_grad, bool target_grad);
+TensorTriple kl_div_pointwise_cuda(const at::Tensor& input, const at::Tensor& target, bool log_target,
+                                   const at::Tensor& grad_scale, bool reduce, bool input_grad, bool target_grad);
+
+// weighted_soft_ce_rows: student/teacher (outer, classes, inner) any strides; class_weight (classes,);
+// mask (outer, inner) bool.
+TensorTriple weighted_soft_ce_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                       const c10::optional<at::Tensor>& class_weight,
+                                       const c10::optional<at::Tensor>& mask, double temperature,
+                                       const at::Tensor& grad_scale, bool student_grad, bool teacher_grad);
+TensorTriple weighted_soft_ce_rows_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                        const c10::optional<at::Tensor>& class_weight,
+                                        const c10::optional<at::Tensor>& mask, double temperature,
+                                        const at::Tensor& grad_scale, bool student_grad, bool teacher_grad);
+
+// margin_partial_l2_elements: student/teacher dense with the same strides; margin (C,) in the
+// accumulation dtype; the channel of flat element i is (i / channel_stride) % C.
+std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                                  const at::Tensor& margin, int64_t channel_stride,
+                                                                  const at::Tensor& grad_scale, bool reduce,
+                                                                  bool student_grad);
+std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                                   const at::Tensor& margin, int64_t channel_stride,
+                                                                   const at::Tensor& grad_scale, bool reduce,
+                                                                   bool student_grad);
+
+// bounded_regression_rows: student/teacher/target (rows, K) of one dtype, any strides; mask (rows,) bool.
+std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                               const at::Tensor& target,
+                                                               const c10::optional<at::Tensor>& mask, double margin,
+                                                               const at::Tensor& grad_scale, bool reduce,
+                                                               bool student_grad);
+std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                                const at::Tensor& target,
+                                                                const c10::optional<at::Tensor>& mask, double margin,
+                                                                const at::Tensor& grad_scale, bool reduce,
+                                                                bool student_grad);
+
+}  // namespace kdkernels

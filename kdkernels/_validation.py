@@ -1,0 +1,73 @@
+"""Argument checks shared by the public losses.
+
+Every check runs in Python before any kernel, and names the argument it rejects, so a user sees
+``ValueError: teacher_logits: expected shape (8, 100) to match student_logits, got (8, 99)``
+instead of a kernel error. The checks read only shapes, dtypes and devices (no data), so they
+add no host synchronisation and trace under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(value, name: str, *, floating: bool = True) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name}: sparse and other non-strided tensors are not supported (got layout {value.layout})")
+    if floating and value.dtype not in FLOATING_DTYPES:
+        raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), got {value.dtype}")
+
+
+def check_same_shape_and_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{b_name}: expected shape {tuple(a.shape)} to match {a_name}, got {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"{b_name}: expected device {a.device} to match {a_name}, got {b.device}")
+
+
+def check_dim(dim, ndim: int, name: str = "dim") -> int:
+    """Normalise ``dim`` to a non-negative index into a tensor of rank ``ndim``."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{name}: expected an int, got {type(dim).__name__}")
+    if ndim == 0:
+        raise ValueError(f"{name}: logits must have at least one dimension (the class dimension), got a 0-d tensor")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name}: expected a dimension in [{-ndim}, {ndim - 1}] for {ndim}-d logits, got {dim}")
+    return dim % ndim
+
+
+def check_temperature(temperature, name: str = "temperature") -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(f"{name}: expected a real number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0.0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {temperature}")
+    return temperature
+
+
+def check_reduction(reduction, allowed: tuple[str, ...], name: str = "reduction") -> str:
+    if not isinstance(reduction, str) or reduction not in allowed:
+        raise ValueError(f"{name}: expected one of {allowed}, got {reduction!r}")
+    return reduction
+
+
+def check_mask(mask, expected_shape: tuple[int, ...], device: torch.device, name: str = "mask") -> None:
+    """A mask is a bool tensor with the logits' shape minus the class dimension; True = counted."""
+    if mask is None:
+        return
+    check_tensor(mask, name, floating=False)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name}: expected a bool tensor (True = position counts), got {mask.dtype}")
+    if tuple(mask.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"{name}: expected shape {tuple(expected_shape)} (the logits' shape without the class dimension), got {tuple(mask.shape)}"
+        )
+    if mask.device != device:
+        raise ValueError(f"{name}: expected device {device} to match the logits, got {mask.device}")

@@ -1,0 +1,60 @@
+"""kdkernels.distill: the documented KD methods on unmodified models, on the fused losses.
+
+    from kdkernels.distill import Distiller, HintonKD, FitNets
+
+    distiller = Distiller(student, teacher, [
+        HintonKD(temperature=4.0, alpha=0.9),
+        FitNets("layer2", "layer2", student_channels=64, teacher_channels=256, weight=100.0),
+    ])
+    out = distiller(x, y)          # DistillOutput(student_output, losses, total)
+    out.total.backward()
+
+Pieces: :class:`FeatureCapture` (forward hooks by dotted path), connectors, :class:`Distiller`
+(offline, frozen teacher), methods (one file each), and schemes (mutual learning, BYOT,
+born-again).
+"""
+
+from kdkernels.distill import connectors
+from kdkernels.distill.capture import FeatureCapture, FeatureSpec, find_module, unwrap
+from kdkernels.distill.distiller import DistillOutput, Distiller
+from kdkernels.distill.method import Method
+from kdkernels.distill.methods import (
+    FSP,
+    OFD,
+    RKD,
+    AttentionDistributionTransfer,
+    AttentionTransfer,
+    CrossEntropy,
+    FeatureMapTransfer,
+    FitNets,
+    HintonKD,
+    SimilarityPreserving,
+    hint_parameters,
+)
+from kdkernels.distill.schemes import BYOT, BornAgainEnsemble, MutualLearning, born_again
+
+__all__ = [
+    "BYOT",
+    "FSP",
+    "OFD",
+    "RKD",
+    "AttentionDistributionTransfer",
+    "AttentionTransfer",
+    "BornAgainEnsemble",
+    "CrossEntropy",
+    "DistillOutput",
+    "Distiller",
+    "FeatureCapture",
+    "FeatureMapTransfer",
+    "FeatureSpec",
+    "FitNets",
+    "HintonKD",
+    "Method",
+    "MutualLearning",
+    "SimilarityPreserving",
+    "born_again",
+    "connectors",
+    "find_module",
+    "hint_parameters",
+    "unwrap",
+]

@@ -1,0 +1,25 @@
+"""Distillation methods, one file each: the math of docs/methods.md and nothing else."""
+
+from kdkernels.distill.methods.attention_transfer import AttentionTransfer
+from kdkernels.distill.methods.cross_entropy import CrossEntropy
+from kdkernels.distill.methods.fitnets import FitNets, hint_parameters
+from kdkernels.distill.methods.fsp import FSP
+from kdkernels.distill.methods.hinton_kd import HintonKD
+from kdkernels.distill.methods.mobilebert import AttentionDistributionTransfer, FeatureMapTransfer
+from kdkernels.distill.methods.ofd import OFD
+from kdkernels.distill.methods.rkd import RKD
+from kdkernels.distill.methods.similarity_preserving import SimilarityPreserving
+
+__all__ = [
+    "AttentionDistributionTransfer",
+    "AttentionTransfer",
+    "CrossEntropy",
+    "FSP",
+    "FeatureMapTransfer",
+    "FitNets",
+    "HintonKD",
+    "OFD",
+    "RKD",
+    "SimilarityPreserving",
+    "hint_parameters",
+]

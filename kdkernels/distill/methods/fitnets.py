@@ -1,0 +1,97 @@
+"""FitNets hints: Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015).
+
+    L_HT = ‖ u_h(x) − r(v_g(x)) ‖²
+
+u_h is the teacher's hint layer, v_g the student's guided layer, r a trainable regressor
+(here a connector: 1×1 conv by default). FitNets is not in methods.md; the default reduction is
+RepDistiller's ``HintLoss`` (``F.mse_loss``, the mean over every element); ``reduction="paper"``
+gives the paper's ½‖·‖² per sample, averaged over the batch. The regressor is a 1×1 conv (or any
+connector), so the spatial sizes must match; the paper's regressor is a conv whose kernel also
+maps spatial sizes.
+
+One stage: use ``FitNets`` together with ``HintonKD`` (RepDistiller ``--distill hint``).
+Two stages (the paper): first train the student up to the guided layer and the regressor on the
+hint alone, then the whole student with KD::
+
+    stage1 = Distiller(student, teacher, [FitNets("layer2", "layer3", 128, 256)])
+    opt = SGD(hint_parameters(student, "layer2", x[:2]) + list(stage1.methods.parameters()), ...)
+    ...                                     # train on stage1(x).total
+    stage2 = Distiller(student, teacher, [HintonKD()])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdkernels.distill.capture import FeatureCapture, SpecLike
+from kdkernels.distill.connectors import make_connector
+from kdkernels.distill.method import Method, check_same_shape
+
+REDUCTIONS = ("mean", "paper")
+
+
+def hint_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """``mean``: mean of (s − t)² over all elements; ``paper``: ½ Σ (s − t)² / batch size."""
+    diff = student_feature.float() - teacher_feature.detach().float()
+    if reduction == "mean":
+        return diff.pow(2).mean()
+    return 0.5 * diff.pow(2).sum() / student_feature.shape[0]
+
+
+class FitNets(Method):
+    """Hint loss between a student (guided) layer, through a regressor, and a teacher (hint) layer.
+
+    Args:
+        student_layer, teacher_layer: the guided and the hint feature.
+        student_channels, teacher_channels: channel counts; when both are given a connector of
+            kind ``connector`` is built, else features are compared as they are.
+        connector: ``"conv"`` (1×1 conv, default), ``"conv_bn"``, ``"linear"`` or an ``nn.Module``.
+        reduction: ``"mean"`` (default, RepDistiller) or ``"paper"``.
+        weight: default 1 (the paper's stage 1 uses the hint alone; RepDistiller uses 100 with KD).
+    """
+
+    name = "fitnets"
+
+    def __init__(
+        self,
+        student_layer: SpecLike,
+        teacher_layer: SpecLike,
+        student_channels: int | None = None,
+        teacher_channels: int | None = None,
+        connector: str | nn.Module | None = "conv",
+        reduction: str = "mean",
+        weight: float = 1.0,
+        name: str | None = None,
+    ) -> None:
+        super().__init__([student_layer], [teacher_layer], weight, name)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        if isinstance(connector, str) and student_channels is None and teacher_channels is None:
+            connector = None
+        self.connector = make_connector(connector, student_channels, teacher_channels)
+        self.reduction = reduction
+
+    def forward(self, student, teacher, target):
+        s = student[0] if self.connector is None else self.connector(student[0])
+        hint = "pass student_channels and teacher_channels to add a connector" if self.connector is None else ""
+        check_same_shape(self.name, f"{self.student_features[0]} vs {self.teacher_features[0]}", s, teacher[0], hint)
+        return hint_loss(s, teacher[0], self.reduction)
+
+
+def hint_parameters(student: nn.Module, guided_layer: SpecLike, example_input) -> list[nn.Parameter]:
+    """The student's parameters that the guided feature depends on (FitNets stage 1), found by
+    autograd on ``example_input`` (run in eval mode, so BN statistics are not touched)."""
+    capture = FeatureCapture(student, [guided_layer], role="student")
+    params = [p for p in student.parameters() if p.requires_grad]
+    was_training = student.training
+    student.eval()
+    try:
+        with capture:
+            student(example_input)
+        feature = capture.get(guided_layer)
+        grads = torch.autograd.grad(feature.float().sum(), params, allow_unused=True)
+    finally:
+        capture.remove()
+        student.train(was_training)
+    return [p for p, g in zip(params, grads) if g is not None]

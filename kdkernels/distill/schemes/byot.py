@@ -1,0 +1,113 @@
+"""Self-distillation with auxiliary heads: Zhang et al., "Be Your Own Teacher" (BYOT, ICCV 2019).
+
+A head (bottleneck + FC) reads the feature after each shallow stage i; the model's own deepest
+classifier C is the teacher:
+
+    L = Σ_i [ (1−α)·CE(q^i, y) + α·T²·KL(p_C^T ‖ p_i^T) + λ·‖F_i − sg[F_C]‖² ]
+
+with the KD and feature terms absent for i = C (so the deepest classifier gets (1−α)·CE) and the
+feature term summed over every element. Defaults are the unofficial implementation
+(luanyunteng/pytorch-be-your-own-teacher; no official code): T = 3, α = 0.1, λ = 10⁻⁶.
+Deviations: the soft term is the KL (``kd_loss``) where the formula has the CE: same gradient, the
+value is lower by α·T²·H(p_C^T). The feature term is the plain squared L2; the unofficial code
+masks it by (F_i > 0) ∨ (F_C > 0), which changes nothing for non-negative (post-ReLU) features.
+The heads are 1×1 conv + BN + ReLU + global average pooling (the paper's bottlenecks are strided
+convs) and an FC layer; they belong to this module, the model is not edited.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdkernels.distill.capture import FeatureCapture, SpecLike, as_spec
+from kdkernels.distill.distiller import DistillOutput, total_loss
+from kdkernels.functional.kd_loss import kd_loss
+
+
+class AuxiliaryHead(nn.Module):
+    """(B, C_i, H, W) → feature (B, D) and logits (B, num_classes)."""
+
+    def __init__(self, in_channels: int, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(in_channels, feature_dim, kernel_size=1, bias=False),
+            nn.BatchNorm2d(feature_dim),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.fc = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feature = self.bottleneck(x)
+        return feature, self.fc(feature)
+
+
+class BYOT(nn.Module):
+    """The model plus one auxiliary head per shallow stage; ``parameters()`` covers both.
+
+    Args:
+        model: returns the deepest logits (or set ``logits_layer``).
+        stage_layers: features after the shallow stages (e.g. ``["layer1", "layer2", "layer3"]``).
+        stage_channels: their channel counts.
+        feature_layer: the deepest feature F_C (e.g. ``"avgpool"``), flattened to (B, feature_dim).
+        feature_dim, num_classes: sizes of F_C and of the logits.
+        temperature, alpha, feature_weight: T (3), α (0.1), λ (10⁻⁶).
+        logits_layer: where the deepest logits are (default ``""``: the model's output).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stage_layers: Sequence[SpecLike],
+        stage_channels: Sequence[int],
+        feature_layer: SpecLike,
+        feature_dim: int,
+        num_classes: int,
+        temperature: float = 3.0,
+        alpha: float = 0.1,
+        feature_weight: float = 1e-6,
+        logits_layer: SpecLike = "",
+    ) -> None:
+        super().__init__()
+        if len(stage_layers) != len(stage_channels) or not stage_layers:
+            raise ValueError(f"byot: expected one channel count per stage layer (at least one), got {len(stage_layers)} and {len(stage_channels)}")
+        self.model = model
+        self.heads = nn.ModuleList(AuxiliaryHead(c, feature_dim, num_classes) for c in stage_channels)
+        self.stage_layers = [as_spec(s) for s in stage_layers]
+        self.feature_layer, self.logits_layer = as_spec(feature_layer), as_spec(logits_layer)
+        self.temperature, self.alpha, self.feature_weight = float(temperature), float(alpha), float(feature_weight)
+        self._capture = FeatureCapture(model, [*self.stage_layers, self.feature_layer, self.logits_layer], role="byot")
+
+    def _run(self, x: Any, **kwargs: Any):
+        try:
+            with self._capture:
+                output = self.model(x, **kwargs)
+            logits = self._capture.get(self.logits_layer)
+            feature = self._capture.get(self.feature_layer).flatten(1)
+            heads = [head(self._capture.get(spec)) for head, spec in zip(self.heads, self.stage_layers)]
+        finally:
+            self._capture.clear()
+        return output, logits, feature, heads
+
+    def forward(self, x: Any, target: torch.Tensor, **kwargs: Any) -> DistillOutput:
+        output, logits, feature, heads = self._run(x, **kwargs)
+        a, T = self.alpha, self.temperature
+        losses = {"deepest/ce": (1.0 - a) * F.cross_entropy(logits, target)}
+        for i, (head_feature, head_logits) in enumerate(heads):
+            if head_feature.shape != feature.shape:
+                raise ValueError(f"byot: head {i} feature {tuple(head_feature.shape)} does not match {self.feature_layer} {tuple(feature.shape)}; check feature_dim")
+            losses[f"head{i}/ce"] = (1.0 - a) * F.cross_entropy(head_logits, target)
+            losses[f"head{i}/kd"] = a * kd_loss(head_logits, logits.detach(), T, reduction="batchmean")
+            losses[f"head{i}/feature"] = self.feature_weight * (head_feature.float() - feature.detach().float()).pow(2).sum()
+        return DistillOutput(output, losses, total_loss(losses))
+
+    @torch.no_grad()
+    def predict(self, x: Any, **kwargs: Any) -> list[torch.Tensor]:
+        """Logits of every head, shallowest first, then the deepest classifier."""
+        _, logits, _, heads = self._run(x, **kwargs)
+        return [head_logits for _, head_logits in heads] + [logits]

@@ -1,0 +1,9 @@
+"""Loss functions. Inputs are validated here, in Python, before any kernel runs."""
+
+from kdkernels.functional.bounded_regression import bounded_regression
+from kdkernels.functional.kd_loss import kd_loss
+from kdkernels.functional.kl_div import kl_div
+from kdkernels.functional.margin_partial_l2 import margin_partial_l2
+from kdkernels.functional.weighted_soft_ce import weighted_soft_ce
+
+__all__ = ["bounded_regression", "kd_loss", "kl_div", "margin_partial_l2", "weighted_soft_ce"]

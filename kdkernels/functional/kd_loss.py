@@ -1,0 +1,84 @@
+"""``kd_loss``: Hinton's soft-target KL with temperature, fused."""
+
+from __future__ import annotations
+
+import torch
+
+from kdkernels import _validation, backends
+from kdkernels._layout import class_dim_views
+from kdkernels.ops import kd_loss as _ops  # noqa: F401  (registers kdkernels::kd_loss)
+from kdkernels.ops._reduction import CODES, SUM
+from kdkernels.ops.reference.kd_loss import kd_loss_reference
+
+KD_REDUCTIONS = ("none", "sum", "mean", "batchmean")
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    dim: int = -1,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Knowledge-distillation loss of Hinton et al. (2015), in one fused kernel.
+
+    .. math::
+        \ell = T^2 \sum_c p^T_{t,c}\,\big(\log p^T_{t,c} - \log p^T_{s,c}\big),\qquad p^T = \mathrm{softmax}(z / T)
+
+    along ``dim``; equal to
+    ``T*T * nn.KLDivLoss(reduction)(F.log_softmax(s / T, dim), F.softmax(t / T, dim))`` without
+    materialising either distribution. The T² factor keeps the gradient's size independent of T.
+
+    Args:
+        student_logits: logits of any shape with the classes along ``dim`` (fp32, fp16 or bf16;
+            fp64 on the cpu and torch backends).
+        teacher_logits: same shape and device; its dtype may differ. It receives a gradient when it
+            requires grad (online / mutual learning); detach it for a frozen teacher.
+        temperature: T > 0.
+        reduction: ``"batchmean"`` (sum / size(0), the KL of the paper averaged over the batch),
+            ``"sum"``, ``"mean"`` (over the counted positions) or ``"none"`` (one loss per position,
+            the logits' shape without ``dim``).
+        dim: the class dimension: ``-1`` for (…, V) logits, ``1`` for dense (N, C, H, W) logits
+            (read in place, contiguous or channels_last).
+        mask: optional bool tensor of the logits' shape without ``dim``; False positions (padding,
+            ignored tokens) contribute 0 and get zero gradients.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs): 0-d, or per position for ``"none"``.
+
+    Teacher logits of −inf (masked vocabulary) are exact: such classes contribute 0.
+    """
+    _validation.check_tensor(student_logits, "student_logits")
+    _validation.check_tensor(teacher_logits, "teacher_logits")
+    _validation.check_same_shape_and_device(student_logits, "student_logits", teacher_logits, "teacher_logits")
+    dim = _validation.check_dim(dim, student_logits.dim())
+    temperature = _validation.check_temperature(temperature)
+    reduction = _validation.check_reduction(reduction, KD_REDUCTIONS)
+    positions_shape = tuple(student_logits.shape[:dim]) + tuple(student_logits.shape[dim + 1 :])
+    _validation.check_mask(mask, positions_shape, student_logits.device)
+
+    backend = backends.resolve(student_logits.device)
+    if backend == "torch":
+        return kd_loss_reference(student_logits, teacher_logits, temperature, reduction, dim, mask)
+
+    views = class_dim_views(student_logits, teacher_logits, dim, mask)
+    if reduction == "batchmean":
+        code, scale = SUM, 1.0 / max(student_logits.shape[0], 1)
+    else:
+        code, scale = CODES[reduction], 1.0
+    grad_enabled = torch.is_grad_enabled()
+    loss, _, _ = torch.ops.kdkernels.kd_loss(
+        views.student,
+        views.teacher,
+        views.mask,
+        temperature,
+        code,
+        scale,
+        grad_enabled and student_logits.requires_grad,
+        grad_enabled and teacher_logits.requires_grad,
+        backend,
+    )
+    if reduction == "none":
+        loss = loss.reshape(positions_shape)
+    return loss

@@ -1,0 +1,36 @@
+"""Reference KL divergence with ``torch.nn.functional.kl_div``'s semantics, in plain PyTorch.
+
+Pointwise ``ℓ = y (log y − x)`` for probabilities y (0 where y = 0), or ``e^y (y − x)`` for
+log-probabilities (``log_target=True``); reductions none / sum / mean (÷ numel) / batchmean
+(÷ size(0)). Written out rather than calling ``torch.kl_div`` so the tests compare the fused
+kernels with an independent formula; the one deliberate difference from torch is the gradient at
+y = 0, which is 0 here (torch: NaN), and the mean of an empty input (0 here, torch: NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kl_div_pointwise_reference(input: torch.Tensor, target: torch.Tensor, log_target: bool) -> torch.Tensor:
+    if log_target:
+        return target.exp() * (target - input)
+    positive = target > 0
+    # log of a where()-guarded target: no NaN gradient flows back from the y = 0 entries.
+    safe_target = torch.where(positive, target, torch.ones_like(target))
+    pointwise = target * safe_target.log() - target * input
+    # At y = 0 the value is 0·(−x) (NaN for x = −inf, as torch) and, by our convention, the
+    # gradient w.r.t. y is 0 (the true derivative, log y + 1 − x, is −∞ there). y < 0: NaN.
+    at_zero = -(target.detach() * input)
+    return torch.where(positive, pointwise, torch.where(target == 0, at_zero, float("nan")))
+
+def kl_div_reference(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean", log_target: bool = False) -> torch.Tensor:
+    pointwise = kl_div_pointwise_reference(input, target, log_target)
+    if reduction == "none":
+        return pointwise
+    total = pointwise.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / input.shape[0] if input.dim() > 0 and input.shape[0] > 0 else total
+    return total / max(pointwise.numel(), 1)

@@ -1,0 +1,65 @@
+"""Reference class-weighted soft cross-entropy: −Σ_c w_c · p_t,c · log p_s,c, p = softmax(z / T).
+
+Chen et al., "Learning Efficient Object Detection Models with Knowledge Distillation" (NeurIPS
+2017) weight the background class by 1.5 in the soft term; with w = 1 it is the pixel-wise term of
+structured KD (Liu et al., CVPR 2019, ``dim=1`` on N,C,H,W scores) and MobileBERT's attention
+transfer (Sun et al., ACL 2020). A cross-entropy, not a KL: there is no T² factor and the teacher's
+entropy is included.
+
+Edge cases, decided once here and followed by every backend:
+* a class the teacher gives probability 0 (logit −inf) contributes 0, even where the student's
+  logit is −inf too (0·log 0 = 0), and its gradients are exactly 0;
+* a position whose teacher logits are all −inf has no distribution: it contributes 0 and gets zero
+  gradients (as a masked-out position does);
+* ``mean`` over zero counted positions, and any reduction of an empty batch, is 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdkernels.ops.reference.kd_loss import reduce_losses
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def weighted_soft_ce_positions(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    temperature: float,
+    dim: int,
+) -> torch.Tensor:
+    """Per-position −Σ_c w_c p_t,c log p_s,c along ``dim``, in float32 (float64 if a logit tensor is)."""
+    dtype = _compute_dtype(student, teacher)
+    s = student.to(dtype) / temperature
+    t = teacher.to(dtype) / temperature
+    has_distribution = t.amax(dim, keepdim=True) > float("-inf")
+    t = torch.where(has_distribution, t, torch.zeros_like(t))
+    log_p_s = torch.log_softmax(s, dim)
+    p_t = torch.softmax(t, dim)
+    if class_weight is not None:
+        # (C,) weights broadcast along ``dim`` of the logits.
+        shape = [1] * student.dim()
+        shape[dim % student.dim()] = -1
+        p_t = p_t * class_weight.to(dtype).reshape(shape)
+    # Select before multiplying so that p_t = 0 entries give neither NaN values nor NaN gradients.
+    support = p_t > 0
+    pointwise = p_t * torch.where(support, log_p_s, 0.0)
+    per_position = -pointwise.sum(dim)
+    return torch.where(has_distribution.squeeze(dim), per_position, torch.zeros_like(per_position))
+
+
+def weighted_soft_ce_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    class_weight: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    dim: int = -1,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    per_position = weighted_soft_ce_positions(student_logits, teacher_logits, class_weight, temperature, dim)
+    return reduce_losses(per_position, reduction, mask, student_logits.shape[0] if student_logits.dim() else 1)

@@ -1,0 +1,62 @@
+"""Shared test fixtures.
+
+Without a GPU, Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1, set
+here before Triton is imported), so every backend is exercised on every machine: ``cpu`` and
+``triton`` (interpreted) and ``torch`` here; ``triton``, ``cuda`` and ``torch`` on a GPU, where the
+tests marked ``gpu`` also run.
+"""
+
+import os
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kdkernels  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def device_backends():
+    """(device, backend) pairs that can run here, the fused ones first."""
+    pairs = []
+    for device in ["cuda"] if _HAS_CUDA else []:
+        pairs += [(device, name) for name in kdkernels.backends.available(device) if name != "torch"]
+    pairs += [("cpu", name) for name in kdkernels.backends.available("cpu") if name != "torch"]
+    return pairs
+
+
+FUSED = device_backends()
+
+
+@pytest.fixture(params=FUSED, ids=[f"{d}-{b}" for d, b in FUSED])
+def device_backend(request):
+    """Parametrises a test over every fused backend that can run here; yields (device, backend)
+    with that backend active."""
+    device, backend = request.param
+    with kdkernels.use_backend(backend):
+        yield torch.device(device), backend
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,150 @@
+"""Online mutual learning, BYOT self-distillation and born-again generations."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill_nets import SmallCNN, images
+from kdkernels.distill import BYOT, BornAgainEnsemble, Distiller, MutualLearning, born_again
+
+
+def kl(p_logits, q_logits):
+    """KL(p ‖ q) at T = 1, mean over the batch (DML's kl_loss_compute without its 1e-8)."""
+    p = p_logits.softmax(1)
+    return (p * (p.log() - q_logits.log_softmax(1))).sum(1).mean()
+
+
+@pytest.mark.parametrize("peer_reduction, scale", [("sum", 1.0), ("mean", 0.5)])
+def test_mutual_learning_matches_formula(peer_reduction, scale):
+    peers = [SmallCNN(4, bn=False), SmallCNN(4, bn=False), SmallCNN(6, bn=False)]
+    x, y = images(), torch.randint(0, 5, (6,))
+    out = MutualLearning(peers, peer_reduction)(x, y)
+    z = [p(x) for p in peers]
+    for k in range(3):
+        torch.testing.assert_close(out.losses[f"peer{k}/ce"], F.cross_entropy(z[k], y))
+        expected = scale * sum(kl(z[l], z[k]) for l in range(3) if l != k)
+        torch.testing.assert_close(out.losses[f"peer{k}/kl"], expected)
+    assert len(out.student_output) == 3
+
+
+def test_mutual_learning_peer_loss_reaches_only_its_peer():
+    peers = [SmallCNN(4), SmallCNN(4)]
+    out = MutualLearning(peers)(images(), torch.randint(0, 5, (6,)))
+    out.losses["peer0/kl"].backward()
+    assert all(p.grad is not None for p in peers[0].parameters())
+    assert all(p.grad is None for p in peers[1].parameters())
+
+
+def test_mutual_learning_updates_every_peer_and_lowers_the_loss():
+    peers = [SmallCNN(4), SmallCNN(4)]
+    dml = MutualLearning(peers)
+    before = [p.fc.weight.detach().clone() for p in peers]
+    optimizer = torch.optim.Adam(dml.parameters(), lr=1e-2)
+    x, y = images(), torch.randint(0, 5, (6,))
+    first = dml(x, y).total.detach()
+    for _ in range(8):
+        optimizer.zero_grad()
+        dml(x, y).total.backward()
+        optimizer.step()
+    assert dml(x, y).total < first
+    assert all(not torch.equal(b, p.fc.weight) for b, p in zip(before, peers))
+
+
+def test_mutual_learning_needs_two_peers():
+    with pytest.raises(ValueError, match="at least 2 peers"):
+        MutualLearning([SmallCNN()])
+    with pytest.raises(ValueError, match="peer_reduction"):
+        MutualLearning([SmallCNN(), SmallCNN()], peer_reduction="avg")
+
+
+def make_byot(**kwargs):
+    model = SmallCNN(4)
+    return model, BYOT(model, stage_layers=["relu1"], stage_channels=[4], feature_layer="pool", feature_dim=8, num_classes=5, **kwargs)
+
+
+def test_byot_matches_formula():
+    model, byot = make_byot(temperature=3.0, alpha=0.1, feature_weight=1e-2)
+    x, y = images(), torch.randint(0, 5, (6,))
+    out = byot(x, y)
+    stem = model.relu1(model.layer1(model.stem(x)))
+    f_c = model.pool(model.relu2(model.layer2(stem))).flatten(1)
+    z_c = model.fc(f_c)
+    head = byot.heads[0]
+    conv, bn = head.bottleneck[0], head.bottleneck[1]
+    f_1 = bn(conv(stem)).relu().mean((2, 3))
+    z_1 = head.fc(f_1)
+    T, a = 3.0, 0.1
+    torch.testing.assert_close(out.losses["deepest/ce"], (1 - a) * F.cross_entropy(z_c, y))
+    torch.testing.assert_close(out.losses["head0/ce"], (1 - a) * F.cross_entropy(z_1, y))
+    torch.testing.assert_close(out.losses["head0/kd"], a * T * T * kl(z_c / T, z_1 / T))
+    torch.testing.assert_close(out.losses["head0/feature"], 1e-2 * ((f_1 - f_c) ** 2).sum())
+    torch.testing.assert_close(out.student_output, z_c)
+
+
+def test_byot_deepest_is_the_teacher():
+    model, byot = make_byot()
+    out = byot(images(), torch.randint(0, 5, (6,)))
+    (out.losses["head0/kd"] + out.losses["head0/feature"]).backward()
+    assert model.fc.weight.grad is None and model.layer2[0].weight.grad is None  # sg[z_C], sg[F_C]
+    assert all(p.grad is not None for p in byot.heads.parameters())
+    assert model.stem[0].weight.grad is not None
+
+
+def test_byot_trains_and_predicts_every_head():
+    model, byot = make_byot()
+    optimizer = torch.optim.Adam(byot.parameters(), lr=1e-2)
+    x, y = images(), torch.randint(0, 5, (6,))
+    first = byot(x, y).total.detach()
+    for _ in range(8):
+        optimizer.zero_grad()
+        byot(x, y).total.backward()
+        optimizer.step()
+    assert byot(x, y).total < first
+    assert [z.shape for z in byot.predict(x)] == [(6, 5), (6, 5)]
+
+
+def test_byot_wrong_feature_dim_is_an_error():
+    model = SmallCNN(4)
+    byot = BYOT(model, ["relu1"], [4], feature_layer="pool", feature_dim=6, num_classes=5)
+    with pytest.raises(ValueError, match="check feature_dim"):
+        byot(images(), torch.randint(0, 5, (6,)))
+
+
+def test_born_again_trains_generations_on_their_predecessor():
+    teacher = SmallCNN(4)
+    x, y = images(), torch.randint(0, 5, (6,))
+    seen = []
+
+    def train(distiller: Distiller):
+        seen.append((distiller.teacher, sorted(distiller(x, y).losses)))
+        optimizer = torch.optim.SGD(distiller.parameters(), lr=0.1)
+        for _ in range(2):
+            optimizer.zero_grad()
+            distiller(x, y).total.backward()
+            optimizer.step()
+
+    models = born_again(teacher, lambda: SmallCNN(4), train, generations=2)
+    assert len(models) == 3 and models[0] is teacher
+    assert seen[0][0] is teacher and seen[1][0] is models[1]
+    assert seen[0][1] == ["born_again/kd", "ce"]
+    assert not any(m._forward_hooks for model in models for m in model.modules())
+    for model in models:
+        model.eval()
+    ensemble = BornAgainEnsemble(models[1:])
+    expected = (models[1](x).softmax(1) + models[2](x).softmax(1)) / 2
+    torch.testing.assert_close(ensemble(x), expected)
+
+
+def test_born_again_loss_is_kl_at_t1_plus_ce():
+    teacher, x, y = SmallCNN(4), images(), torch.randint(0, 5, (6,))
+    teacher.eval()
+    captured = {}
+
+    def train(distiller):
+        captured["out"] = distiller(x, y)
+        captured["student"] = distiller.student
+
+    born_again(teacher, lambda: SmallCNN(4), train, generations=1)
+    z_s = captured["out"].student_output
+    torch.testing.assert_close(captured["out"].losses["born_again/kd"], kl(teacher(x), z_s))
+    torch.testing.assert_close(captured["out"].losses["ce"], F.cross_entropy(z_s, y))

@@ -1,0 +1,14 @@
+"""Small helpers shared by the test files."""
+
+import torch
+
+
+def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "") -> None:
+    """Compare a fused result with the float64 reference at a tolerance fit for the input dtype."""
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}[dtype]
+    actual = actual.double()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any(), f"{name}: NaN in result"
+    scale = expected.abs().max().clamp_min(1.0)
+    err = (actual - expected).abs().max() / scale
+    assert err <= tol, f"{name}: max error {err:.3e} (relative to {scale:.3e}) > {tol:.1e}"
