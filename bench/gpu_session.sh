@@ -19,7 +19,7 @@ fi
 (time python3 setup.py build_ext --inplace) > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 python3 -c "import kdkernels; print('cuda backends:', kdkernels.backends.available('cuda'))" 2>&1 | tee -a "$OUT/env.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -x --timeout 120 ${TESTS:-tests} > "$OUT/pytest.log" 2>&1
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q ${PYTEST_ARGS:--x} --timeout 120 ${TESTS:-tests} > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
 fi
 if [ "$what" = tune ] || [ "$what" = all ]; then

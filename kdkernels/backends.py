@@ -33,12 +33,12 @@ _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 _override_stack: list[str] = []
 
 
+# Looked up once: torch.compile cannot trace importlib while it traces a loss.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def why_unavailable(name: str, device: torch.device | str) -> str | None:
@@ -49,7 +49,7 @@ def why_unavailable(name: str, device: torch.device | str) -> str | None:
     if name == "torch":
         return None
     if name == "triton":
-        if not _triton_installed():
+        if not _TRITON_INSTALLED:
             return "Triton is not installed (pip install triton)"
         if device.type == "cuda":
             return None

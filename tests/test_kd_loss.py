@@ -214,7 +214,7 @@ def test_opcheck_kernel_op():
     torch.library.opcheck(torch.ops.kdkernels.kd_loss_rows, (s, t, None, 1.0, scale, False, False))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", kdkernels.backends.available("cpu"))
 @pytest.mark.parametrize("reduction,dim", [("batchmean", -1), ("none", -1), ("mean", 1)])
 def test_compile_fullgraph_matches_eager(backend, reduction, dim):
     torch._dynamo.reset()

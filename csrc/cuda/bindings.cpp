@@ -8,63 +8,25 @@
 #include <torch/library.h>
 
 #include "../kdkernels.h"
+#include "binding_utils.h"
 #include "kd_loss_kernel.cuh"
 #include "kl_div_kernel.cuh"
 
 namespace kdkernels {
 
-namespace {
-
-cuda::DType to_dtype(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kHalf:
-      return cuda::DType::kHalf;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kFloat:
-      return cuda::DType::kFloat;
-    case at::kDouble:
-      return cuda::DType::kDouble;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, name, ": expected float16, bfloat16, float32 or float64, got ", t.scalar_type());
-  return cuda::DType::kFloat;  // not reached
-}
-
-void check_cuda_on(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), ", got ", t.device());
-}
-
-void check_grad_scale(const at::Tensor& grad_scale, const at::Tensor& ref) {
-  check_cuda_on(grad_scale, ref, "grad_scale");
-  TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
-              "grad_scale: expected a one-element float32 tensor, got ", grad_scale.scalar_type(), " of shape ",
-              grad_scale.sizes());
-}
-
-// A gradient buffer (the input's dtype; strides as torch.empty_like gives them), or an empty
-// tensor when the gradient is not requested.
-at::Tensor gradient_buffer(const at::Tensor& input, bool wanted) {
-  return wanted ? at::empty_like(input) : at::empty({0}, input.options());
-}
-
-}  // namespace
-
 TensorTriple kd_loss_rows_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                const c10::optional<at::Tensor>& mask, double temperature,
                                const at::Tensor& grad_scale, bool student_grad, bool teacher_grad) {
   TORCH_CHECK(student.is_cuda(), "student: expected a CUDA tensor, got device ", student.device());
-  check_cuda_on(teacher, student, "teacher");
-  check_grad_scale(grad_scale, student);
+  binding::check_cuda_on(teacher, student, "teacher");
+  binding::check_grad_scale(grad_scale, student);
   TORCH_CHECK(student.dim() == 3, "student: expected a 3-d (outer, classes, inner) view, got shape ",
               student.sizes());
   TORCH_CHECK(teacher.sizes() == student.sizes(), "teacher: expected shape ", student.sizes(), ", got ",
               teacher.sizes());
   TORCH_CHECK(temperature > 0.0, "temperature: expected a positive value, got ", temperature);
-  const cuda::DType student_dtype = to_dtype(student, "student");
-  const cuda::DType teacher_dtype = to_dtype(teacher, "teacher");
+  const cuda::DType student_dtype = binding::to_dtype(student, "student");
+  const cuda::DType teacher_dtype = binding::to_dtype(teacher, "teacher");
 
   const int64_t outer = student.size(0);
   const int64_t classes = student.size(1);
@@ -73,7 +35,7 @@ TensorTriple kd_loss_rows_cuda(const at::Tensor& student, const at::Tensor& teac
   const bool* mask_ptr = nullptr;
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
-    check_cuda_on(m, student, "mask");
+    binding::check_cuda_on(m, student, "mask");
     TORCH_CHECK(m.scalar_type() == at::kBool, "mask: expected a bool tensor, got ", m.scalar_type());
     TORCH_CHECK(m.dim() == 2 && m.size(0) == outer && m.size(1) == inner, "mask: expected shape (", outer, ", ",
                 inner, "), got ", m.sizes());
@@ -84,8 +46,8 @@ TensorTriple kd_loss_rows_cuda(const at::Tensor& student, const at::Tensor& teac
   const c10::cuda::CUDAGuard device_guard(student.device());
   const bool wide = cuda::loss_is_double(student_dtype, teacher_dtype);
   at::Tensor loss = at::empty({outer, inner}, student.options().dtype(wide ? at::kDouble : at::kFloat));
-  at::Tensor grad_student = gradient_buffer(student, student_grad);
-  at::Tensor grad_teacher = gradient_buffer(teacher, teacher_grad);
+  at::Tensor grad_student = binding::gradient_buffer(student, student_grad);
+  at::Tensor grad_teacher = binding::gradient_buffer(teacher, teacher_grad);
 
   cuda::KdLossRowsParams p;
   p.student = student.data_ptr();
@@ -118,21 +80,21 @@ TensorTriple kd_loss_rows_cuda(const at::Tensor& student, const at::Tensor& teac
 TensorTriple kl_div_pointwise_cuda(const at::Tensor& input, const at::Tensor& target, bool log_target,
                                    const at::Tensor& grad_scale, bool reduce, bool input_grad, bool target_grad) {
   TORCH_CHECK(input.is_cuda(), "input: expected a CUDA tensor, got device ", input.device());
-  check_cuda_on(target, input, "target");
-  check_grad_scale(grad_scale, input);
+  binding::check_cuda_on(target, input, "target");
+  binding::check_grad_scale(grad_scale, input);
   TORCH_CHECK(target.sizes() == input.sizes(), "target: expected shape ", input.sizes(), ", got ", target.sizes());
   TORCH_CHECK(input.is_contiguous(), "input: expected a contiguous tensor");
   TORCH_CHECK(target.is_contiguous(), "target: expected a contiguous tensor");
-  const cuda::DType input_dtype = to_dtype(input, "input");
-  const cuda::DType target_dtype = to_dtype(target, "target");
+  const cuda::DType input_dtype = binding::to_dtype(input, "input");
+  const cuda::DType target_dtype = binding::to_dtype(target, "target");
   const int64_t numel = input.numel();
 
   const c10::cuda::CUDAGuard device_guard(input.device());
   const at::ScalarType loss_type = cuda::loss_is_double(input_dtype, target_dtype) ? at::kDouble : at::kFloat;
   at::Tensor loss = reduce ? at::empty({cuda::kl_div_num_partials(numel)}, input.options().dtype(loss_type))
                            : at::empty(input.sizes(), input.options().dtype(loss_type));
-  at::Tensor grad_input = gradient_buffer(input, input_grad);
-  at::Tensor grad_target = gradient_buffer(target, target_grad);
+  at::Tensor grad_input = binding::gradient_buffer(input, input_grad);
+  at::Tensor grad_target = binding::gradient_buffer(target, target_grad);
 
   cuda::KlDivParams p;
   p.input = input.data_ptr();

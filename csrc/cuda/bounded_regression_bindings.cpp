@@ -11,35 +11,10 @@
 #include <algorithm>
 
 #include "../kdkernels.h"
+#include "binding_utils.h"
 #include "bounded_regression_kernel.cuh"
 
 namespace kdkernels {
-
-namespace {
-
-cuda::DType bounded_dtype(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kHalf:
-      return cuda::DType::kHalf;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kFloat:
-      return cuda::DType::kFloat;
-    case at::kDouble:
-      return cuda::DType::kDouble;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, name, ": expected float16, bfloat16, float32 or float64, got ", t.scalar_type());
-  return cuda::DType::kFloat;  // not reached
-}
-
-void bounded_check_on(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), ", got ", t.device());
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                                 const at::Tensor& target,
@@ -47,22 +22,19 @@ std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cuda(const at::Tensor
                                                                 const at::Tensor& grad_scale, bool reduce,
                                                                 bool student_grad) {
   TORCH_CHECK(student.is_cuda(), "student: expected a CUDA tensor, got device ", student.device());
-  bounded_check_on(teacher, student, "teacher");
-  bounded_check_on(target, student, "target");
-  bounded_check_on(grad_scale, student, "grad_scale");
-  TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
-              "grad_scale: expected a one-element float32 tensor, got ", grad_scale.scalar_type(), " of shape ",
-              grad_scale.sizes());
+  binding::check_cuda_on(teacher, student, "teacher");
+  binding::check_cuda_on(target, student, "target");
+  binding::check_grad_scale(grad_scale, student);
   TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes() && target.sizes() == student.sizes(),
               "bounded_regression_rows: expected (rows, K) student, teacher and target of one shape, got ",
               student.sizes(), ", ", teacher.sizes(), ", ", target.sizes());
   TORCH_CHECK(teacher.scalar_type() == student.scalar_type() && target.scalar_type() == student.scalar_type(),
               "bounded_regression_rows: expected student, teacher and target of one dtype");
-  const cuda::DType dtype = bounded_dtype(student, "student");
+  const cuda::DType dtype = binding::to_dtype(student, "student");
   const int64_t R = student.size(0);
   at::Tensor mask_c;
   if (mask.has_value()) {
-    bounded_check_on(*mask, student, "mask");
+    binding::check_cuda_on(*mask, student, "mask");
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->numel() == R, "mask: expected a bool tensor of ", R,
                 " rows, got ", mask->scalar_type(), " of shape ", mask->sizes());
     mask_c = mask->contiguous();

@@ -10,33 +10,12 @@
 #include <algorithm>
 
 #include "../kdkernels.h"
+#include "binding_utils.h"
 #include "margin_partial_l2_kernel.cuh"
 
 namespace kdkernels {
 
 namespace {
-
-cuda::DType mpl2_dtype(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kHalf:
-      return cuda::DType::kHalf;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kFloat:
-      return cuda::DType::kFloat;
-    case at::kDouble:
-      return cuda::DType::kDouble;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, name, ": expected float16, bfloat16, float32 or float64, got ", t.scalar_type());
-  return cuda::DType::kFloat;  // not reached
-}
-
-void mpl2_check_on(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), ", got ", t.device());
-}
 
 // Same sizes and, on every dimension longer than 1, the same strides; dense in memory.
 bool mpl2_same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
@@ -55,16 +34,13 @@ std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cuda(const at::Ten
                                                                    const at::Tensor& grad_scale, bool reduce,
                                                                    bool student_grad) {
   TORCH_CHECK(student.is_cuda(), "student: expected a CUDA tensor, got device ", student.device());
-  mpl2_check_on(teacher, student, "teacher");
-  mpl2_check_on(margin, student, "margin");
-  mpl2_check_on(grad_scale, student, "grad_scale");
-  TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
-              "grad_scale: expected a one-element float32 tensor, got ", grad_scale.scalar_type(), " of shape ",
-              grad_scale.sizes());
+  binding::check_cuda_on(teacher, student, "teacher");
+  binding::check_cuda_on(margin, student, "margin");
+  binding::check_grad_scale(grad_scale, student);
   TORCH_CHECK(mpl2_same_dense_layout(student, teacher), "margin_partial_l2_elements: student ", student.sizes(),
               " and teacher ", teacher.sizes(), " must be dense with the same strides");
-  const cuda::DType s_dtype = mpl2_dtype(student, "student");
-  const cuda::DType t_dtype = mpl2_dtype(teacher, "teacher");
+  const cuda::DType s_dtype = binding::to_dtype(student, "student");
+  const cuda::DType t_dtype = binding::to_dtype(teacher, "teacher");
   const bool use_double = cuda::loss_is_double(s_dtype, t_dtype);
   const auto acc_dtype = use_double ? at::kDouble : at::kFloat;
   TORCH_CHECK(margin.dim() == 1 && margin.is_contiguous() && margin.scalar_type() == acc_dtype,
@@ -78,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cuda(const at::Ten
   const auto acc_options = student.options().dtype(acc_dtype);
   const int64_t chunks = (N + cuda::kMarginPartialL2Chunk - 1) / cuda::kMarginPartialL2Chunk;
   at::Tensor loss = reduce ? at::empty({std::max<int64_t>(chunks, 1)}, acc_options) : at::empty_like(student, acc_options);
-  at::Tensor grad = student_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor grad = binding::gradient_buffer(student, student_grad);
   if (N == 0) {
     loss.zero_();
     return {loss, grad};

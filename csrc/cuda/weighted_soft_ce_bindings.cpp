@@ -8,33 +8,12 @@
 #include <torch/library.h>
 
 #include "../kdkernels.h"
+#include "binding_utils.h"
 #include "weighted_soft_ce_kernel.cuh"
 
 namespace kdkernels {
 
 namespace {
-
-cuda::DType wsce_dtype(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kHalf:
-      return cuda::DType::kHalf;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kFloat:
-      return cuda::DType::kFloat;
-    case at::kDouble:
-      return cuda::DType::kDouble;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, name, ": expected float16, bfloat16, float32 or float64, got ", t.scalar_type());
-  return cuda::DType::kFloat;  // not reached
-}
-
-void wsce_check_on(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), ", got ", t.device());
-}
 
 void wsce_copy_strides(const at::Tensor& t, int64_t* out) {
   for (int d = 0; d < 3; ++d) out[d] = t.stride(d);
@@ -47,32 +26,29 @@ TensorTriple weighted_soft_ce_rows_cuda(const at::Tensor& student, const at::Ten
                                         const c10::optional<at::Tensor>& mask, double temperature,
                                         const at::Tensor& grad_scale, bool student_grad, bool teacher_grad) {
   TORCH_CHECK(student.is_cuda(), "student: expected a CUDA tensor, got device ", student.device());
-  wsce_check_on(teacher, student, "teacher");
-  wsce_check_on(grad_scale, student, "grad_scale");
-  TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
-              "grad_scale: expected a one-element float32 tensor, got ", grad_scale.scalar_type(), " of shape ",
-              grad_scale.sizes());
+  binding::check_cuda_on(teacher, student, "teacher");
+  binding::check_grad_scale(grad_scale, student);
   TORCH_CHECK(student.dim() == 3, "student: expected a 3-d (outer, classes, inner) view, got shape ",
               student.sizes());
   TORCH_CHECK(teacher.sizes() == student.sizes(), "teacher: expected shape ", student.sizes(), ", got ",
               teacher.sizes());
   TORCH_CHECK(temperature > 0.0, "temperature: expected a positive value, got ", temperature);
-  const cuda::DType student_dtype = wsce_dtype(student, "student");
-  const cuda::DType teacher_dtype = wsce_dtype(teacher, "teacher");
+  const cuda::DType student_dtype = binding::to_dtype(student, "student");
+  const cuda::DType teacher_dtype = binding::to_dtype(teacher, "teacher");
   const int64_t outer = student.size(0), classes = student.size(1), inner = student.size(2);
   const at::ScalarType acc_type = cuda::loss_is_double(student_dtype, teacher_dtype) ? at::kDouble : at::kFloat;
 
   const c10::cuda::CUDAGuard device_guard(student.device());
   at::Tensor weight;
   if (class_weight.has_value()) {
-    wsce_check_on(*class_weight, student, "class_weight");
+    binding::check_cuda_on(*class_weight, student, "class_weight");
     TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == classes, "class_weight: expected shape (",
                 classes, "), got ", class_weight->sizes());
     weight = class_weight->to(acc_type).contiguous();  // C elements: a no-op or a tiny kernel, no sync
   }
   at::Tensor mask_c;
   if (mask.has_value()) {
-    wsce_check_on(*mask, student, "mask");
+    binding::check_cuda_on(*mask, student, "mask");
     TORCH_CHECK(mask->scalar_type() == at::kBool, "mask: expected a bool tensor, got ", mask->scalar_type());
     TORCH_CHECK(mask->dim() == 2 && mask->size(0) == outer && mask->size(1) == inner, "mask: expected shape (",
                 outer, ", ", inner, "), got ", mask->sizes());
@@ -80,8 +56,8 @@ TensorTriple weighted_soft_ce_rows_cuda(const at::Tensor& student, const at::Ten
   }
 
   at::Tensor loss = at::empty({outer, inner}, student.options().dtype(acc_type));
-  at::Tensor grad_student = student_grad ? at::empty_like(student) : at::empty({0}, student.options());
-  at::Tensor grad_teacher = teacher_grad ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  at::Tensor grad_student = binding::gradient_buffer(student, student_grad);
+  at::Tensor grad_teacher = binding::gradient_buffer(teacher, teacher_grad);
   if (outer * inner == 0) return {loss, grad_student, grad_teacher};
   if (classes == 0) {
     loss.zero_();

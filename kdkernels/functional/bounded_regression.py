@@ -9,7 +9,7 @@ import torch
 
 from kdkernels import _validation, backends
 from kdkernels.ops import bounded_regression as _ops  # noqa: F401  (registers kdkernels::bounded_regression)
-from kdkernels.ops._reduction import CODES, SUM
+from kdkernels.ops._reduction import reduction_code
 from kdkernels.ops.reference.bounded_regression import bounded_regression_reference
 
 BOUNDED_REGRESSION_REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -95,10 +95,7 @@ def bounded_regression(
     teacher2 = teacher.detach().to(dtype).reshape(rows, k)
     target2 = target.detach().to(dtype).reshape(rows, k)
     mask2 = None if mask is None else mask.reshape(rows).contiguous()
-    if reduction == "batchmean":
-        code, scale = SUM, 1.0 / max(rows_shape[0] if rows_shape else 1, 1)
-    else:
-        code, scale = CODES[reduction], 1.0
+    code, scale = reduction_code(reduction, rows_shape[0] if rows_shape else 1)
     loss, _ = torch.ops.kdkernels.bounded_regression(
         student2,
         teacher2,

@@ -7,7 +7,7 @@ import torch
 from kdkernels import _validation, backends
 from kdkernels._layout import class_dim_views
 from kdkernels.ops import kd_loss as _ops  # noqa: F401  (registers kdkernels::kd_loss)
-from kdkernels.ops._reduction import CODES, SUM
+from kdkernels.ops._reduction import reduction_code
 from kdkernels.ops.reference.kd_loss import kd_loss_reference
 
 KD_REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -63,10 +63,7 @@ def kd_loss(
         return kd_loss_reference(student_logits, teacher_logits, temperature, reduction, dim, mask)
 
     views = class_dim_views(student_logits, teacher_logits, dim, mask)
-    if reduction == "batchmean":
-        code, scale = SUM, 1.0 / max(student_logits.shape[0], 1)
-    else:
-        code, scale = CODES[reduction], 1.0
+    code, scale = reduction_code(reduction, student_logits.shape[0])
     grad_enabled = torch.is_grad_enabled()
     loss, _, _ = torch.ops.kdkernels.kd_loss(
         views.student,

@@ -9,7 +9,7 @@ from torch.nn import _reduction as _torch_reduction
 
 from kdkernels import _validation, backends
 from kdkernels.ops import kl_div as _ops  # noqa: F401  (registers kdkernels::kl_div)
-from kdkernels.ops._reduction import CODES, SUM
+from kdkernels.ops._reduction import reduction_code
 
 KL_DIV_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
@@ -70,10 +70,7 @@ def kl_div(
 
         return kl_div_reference(input, target, reduction, log_target)
 
-    if reduction == "batchmean":
-        code, scale = SUM, (1.0 / max(input.shape[0], 1) if input.dim() > 0 else 1.0)
-    else:
-        code, scale = CODES[reduction], 1.0
+    code, scale = reduction_code(reduction, input.shape[0] if input.dim() > 0 else 1)
     grad_enabled = torch.is_grad_enabled()
     loss, _, _ = torch.ops.kdkernels.kl_div(
         input.contiguous(),

@@ -6,7 +6,7 @@ import torch
 
 from kdkernels import _validation, backends
 from kdkernels.ops import margin_partial_l2 as _ops
-from kdkernels.ops._reduction import CODES, SUM
+from kdkernels.ops._reduction import reduction_code
 from kdkernels.ops.kd_loss import accumulation_dtype
 from kdkernels.ops.reference.margin_partial_l2 import margin_partial_l2_reference
 
@@ -97,10 +97,7 @@ def margin_partial_l2(
         teacher = torch.empty_like(student, dtype=teacher.dtype).copy_(teacher)
     margin = margin.detach().to(accumulation_dtype(student, teacher)).contiguous()
 
-    if reduction == "batchmean":
-        code, scale = SUM, 1.0 / max(student.shape[0], 1)
-    else:
-        code, scale = CODES[reduction], 1.0
+    code, scale = reduction_code(reduction, student.shape[0])
     loss, _ = torch.ops.kdkernels.margin_partial_l2(
         student,
         teacher,

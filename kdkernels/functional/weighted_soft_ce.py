@@ -7,7 +7,7 @@ import torch
 from kdkernels import _validation, backends
 from kdkernels._layout import class_dim_views
 from kdkernels.ops import weighted_soft_ce as _ops  # noqa: F401  (registers kdkernels::weighted_soft_ce)
-from kdkernels.ops._reduction import CODES, SUM
+from kdkernels.ops._reduction import reduction_code
 from kdkernels.ops.reference.weighted_soft_ce import weighted_soft_ce_reference
 
 WEIGHTED_SOFT_CE_REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -98,10 +98,7 @@ def weighted_soft_ce(
         return weighted_soft_ce_reference(student_logits, teacher_logits, class_weight, temperature, reduction, dim, mask)
 
     views = class_dim_views(student_logits, teacher_logits, dim, mask)
-    if reduction == "batchmean":
-        code, scale = SUM, 1.0 / max(student_logits.shape[0], 1)
-    else:
-        code, scale = CODES[reduction], 1.0
+    code, scale = reduction_code(reduction, student_logits.shape[0])
     grad_enabled = torch.is_grad_enabled()
     loss, _, _ = torch.ops.kdkernels.weighted_soft_ce(
         views.student,

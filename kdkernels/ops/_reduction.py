@@ -13,6 +13,14 @@ NONE, SUM, MEAN = 0, 1, 2
 CODES = {"none": NONE, "sum": SUM, "mean": MEAN}
 
 
+def reduction_code(reduction: str, batch_size: int) -> tuple[int, float]:
+    """``(code, scale)`` for a public reduction name; ``batchmean`` is a sum scaled by
+    1 / ``batch_size`` (size(0) of the input, as ``nn.KLDivLoss``; an empty batch sums to 0)."""
+    if reduction == "batchmean":
+        return SUM, 1.0 / max(batch_size, 1)
+    return CODES[reduction], 1.0
+
+
 def grad_scale_and_divisor(
     reduction: int, scale: float, positions: int, mask: torch.Tensor | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | float]:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from kdkernels import _extension
 from kdkernels.ops import _gradients
+from kdkernels.ops._kernels import kernel_op
 from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
 from kdkernels.ops.kd_loss import accumulation_dtype
 
@@ -56,14 +57,6 @@ def bounded_regression_rows_triton(
     return bounded_regression_rows(student, teacher, target, mask, margin, grad_scale, reduce, student_grad)
 
 
-def _kernel_op(backend: str):
-    if backend == "triton":
-        return torch.ops.kdkernels.bounded_regression_rows_triton
-    if backend in ("cpu", "cuda"):
-        return torch.ops.kdkernels.bounded_regression_rows
-    raise ValueError(f"backend: kdkernels::bounded_regression has no kernel for backend {backend!r}")
-
-
 @torch.library.custom_op("kdkernels::bounded_regression", mutates_args=())
 def bounded_regression(
     student: Tensor,
@@ -78,7 +71,7 @@ def bounded_regression(
 ) -> tuple[Tensor, Tensor]:
     """Reduced teacher-bounded regression loss over (rows, K) boxes, and the student's gradient."""
     grad_scale, divisor = grad_scale_and_divisor(reduction, scale, student.shape[0], mask, student.device)
-    loss, grad_student = _kernel_op(backend)(
+    loss, grad_student = kernel_op("bounded_regression_rows", backend)(
         student, teacher, target, mask, margin, grad_scale, reduction != NONE, student_grad
     )
     if isinstance(divisor, Tensor):  # a masked mean's fp32 row count: keep an fp64 loss in fp64

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from kdkernels import _extension
 from kdkernels.ops import _gradients
+from kdkernels.ops._kernels import kernel_op
 from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
 
 
@@ -63,14 +64,6 @@ def kd_loss_rows_triton(
     return kd_loss_rows(student, teacher, mask, temperature, grad_scale, student_grad, teacher_grad)
 
 
-def _kernel_op(backend: str):
-    if backend == "triton":
-        return torch.ops.kdkernels.kd_loss_rows_triton
-    if backend in ("cpu", "cuda"):
-        return torch.ops.kdkernels.kd_loss_rows
-    raise ValueError(f"backend: kdkernels::kd_loss has no kernel for backend {backend!r}")
-
-
 @torch.library.custom_op("kdkernels::kd_loss", mutates_args=())
 def kd_loss(
     student: Tensor,
@@ -86,7 +79,7 @@ def kd_loss(
     """Reduced T²·KL(softmax(t/T) ‖ softmax(s/T)) over (outer, classes, inner) views, and its gradients."""
     positions = student.shape[0] * student.shape[2]
     grad_scale, divisor = grad_scale_and_divisor(reduction, scale, positions, mask, student.device)
-    loss, grad_student, grad_teacher = _kernel_op(backend)(
+    loss, grad_student, grad_teacher = kernel_op("kd_loss_rows", backend)(
         student, teacher, mask, temperature, grad_scale, student_grad, teacher_grad
     )
     return reduce_positions(loss, reduction, scale, divisor), grad_student, grad_teacher

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kdkernels import _extension
 from kdkernels.ops import _gradients
+from kdkernels.ops._kernels import kernel_op
 from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
 from kdkernels.ops.kd_loss import accumulation_dtype
 
@@ -45,14 +46,6 @@ def kl_div_pointwise_triton(
     return kl_div_pointwise(input, target, log_target, grad_scale, reduce, input_grad, target_grad)
 
 
-def _kernel_op(backend: str):
-    if backend == "triton":
-        return torch.ops.kdkernels.kl_div_pointwise_triton
-    if backend in ("cpu", "cuda"):
-        return torch.ops.kdkernels.kl_div_pointwise
-    raise ValueError(f"backend: kdkernels::kl_div has no kernel for backend {backend!r}")
-
-
 @torch.library.custom_op("kdkernels::kl_div", mutates_args=())
 def kl_div(
     input: Tensor,
@@ -66,7 +59,7 @@ def kl_div(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced torch-semantics KL divergence of contiguous same-shape tensors, and its gradients."""
     grad_scale, divisor = grad_scale_and_divisor(reduction, scale, input.numel(), None, input.device)
-    loss, grad_input, grad_target = _kernel_op(backend)(
+    loss, grad_input, grad_target = kernel_op("kl_div_pointwise", backend)(
         input, target, log_target, grad_scale, reduction != NONE, input_grad, target_grad
     )
     return reduce_positions(loss, reduction, scale, divisor), grad_input, grad_target

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from kdkernels import _extension
 from kdkernels.ops import _gradients
+from kdkernels.ops._kernels import kernel_op
 from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
 from kdkernels.ops.kd_loss import accumulation_dtype
 
@@ -75,14 +76,6 @@ def margin_partial_l2_elements_triton(
     return margin_partial_l2_elements(student, teacher, margin, channel_stride, grad_scale, reduce, student_grad)
 
 
-def _kernel_op(backend: str):
-    if backend == "triton":
-        return torch.ops.kdkernels.margin_partial_l2_elements_triton
-    if backend in ("cpu", "cuda"):
-        return torch.ops.kdkernels.margin_partial_l2_elements
-    raise ValueError(f"backend: kdkernels::margin_partial_l2 has no kernel for backend {backend!r}")
-
-
 @torch.library.custom_op("kdkernels::margin_partial_l2", mutates_args=())
 def margin_partial_l2(
     student: Tensor,
@@ -97,7 +90,7 @@ def margin_partial_l2(
     """Reduced partial L2 of ``max(teacher, margin_c)`` and ``student`` (same dense layout), and the
     student's gradient."""
     grad_scale, divisor = grad_scale_and_divisor(reduction, scale, student.numel(), None, student.device)
-    loss, grad_student = _kernel_op(backend)(
+    loss, grad_student = kernel_op("margin_partial_l2_elements", backend)(
         student, teacher, margin, channel_stride, grad_scale, reduction != NONE, student_grad
     )
     return reduce_positions(loss, reduction, scale, divisor), grad_student

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from kdkernels import _extension
 from kdkernels.ops import _gradients
+from kdkernels.ops._kernels import kernel_op
 from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
 from kdkernels.ops.kd_loss import accumulation_dtype
 
@@ -64,14 +65,6 @@ def weighted_soft_ce_rows_triton(
     return weighted_soft_ce_rows(student, teacher, class_weight, mask, temperature, grad_scale, student_grad, teacher_grad)
 
 
-def _kernel_op(backend: str):
-    if backend == "triton":
-        return torch.ops.kdkernels.weighted_soft_ce_rows_triton
-    if backend in ("cpu", "cuda"):
-        return torch.ops.kdkernels.weighted_soft_ce_rows
-    raise ValueError(f"backend: kdkernels::weighted_soft_ce has no kernel for backend {backend!r}")
-
-
 @torch.library.custom_op("kdkernels::weighted_soft_ce", mutates_args=())
 def weighted_soft_ce(
     student: Tensor,
@@ -88,11 +81,9 @@ def weighted_soft_ce(
     """Reduced −Σ_c w_c softmax(t/T)_c log softmax(s/T)_c over (outer, classes, inner) views, and its gradients."""
     positions = student.shape[0] * student.shape[2]
     grad_scale, divisor = grad_scale_and_divisor(reduction, scale, positions, mask, student.device)
-    loss, grad_student, grad_teacher = _kernel_op(backend)(
+    loss, grad_student, grad_teacher = kernel_op("weighted_soft_ce_rows", backend)(
         student, teacher, class_weight, mask, temperature, grad_scale, student_grad, teacher_grad
     )
-    if isinstance(divisor, Tensor):  # a masked mean: keep float64 losses in float64
-        divisor = divisor.to(loss.dtype)
     return reduce_positions(loss, reduction, scale, divisor), grad_student, grad_teacher
 
 
