@@ -16,7 +16,7 @@ born-again).
 
 from kdkernels.distill import connectors
 from kdkernels.distill.capture import FeatureCapture, FeatureSpec, find_module, unwrap
-from kdkernels.distill.distiller import DistillOutput, Distiller
+from kdkernels.distill.distiller import Distiller, DistillOutput
 from kdkernels.distill.method import Method
 from kdkernels.distill.methods import (
     FSP,
@@ -31,7 +31,12 @@ from kdkernels.distill.methods import (
     SimilarityPreserving,
     hint_parameters,
 )
-from kdkernels.distill.schemes import BYOT, BornAgainEnsemble, MutualLearning, born_again
+from kdkernels.distill.schemes import (
+    BYOT,
+    BornAgainEnsemble,
+    MutualLearning,
+    born_again,
+)
 
 __all__ = [
     "BYOT",

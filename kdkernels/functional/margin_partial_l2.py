@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from kdkernels import _validation, backends
+from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops import margin_partial_l2 as _ops
 from kdkernels.ops._reduction import reduction_code
-from kdkernels.ops.kd_loss import accumulation_dtype
 from kdkernels.ops.reference.margin_partial_l2 import margin_partial_l2_reference
 
 MARGIN_PARTIAL_L2_REDUCTIONS = ("none", "sum", "mean", "batchmean")

@@ -6,7 +6,11 @@ import torch
 from torch import nn
 
 from kdkernels import _validation
-from kdkernels.functional.bounded_regression import BOUNDED_REGRESSION_REDUCTIONS, bounded_regression, check_real
+from kdkernels.functional.bounded_regression import (
+    BOUNDED_REGRESSION_REDUCTIONS,
+    bounded_regression,
+    check_real,
+)
 
 
 class BoundedRegressionLoss(nn.Module):

@@ -6,7 +6,10 @@ import torch
 from torch import nn
 
 from kdkernels import _validation
-from kdkernels.functional.margin_partial_l2 import MARGIN_PARTIAL_L2_REDUCTIONS, margin_partial_l2
+from kdkernels.functional.margin_partial_l2 import (
+    MARGIN_PARTIAL_L2_REDUCTIONS,
+    margin_partial_l2,
+)
 from kdkernels.ofd_margin import ofd_margin
 
 

@@ -28,14 +28,10 @@ import torch
 from torch import Tensor
 
 from kdkernels import _extension
+from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops import _gradients
 from kdkernels.ops._kernels import kernel_op
 from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
-
-
-def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 if any input is float64 (gradcheck), else float32 whatever the input dtype."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _rows_fake(student, teacher, mask, temperature, grad_scale, student_grad, teacher_grad):

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from kdkernels import _extension
+from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops import _gradients
 from kdkernels.ops._kernels import kernel_op
 from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
-from kdkernels.ops.kd_loss import accumulation_dtype
 
 
 def _pointwise_fake(input, target, log_target, grad_scale, reduce, input_grad, target_grad):

@@ -5,7 +5,10 @@ from kdkernels.distill.methods.cross_entropy import CrossEntropy
 from kdkernels.distill.methods.fitnets import FitNets, hint_parameters
 from kdkernels.distill.methods.fsp import FSP
 from kdkernels.distill.methods.hinton_kd import HintonKD
-from kdkernels.distill.methods.mobilebert import AttentionDistributionTransfer, FeatureMapTransfer
+from kdkernels.distill.methods.mobilebert import (
+    AttentionDistributionTransfer,
+    FeatureMapTransfer,
+)
 from kdkernels.distill.methods.ofd import OFD
 from kdkernels.distill.methods.rkd import RKD
 from kdkernels.distill.methods.similarity_preserving import SimilarityPreserving

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+from kdkernels._dtypes import accumulation_dtype
 
 
 def bounded_regression_rows(
     student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, margin: float
 ) -> torch.Tensor:
     """Per-row loss (the inputs' shape without the last dimension) in float32 (float64 if an input is)."""
-    dtype = _compute_dtype(student, teacher, target)
+    dtype = accumulation_dtype(student, teacher, target)
     y = target.detach().to(dtype)
     d_s = ((student.to(dtype) - y) ** 2).sum(-1)
     d_t = ((teacher.detach().to(dtype) - y) ** 2).sum(-1)

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+from kdkernels._dtypes import accumulation_dtype
 
 
 def kd_loss_positions(student: torch.Tensor, teacher: torch.Tensor, temperature: float, dim: int) -> torch.Tensor:
     """Per-position T²·KL(p_t ‖ p_s) along ``dim``, in float32 (float64 if an input is float64)."""
-    dtype = _compute_dtype(student, teacher)
+    dtype = accumulation_dtype(student, teacher)
     s = student.to(dtype) / temperature
     t = teacher.to(dtype) / temperature
     has_distribution = t.amax(dim, keepdim=True) > float("-inf")

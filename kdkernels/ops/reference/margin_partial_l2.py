@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+from kdkernels._dtypes import accumulation_dtype
 
 
 def margin_partial_l2_elements(
     student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor, channel_dim: int
 ) -> torch.Tensor:
     """Elementwise partial L2, in float32 (float64 if an input is float64), the inputs' shape."""
-    dtype = _compute_dtype(student, teacher)
+    dtype = accumulation_dtype(student, teacher)
     shape = [1] * student.dim()
     shape[channel_dim] = -1
     s = student.to(dtype)

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops.reference.kd_loss import reduce_losses
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def weighted_soft_ce_positions(
@@ -33,7 +30,7 @@ def weighted_soft_ce_positions(
     dim: int,
 ) -> torch.Tensor:
     """Per-position −Σ_c w_c p_t,c log p_s,c along ``dim``, in float32 (float64 if a logit tensor is)."""
-    dtype = _compute_dtype(student, teacher)
+    dtype = accumulation_dtype(student, teacher)
     s = student.to(dtype) / temperature
     t = teacher.to(dtype) / temperature
     has_distribution = t.amax(dim, keepdim=True) > float("-inf")

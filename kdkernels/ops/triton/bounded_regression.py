@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from kdkernels._dtypes import accumulation_dtype
+
 TILE = 4096  # elements per program: BLOCK_R * BLOCK_K
 
 
@@ -59,7 +61,7 @@ def _bounded_regression_kernel(
 
 def bounded_regression_rows(student, teacher, target, mask, margin, grad_scale, reduce, student_grad):
     n_rows, k = student.shape
-    acc_dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype, target.dtype) else torch.float32
+    acc_dtype = accumulation_dtype(student, teacher, target)
     block_k = min(triton.next_power_of_2(max(k, 1)), 128)
     block_r = TILE // block_k
     n_blocks = triton.cdiv(n_rows, block_r)

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from kdkernels._dtypes import accumulation_dtype
+
 
 @triton.jit
 def _kd_loss_kernel(
@@ -170,7 +172,7 @@ def _launch_config(student: torch.Tensor, n_classes: int, rows: bool) -> tuple[i
 
 def kd_loss_rows(student, teacher, mask, temperature, grad_scale, student_grad, teacher_grad):
     outer, n_classes, inner = student.shape
-    acc_dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    acc_dtype = accumulation_dtype(student, teacher)
     loss = torch.empty((outer, inner), dtype=acc_dtype, device=student.device)
     grad_student = torch.empty_like(student) if student_grad else student.new_empty(0)
     grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty(0)

@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from kdkernels._dtypes import accumulation_dtype
+
 BLOCK = 4096
 
 
@@ -57,7 +59,7 @@ def _kl_div_kernel(
 
 def kl_div_pointwise(input, target, log_target, grad_scale, reduce, input_grad, target_grad):
     n = input.numel()
-    acc_dtype = torch.float64 if torch.float64 in (input.dtype, target.dtype) else torch.float32
+    acc_dtype = accumulation_dtype(input, target)
     n_blocks = triton.cdiv(n, BLOCK)
     loss = input.new_empty((n_blocks,) if reduce else input.shape, dtype=acc_dtype)
     grad_input = torch.empty_like(input) if input_grad else input.new_empty(0)

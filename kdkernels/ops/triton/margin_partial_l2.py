@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from kdkernels._dtypes import accumulation_dtype
+
 BLOCK = 4096
 
 
@@ -46,7 +48,7 @@ def _margin_partial_l2_kernel(
 
 def margin_partial_l2_elements(student, teacher, margin, channel_stride, grad_scale, reduce, student_grad):
     n = student.numel()
-    acc_dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    acc_dtype = accumulation_dtype(student, teacher)
     n_blocks = triton.cdiv(n, BLOCK)
     if reduce:
         loss = student.new_empty((max(n_blocks, 1),), dtype=acc_dtype)
