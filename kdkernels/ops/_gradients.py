@@ -41,6 +41,12 @@ def scale_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     return grad.mul_(grad_output)
 
 
+def gradient_buffer(input: torch.Tensor, wanted: bool) -> torch.Tensor:
+    """Where a kernel writes the gradient of ``input`` (its dtype and strides), or an empty
+    placeholder when that gradient is not wanted (the ops return one tensor either way)."""
+    return torch.empty_like(input) if wanted else input.new_empty(0)
+
+
 def setup_context_saving_gradients(ctx, inputs, output) -> None:
     """``setup_context`` for a fused op whose outputs are ``(loss, *grads)``.
 

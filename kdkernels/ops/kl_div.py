@@ -20,6 +20,7 @@ from torch import Tensor
 from kdkernels import _extension
 from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops import _gradients
+from kdkernels.ops._gradients import gradient_buffer
 from kdkernels.ops._kernels import kernel_op
 from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
 
@@ -28,8 +29,8 @@ def _pointwise_fake(input, target, log_target, grad_scale, reduce, input_grad, t
     # The number of partial sums is a backend detail; callers only sum them.
     loss_shape = (torch.library.get_ctx().new_dynamic_size(),) if reduce else input.shape
     loss = input.new_empty(loss_shape, dtype=accumulation_dtype(input, target))
-    grad_input = torch.empty_like(input) if input_grad else input.new_empty(0)
-    grad_target = torch.empty_like(target) if target_grad else target.new_empty(0)
+    grad_input = gradient_buffer(input, input_grad)
+    grad_target = gradient_buffer(target, target_grad)
     return loss, grad_input, grad_target
 
 
@@ -68,8 +69,8 @@ def kl_div(
 @kl_div.register_fake
 def _kl_div_fake(input, target, log_target, reduction, scale, input_grad, target_grad, backend):
     loss = input.new_empty(input.shape if reduction == NONE else (), dtype=accumulation_dtype(input, target))
-    grad_input = torch.empty_like(input) if input_grad else input.new_empty(0)
-    grad_target = torch.empty_like(target) if target_grad else target.new_empty(0)
+    grad_input = gradient_buffer(input, input_grad)
+    grad_target = gradient_buffer(target, target_grad)
     return loss, grad_input, grad_target
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from kdkernels import _extension
 from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops import _gradients
+from kdkernels.ops._gradients import gradient_buffer
 from kdkernels.ops._kernels import kernel_op
 from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
 
@@ -53,7 +54,7 @@ def _elements_fake(student, teacher, margin, channel_stride, grad_scale, reduce,
         loss = student.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=acc)
     else:
         loss = torch.empty_like(student, dtype=acc)
-    grad = torch.empty_like(student) if student_grad else student.new_empty(0)
+    grad = gradient_buffer(student, student_grad)
     return loss, grad
 
 
@@ -100,7 +101,7 @@ def margin_partial_l2(
 def _margin_partial_l2_fake(student, teacher, margin, channel_stride, reduction, scale, student_grad, backend):
     acc = accumulation_dtype(student, teacher)
     loss = torch.empty_like(student, dtype=acc) if reduction == NONE else student.new_empty((), dtype=acc)
-    grad_student = torch.empty_like(student) if student_grad else student.new_empty(0)
+    grad_student = gradient_buffer(student, student_grad)
     return loss, grad_student
 
 

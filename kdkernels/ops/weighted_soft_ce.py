@@ -34,14 +34,15 @@ from torch import Tensor
 from kdkernels import _extension
 from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops import _gradients
+from kdkernels.ops._gradients import gradient_buffer
 from kdkernels.ops._kernels import kernel_op
 from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
 
 
 def _rows_fake(student, teacher, class_weight, mask, temperature, grad_scale, student_grad, teacher_grad):
     loss = student.new_empty((student.shape[0], student.shape[2]), dtype=accumulation_dtype(student, teacher))
-    grad_student = torch.empty_like(student) if student_grad else student.new_empty(0)
-    grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty(0)
+    grad_student = gradient_buffer(student, student_grad)
+    grad_teacher = gradient_buffer(teacher, teacher_grad)
     return loss, grad_student, grad_teacher
 
 
@@ -93,8 +94,8 @@ def _weighted_soft_ce_fake(
 ):
     loss_shape = (student.shape[0], student.shape[2]) if reduction == NONE else ()
     loss = student.new_empty(loss_shape, dtype=accumulation_dtype(student, teacher))
-    grad_student = torch.empty_like(student) if student_grad else student.new_empty(0)
-    grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty(0)
+    grad_student = gradient_buffer(student, student_grad)
+    grad_teacher = gradient_buffer(teacher, teacher_grad)
     return loss, grad_student, grad_teacher
 
 

@@ -24,6 +24,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from kdkernels._dtypes import accumulation_dtype
+from kdkernels.ops._gradients import gradient_buffer
 
 
 @triton.jit
@@ -174,8 +175,8 @@ def kd_loss_rows(student, teacher, mask, temperature, grad_scale, student_grad, 
     outer, n_classes, inner = student.shape
     acc_dtype = accumulation_dtype(student, teacher)
     loss = torch.empty((outer, inner), dtype=acc_dtype, device=student.device)
-    grad_student = torch.empty_like(student) if student_grad else student.new_empty(0)
-    grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty(0)
+    grad_student = gradient_buffer(student, student_grad)
+    grad_teacher = gradient_buffer(teacher, teacher_grad)
     n_positions = outer * inner
     if n_positions == 0:
         return loss, grad_student, grad_teacher

@@ -15,6 +15,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from kdkernels._dtypes import accumulation_dtype
+from kdkernels.ops._gradients import gradient_buffer
 
 BLOCK = 4096
 
@@ -62,8 +63,8 @@ def kl_div_pointwise(input, target, log_target, grad_scale, reduce, input_grad, 
     acc_dtype = accumulation_dtype(input, target)
     n_blocks = triton.cdiv(n, BLOCK)
     loss = input.new_empty((n_blocks,) if reduce else input.shape, dtype=acc_dtype)
-    grad_input = torch.empty_like(input) if input_grad else input.new_empty(0)
-    grad_target = torch.empty_like(target) if target_grad else target.new_empty(0)
+    grad_input = gradient_buffer(input, input_grad)
+    grad_target = gradient_buffer(target, target_grad)
     if n == 0:
         return loss, grad_input, grad_target
     wrap_triton(_kl_div_kernel)[(n_blocks,)](

@@ -17,6 +17,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from kdkernels._dtypes import accumulation_dtype
+from kdkernels.ops._gradients import gradient_buffer
 
 BLOCK = 4096
 
@@ -54,7 +55,7 @@ def margin_partial_l2_elements(student, teacher, margin, channel_stride, grad_sc
         loss = student.new_empty((max(n_blocks, 1),), dtype=acc_dtype)
     else:
         loss = torch.empty_like(student, dtype=acc_dtype)  # the student's strides: same flat order
-    grad = torch.empty_like(student) if student_grad else student.new_empty(0)
+    grad = gradient_buffer(student, student_grad)
     if n == 0:
         return loss.zero_(), grad
     wrap_triton(_margin_partial_l2_kernel)[(n_blocks,)](

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from kdkernels._dtypes import accumulation_dtype
+from kdkernels.ops._gradients import gradient_buffer
 
 
 @triton.jit
@@ -144,8 +145,8 @@ def weighted_soft_ce_rows(student, teacher, class_weight, mask, temperature, gra
     n_outer, n_classes, n_inner = student.shape
     acc_dtype = accumulation_dtype(student, teacher)
     loss = torch.empty((n_outer, n_inner), dtype=acc_dtype, device=student.device)
-    grad_student = torch.empty_like(student) if student_grad else student.new_empty(0)
-    grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty(0)
+    grad_student = gradient_buffer(student, student_grad)
+    grad_teacher = gradient_buffer(teacher, teacher_grad)
     if n_outer * n_inner == 0:
         return loss, grad_student, grad_teacher
     if n_classes == 0:  # no class: every loss is 0 and the gradients are empty
