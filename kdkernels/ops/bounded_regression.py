@@ -74,8 +74,6 @@ def bounded_regression(
     loss, grad_student = kernel_op("bounded_regression_rows", backend)(
         student, teacher, target, mask, margin, grad_scale, reduction != NONE, student_grad
     )
-    if isinstance(divisor, Tensor):  # a masked mean's fp32 row count: keep an fp64 loss in fp64
-        divisor = divisor.to(loss.dtype)
     return reduce_positions(loss, reduction, scale, divisor), grad_student
 
 
