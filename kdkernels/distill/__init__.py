@@ -16,6 +16,7 @@ born-again).
 
 from kdkernels.distill import connectors
 from kdkernels.distill.capture import FeatureCapture, FeatureSpec, find_module, unwrap
+from kdkernels.distill.detection import ChenDetectionKD, LocalizationDistillation
 from kdkernels.distill.distiller import Distiller, DistillOutput
 from kdkernels.distill.method import Method
 from kdkernels.distill.methods import (
@@ -46,6 +47,7 @@ __all__ = [
     "AttentionDistributionTransfer",
     "AttentionTransfer",
     "BornAgainEnsemble",
+    "ChenDetectionKD",
     "CrossEntropy",
     "DistillOutput",
     "Distiller",
@@ -54,6 +56,7 @@ __all__ = [
     "FeatureSpec",
     "FitNets",
     "HintonKD",
+    "LocalizationDistillation",
     "Method",
     "MutualLearning",
     "SimilarityPreserving",
