@@ -134,3 +134,22 @@ def test_tiny_detector_trains_one_step():
     assert model.head.box_logits.weight.grad.abs().sum() > 0 and model.backbone.stem[0][0].weight.grad.abs().sum() > 0
     preds = model.predict(x, score_threshold=0.0)
     assert len(preds) == 2 and preds[0]["boxes"].shape[1] == 4
+
+
+def test_assign_gives_official_dfl_targets():
+    """GFLHead: target_corners = bbox2distance(anchor_centre / stride, gt / stride, reg_max)
+    clamped to [0, reg_max − 0.1]; labels: the box's class on positives, num_classes elsewhere."""
+    model = CompactGFL(3, width=8, channels=16, stacked_convs=1)
+    gt = torch.tensor([[4.0, 6.0, 30.0, 41.0], [2.0, 2.0, 62.0, 62.0]])
+    targets = model.assign([gt], [torch.tensor([2, 1])], (64, 64))
+    anchors, strides, _ = model.anchors((64, 64))
+    pos = targets.positive[0].nonzero().squeeze(1).tolist()
+    assert pos and targets.labels[0][~targets.positive[0]].eq(3).all()
+    for i in pos:
+        box = targets.gt_boxes[0, i].tolist()
+        s = strides[i].item()
+        cx, cy = (anchors[i, 0] + anchors[i, 2]).item() / 2 / s, (anchors[i, 1] + anchors[i, 3]).item() / 2 / s
+        want = [cx - box[0] / s, cy - box[1] / s, box[2] / s - cx, box[3] / s - cy]
+        want = [min(max(v, 0.0), 16 - 0.1) for v in want]
+        assert targets.box_targets[0, i].tolist() == pytest.approx(want, abs=1e-5)
+        assert targets.labels[0, i].item() == (2 if box == gt[0].tolist() else 1)
