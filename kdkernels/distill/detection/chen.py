@@ -186,9 +186,10 @@ class ChenDetectionKD(Method):
 
     Defaults (paper; no official code): γ = 0.5, λ = 1, μ = 0.5 (commonly cited, unverified),
     background weight 1.5, T = 1, ν = 0.5 (unverified), m = 0 (not given in the paper).
-    Scale: the paper tuned them on Faster R-CNN (VGG16 / ResNet teachers, PASCAL VOC / KITTI /
-    COCO at ~600-pixel shorter side, 1–2 images per step with 256 RPN anchors and 128 ROIs
-    sampled per image). The class and regression terms are means over the sampled rows, so they
+    Scale: the paper tuned them on Faster R-CNN students and teachers on PASCAL VOC, KITTI,
+    ILSVRC and COCO, with the Faster R-CNN settings of its time (about 600-pixel shorter side,
+    1–2 images per step, 256 anchors sampled per image for the RPN and 128 proposals for the ROI
+    head; these sizes are the common defaults, not verified in the paper). The class and regression terms are means over the sampled rows, so they
     do not grow with the batch or the image size; the hint is a mean over feature elements
     (``hint_reduction="mean"``), independent of the feature-map size and batch — with ``"sum"``
     (the paper's ‖·‖²) it grows linearly with B·C·H·W and γ must shrink accordingly.

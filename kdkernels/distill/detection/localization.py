@@ -123,7 +123,8 @@ class LocalizationDistillation(Method):
     the ``ld`` part: set ``vlr_weight=0, kd_weight=0``. A part of weight 0 is not computed.
 
     Scale: the defaults were tuned on COCO (ResNet-18 GFL student of a ResNet-101 teacher, FPN
-    strides 8–128 at 1333×800 inputs, 2 images per GPU × 8 GPUs, per-GPU losses). Because the
+    strides 8–128 at 1333×800 inputs; the official config loads 3 images per GPU, and the losses
+    are computed per GPU). Because the
     main and VLR terms are *sums* over boxes divided by a constant, they grow linearly with the
     number of positive (or VLR) anchors per step, i.e. with the batch size per device and the
     number of objects per image; the KD term is a mean over positives, independent of both.
