@@ -8,7 +8,7 @@ background, with their boxes. The teacher (``CompactGFL`` width 16, 64 head chan
 tower convs) is trained first; every student (width 8, 32 channels, one tower conv) starts
 from the same weights for a given seed and sees the same batches.
 
-    python examples/detection_kd.py                  # the default run (~7 min on one idle core)
+    python examples/detection_kd.py                  # the default run (~13 min measured on 2 shared cores)
     python examples/detection_kd.py --synthetic      # a seconds-long smoke run (CI)
 
 Writes ``results.csv``, ``results.md`` and ``map.png`` to ``--out`` (default examples/out/detection_kd).
