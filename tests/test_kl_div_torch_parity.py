@@ -58,8 +58,8 @@ def pending_kernel_fix(backend: str, tensors, reduction: str, *, invalid: bool =
         return [pytest.mark.xfail(reason=INVALID_TARGET_NAN, strict=True)]
     if backend != "torch" and any(t.dtype == torch.float64 for t in tensors):
         input = tensors[0]
-        n = {"mean": torch.broadcast_shapes(*(t.shape for t in tensors)).numel(), "batchmean": input.shape[0] if input.dim() else 1}
-        divisor = n.get(reduction, 1)
+        numel = torch.broadcast_shapes(*(t.shape for t in tensors)).numel()
+        divisor = {"mean": numel, "batchmean": input.shape[0] if input.dim() else 1}.get(reduction, 1)
         if divisor > 0 and divisor & (divisor - 1):
             return [pytest.mark.xfail(reason=FP64_GRAD_SCALE, strict=True)]
     return []
@@ -112,8 +112,10 @@ def assert_drop_in(ours_fn, torch_fn, tensors, *, skip_target_grad: str | None =
     weights = torch.rand(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
     wanted = [i for i, t in enumerate(torch_inputs) if t.requires_grad]
     with kdkernels.use_backend(backend):
-        ours_grads = torch.autograd.grad((ours * weights.to(ours.dtype)).sum(), [ours_inputs[i] for i in wanted], allow_unused=True)
-    torch_grads = torch.autograd.grad((expected * weights.to(expected.dtype)).sum(), [torch_inputs[i] for i in wanted], allow_unused=True)
+        ours_loss = (ours * weights.to(ours.dtype)).sum()
+        ours_grads = torch.autograd.grad(ours_loss, [ours_inputs[i] for i in wanted], allow_unused=True)
+    torch_loss = (expected * weights.to(expected.dtype)).sum()
+    torch_grads = torch.autograd.grad(torch_loss, [torch_inputs[i] for i in wanted], allow_unused=True)
     for i, ours_grad, torch_grad in zip(wanted, ours_grads, torch_grads):
         if i == 1 and skip_target_grad:
             continue
@@ -471,9 +473,8 @@ def _invalid_cases(backends):
             for reduction in ("none", "sum"):
                 pending = not KERNEL_FIXES_MERGED and backend in INVALID_PENDING.get(case_id, ())
                 marks = [pytest.mark.xfail(reason=INVALID_TARGET_NAN, strict=True)] if pending else []
-                cases.append(
-                    pytest.param(log_target, bad_input, bad_target, reduction, backend, id=f"{backend}-{case_id}-{reduction}", marks=marks)
-                )
+                case = (log_target, bad_input, bad_target, reduction, backend)
+                cases.append(pytest.param(*case, id=f"{backend}-{case_id}-{reduction}", marks=marks))
     return cases
 
 
