@@ -45,7 +45,10 @@ class _TracedRequest(threading.local):
     ``use_backend`` writes both; eager calls read the context variable only.
     """
 
-    name: str | None = None
+    def __init__(self) -> None:  # runs once per thread, on its first access
+        # An instance attribute in every thread (not a class default): Dynamo then guards on its
+        # value rather than on whether the thread's dict holds it.
+        self.name: str | None = None
 
 
 _traced_request = _TracedRequest()
@@ -111,6 +114,16 @@ def use_backend(name: str) -> Iterator[None]:
     """
     if name not in BACKENDS:
         raise ValueError(f"backend: unknown backend {name!r}; expected one of {BACKENDS}")
+    if torch.compiler.is_compiling():
+        # A block inside a compiled function: Dynamo cannot trace ContextVar.set either, and the
+        # traced code reads only the per-thread copy.
+        enclosing = _traced_request.name
+        _traced_request.name = name
+        try:
+            yield
+        finally:
+            _traced_request.name = enclosing
+        return
     token = _requested_backend.set(name)
     _traced_request.name = name
     try:

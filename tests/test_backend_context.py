@@ -238,3 +238,19 @@ def test_compiled_loss_in_two_threads_uses_each_threads_backend():
     assert not errors, errors
     assert sorted(compiler.compiled) == [False, True]
     assert sorted(compiler.calls) == [("cpu", True)] * 3 + [("torch", False)] * 3
+
+
+def test_block_inside_a_compiled_function():
+    torch._dynamo.reset()
+    compiler = RecordingCompiler()
+
+    def loss_on_the_reference(s, t):
+        with kdkernels.use_backend("torch"):
+            return _loss(s, t)
+
+    s, t = torch.randn(4, 9), torch.randn(4, 9)
+    inner = torch.compile(loss_on_the_reference, backend=compiler, fullgraph=True)
+    torch.testing.assert_close(inner(s, t), _loss(s, t))
+    assert backends.requested() is None and backends._traced_request.name is None  # restored
+    torch.compile(_loss, backend=compiler, fullgraph=True)(s, t)
+    assert compiler.compiled == [False, True]
