@@ -365,8 +365,36 @@ def test_legacy_arguments_warn_like_torch():
     for call in (lambda: F.kl_div(x, y, size_average=False), lambda: kl_div(x, y, size_average=False)):
         with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated, please use reduction='sum'"):
             call()
-    with pytest.warns(UserWarning, match="please use reduction='none'"):
+    # attributed to the line that passed the legacy argument
+    with pytest.warns(UserWarning, match="please use reduction='none'") as record:
         kdnn.KLDivLoss(reduce=False)
+    assert record[0].filename == __file__
+    with pytest.warns(UserWarning, match="please use reduction='mean'") as record:
+        kl_div(x, y, size_average=True, reduce=True)
+    assert record[0].filename == __file__
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(reduction="batchmean"),
+        dict(size_average=False, reduction="batchmean"),
+        dict(reduce=False, reduction="batchmean"),
+        dict(size_average=True, reduce=True),
+        dict(reduction="mean"),
+        dict(reduction="none", log_target=True),
+    ],
+    ids=["batchmean", "legacy-sum-batchmean", "legacy-none-batchmean", "legacy-mean", "mean", "none-log_target"],
+)
+def test_compiled_fullgraph_is_the_same_drop_in(kwargs, backend):
+    # the legacy rule, the broadcast batch divisor and the warnings all trace under Dynamo
+    torch._dynamo.reset()
+    x, y = _log_probs(1, 6), _probs(3, 6)
+    if kwargs.get("log_target"):
+        y = y.detach().log().requires_grad_()
+    compiled = torch.compile(lambda a, b: kl_div(a, b, **kwargs), fullgraph=True)
+    assert_drop_in(compiled, lambda a, b: F.kl_div(a, b, **kwargs), [x, y], backend=backend)
 
 
 def test_mean_warns_like_torch():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.nn import _reduction as _torch_reduction
 
 from kdkernels import _validation, backends
 from kdkernels.ops import kl_div as _ops  # noqa: F401  (registers kdkernels::kl_div)
@@ -21,12 +20,23 @@ MEAN_WARNING = (
 )
 
 
-def legacy_reduction(size_average, reduce, reduction: str) -> str:
-    """torch's rule for the module (``nn.KLDivLoss.__init__``): the deprecated ``size_average`` /
-    ``reduce`` replace ``reduction``, with torch's deprecation warning."""
-    if size_average is not None or reduce is not None:
-        return _torch_reduction.legacy_get_string(size_average, reduce, emit_warning=not torch.compiler.is_compiling())
-    return reduction
+# torch/nn/_reduction.py's wording for the deprecated arguments.
+LEGACY_WARNING = "size_average and reduce args will be deprecated, please use reduction='{}' instead."
+
+
+def legacy_reduction(size_average, reduce, reduction: str, stacklevel: int = 2) -> str:
+    """torch's rule (``torch.nn._reduction.legacy_get_string``): the deprecated ``size_average`` /
+    ``reduce`` (None counts as True) replace ``reduction`` when either is given, with torch's
+    deprecation warning. Written out because Dynamo cannot trace torch's helper (it takes it for
+    an op returning a string)."""
+    if size_average is None and reduce is None:
+        return reduction
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    legacy = "mean" if size_average and reduce else ("sum" if reduce else "none")
+    if not torch.compiler.is_compiling():
+        warnings.warn(LEGACY_WARNING.format(legacy), stacklevel=stacklevel + 1)
+    return legacy
 
 
 def _base_reduction(size_average, reduce, reduction) -> str:
@@ -34,7 +44,7 @@ def _base_reduction(size_average, reduce, reduction) -> str:
     ``torch.nn.functional.kl_div``: the legacy arguments, when given, decide it (and ``reduction``
     is then not checked); otherwise ``batchmean`` is a sum."""
     if size_average is not None or reduce is not None:
-        return legacy_reduction(size_average, reduce, reduction)
+        return legacy_reduction(size_average, reduce, reduction, stacklevel=3)
     _validation.check_reduction(reduction, KL_DIV_REDUCTIONS)
     if reduction == "mean" and not torch.compiler.is_compiling():  # Dynamo cannot trace warn()
         warnings.warn(MEAN_WARNING, stacklevel=3)
