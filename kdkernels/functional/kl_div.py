@@ -69,11 +69,15 @@ def kl_div(
     choose the reduction when given, and ``reduction="batchmean"`` then still divides their result
     by ``input.size(0)``. Broadcasting, the result dtype (the promoted dtype of ``input`` and
     ``target``: float16 in, float16 out) and NaN for the mean of an empty input are torch's.
-    Gradients reach ``input`` and ``target``; the kernels accumulate in float32 (float64 for
-    float64 inputs) whatever the input dtype.
+    Gradients reach ``input`` and ``target``.
 
-    Deviation from torch: the gradient w.r.t. a target of exactly 0 (``log_target=False``) is 0,
-    where torch returns NaN (d/dy of y·log y is −∞ there, times 0). The loss values agree.
+    Deviations from torch, the same on every backend:
+
+    * the gradient w.r.t. a target of exactly 0 (``log_target=False``) is 0, where torch returns
+      NaN (d/dy of y·log y is −∞ there); the loss values agree;
+    * float16 / bfloat16 inputs are computed with float32 accumulation and rounded once to the
+      result dtype, where torch computes in the half type: the results agree within the dtype's
+      rounding, not bit for bit.
     """
     _validation.check_tensor(input, "input")
     _validation.check_tensor(target, "target")
