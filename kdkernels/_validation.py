@@ -19,6 +19,13 @@ FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_tensor(value, name: str, *, floating: bool = True) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    # Before the layout test: a legacy nested tensor reports layout torch.strided, and both kinds
+    # fail deep inside (e.g. "NestedTensorImpl doesn't support sizes") if they get through.
+    if value.is_nested:
+        raise TypeError(
+            f"{name}: nested tensors are not supported (got a nested tensor with layout {value.layout}); "
+            "pad to a dense tensor (e.g. .to_padded_tensor(0.0)) and pass a mask for the padding"
+        )
     if value.layout != torch.strided:
         raise TypeError(f"{name}: sparse and other non-strided tensors are not supported (got layout {value.layout})")
     if floating and value.dtype not in FLOATING_DTYPES:
@@ -32,10 +39,15 @@ def check_same_shape_and_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b
         raise ValueError(f"{b_name}: expected device {a.device} to match {a_name}, got {b.device}")
 
 
+def check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    return value
+
+
 def check_dim(dim, ndim: int, name: str = "dim") -> int:
     """Normalise ``dim`` to a non-negative index into a tensor of rank ``ndim``."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"{name}: expected an int, got {type(dim).__name__}")
+    check_int(dim, name)
     if ndim == 0:
         raise ValueError(f"{name}: logits must have at least one dimension (the class dimension), got a 0-d tensor")
     if not -ndim <= dim < ndim:
@@ -43,12 +55,35 @@ def check_dim(dim, ndim: int, name: str = "dim") -> int:
     return dim % ndim
 
 
+def check_dim_not_empty(x: torch.Tensor, dim: int, name: str, what: str = "class") -> None:
+    """Reject a class (channel, coordinate) dimension of size 0 here rather than inside a kernel: a
+    softmax over zero classes is undefined, and a feature without channels or a box without
+    coordinates is a shape mistake. An empty batch is fine."""
+    if x.shape[dim] == 0:
+        raise ValueError(
+            f"{name}: the {what} dimension (dim={dim}) has size 0 in shape {tuple(x.shape)}; expected at least one {what}"
+        )
+
+
+def check_finite_real(value, name: str) -> float:
+    """A finite real number (int, float, numpy scalar; not a bool or a tensor), as a float."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return value
+
+
 def check_temperature(temperature, name: str = "temperature") -> float:
+    """T > 0 with T, 1/T and T² finite (the kernels scale logits by 1/T and losses by T²)."""
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"{name}: expected a real number, got {type(temperature).__name__}")
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature <= 0.0:
         raise ValueError(f"{name}: expected a finite number > 0, got {temperature}")
+    if not (math.isfinite(1.0 / temperature) and math.isfinite(temperature * temperature)):
+        raise ValueError(f"{name}: expected a number whose square and inverse are finite, got {temperature}")
     return temperature
 
 

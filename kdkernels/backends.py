@@ -12,14 +12,17 @@ CPU        cpu, torch
 ``triton`` also runs CPU tensors when ``TRITON_INTERPRET=1`` (that is how CI exercises every
 Triton kernel without a GPU), but is only chosen there when asked for. ``use_backend(name)`` (a
 context manager) and the environment variable ``KDKERNELS_BACKEND`` override the default; asking
-for a backend that cannot run raises a ``RuntimeError`` that says why.
+for a backend that cannot run raises a ``RuntimeError`` that says why. ``use_backend`` is local to
+the thread and the asyncio task that enters it (see :func:`use_backend`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import os
+import threading
 from typing import Iterator
 
 import torch
@@ -29,8 +32,26 @@ from kdkernels import _extension
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
-# A plain list (not a contextvar) so torch.compile can read it while tracing.
-_override_stack: list[str] = []
+# The backend asked for by ``use_backend``: one value per thread and per asyncio task.
+_requested_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("kdkernels_backend", default=None)
+
+
+class _TracedRequest(threading.local):
+    """A per-thread copy of ``_requested_backend`` for ``torch.compile`` to read.
+
+    Dynamo cannot trace ``ContextVar.get`` (torch 2.13: "Dynamo does not know how to trace method
+    `get` of class `ContextVar`", a graph break), but it reads ``threading.local`` attributes and
+    guards on them, so a compiled loss is re-traced when the thread's backend changes.
+    ``use_backend`` writes both; eager calls read the context variable only.
+    """
+
+    def __init__(self) -> None:  # runs once per thread, on its first access
+        # An instance attribute in every thread (not a class default): Dynamo then guards on its
+        # value rather than on whether the thread's dict holds it.
+        self.name: str | None = None
+
+
+_traced_request = _TracedRequest()
 
 
 # Looked up once: torch.compile cannot trace importlib while it traces a loss.
@@ -79,20 +100,47 @@ def available(device: torch.device | str = "cpu") -> list[str]:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the fused losses in this block with backend ``name`` (checked when a loss runs)."""
+    """Run the fused losses in this block with backend ``name`` (checked when a loss runs).
+
+    The choice belongs to the thread and the asyncio task (a ``contextvars.ContextVar``) that
+    enters the block: other threads and tasks keep their own. Blocks nest; leaving one, normally
+    or by an exception, restores the enclosing choice.
+
+    Under ``torch.compile`` the backend is fixed when a loss is traced, and the compiled code is
+    guarded on a per-thread copy of the choice (Dynamo cannot read a context variable). That copy
+    is exact for threads and for blocks that do not ``await`` inside; two asyncio tasks of one
+    thread that interleave inside different ``use_backend`` blocks share it while they call
+    compiled code (eager calls are always exact).
+    """
     if name not in BACKENDS:
         raise ValueError(f"backend: unknown backend {name!r}; expected one of {BACKENDS}")
-    _override_stack.append(name)
+    if torch.compiler.is_compiling():
+        # A block inside a compiled function: Dynamo cannot trace ContextVar.set either, and the
+        # traced code reads only the per-thread copy.
+        enclosing = _traced_request.name
+        _traced_request.name = name
+        try:
+            yield
+        finally:
+            _traced_request.name = enclosing
+        return
+    token = _requested_backend.set(name)
+    _traced_request.name = name
     try:
         yield
     finally:
-        _override_stack.pop()
+        _requested_backend.reset(token)
+        _traced_request.name = _requested_backend.get()
 
 
 def requested() -> str | None:
-    """The backend asked for by ``use_backend`` or ``KDKERNELS_BACKEND``, if any."""
-    if _override_stack:
-        return _override_stack[-1]
+    """The backend asked for by ``use_backend`` (in this thread and task) or ``KDKERNELS_BACKEND``."""
+    if torch.compiler.is_compiling():
+        name = _traced_request.name
+    else:
+        name = _requested_backend.get()
+    if name is not None:
+        return name
     return os.environ.get("KDKERNELS_BACKEND") or None
 
 

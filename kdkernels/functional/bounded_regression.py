@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 
@@ -13,15 +12,6 @@ from kdkernels.ops._reduction import reduction_code
 from kdkernels.ops.reference.bounded_regression import bounded_regression_reference
 
 BOUNDED_REGRESSION_REDUCTIONS = ("none", "sum", "mean", "batchmean")
-
-
-def check_real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value}")
-    return value
 
 
 def _check_row_mask(mask, rows_shape: tuple[int, ...], device: torch.device) -> None:
@@ -80,7 +70,8 @@ def bounded_regression(
     _validation.check_same_shape_and_device(student, "student", target, "target")
     if student.dim() == 0:
         raise ValueError("student: expected boxes with a coordinate dimension (..., K), got a 0-d tensor")
-    margin = check_real(margin, "margin")
+    _validation.check_dim_not_empty(student, student.dim() - 1, "student", "coordinate")
+    margin = _validation.check_finite_real(margin, "margin")
     reduction = _validation.check_reduction(reduction, BOUNDED_REGRESSION_REDUCTIONS)
     rows_shape = tuple(student.shape[:-1])
     _check_row_mask(mask, rows_shape, student.device)

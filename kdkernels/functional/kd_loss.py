@@ -53,6 +53,7 @@ def kd_loss(
     _validation.check_tensor(teacher_logits, "teacher_logits")
     _validation.check_same_shape_and_device(student_logits, "student_logits", teacher_logits, "teacher_logits")
     dim = _validation.check_dim(dim, student_logits.dim())
+    _validation.check_dim_not_empty(student_logits, dim, "student_logits")
     temperature = _validation.check_temperature(temperature)
     reduction = _validation.check_reduction(reduction, KD_REDUCTIONS)
     positions_shape = tuple(student_logits.shape[:dim]) + tuple(student_logits.shape[dim + 1 :])

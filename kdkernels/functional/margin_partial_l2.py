@@ -79,6 +79,7 @@ def margin_partial_l2(
     if student.dim() == 0:
         raise ValueError("student: expected a tensor with a channel dimension, got a 0-d tensor")
     channel_dim = _validation.check_dim(channel_dim, student.dim(), "channel_dim")
+    _validation.check_dim_not_empty(student, channel_dim, "student", "channel")
     reduction = _validation.check_reduction(reduction, MARGIN_PARTIAL_L2_REDUCTIONS)
     margin = check_margin(margin, student, channel_dim)
 

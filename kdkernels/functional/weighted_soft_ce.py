@@ -84,9 +84,8 @@ def weighted_soft_ce(
     _validation.check_tensor(teacher_logits, "teacher_logits")
     _validation.check_same_shape_and_device(student_logits, "student_logits", teacher_logits, "teacher_logits")
     dim = _validation.check_dim(dim, student_logits.dim())
+    _validation.check_dim_not_empty(student_logits, dim, "student_logits")
     num_classes = student_logits.shape[dim]
-    if num_classes == 0:
-        raise ValueError(f"student_logits: the class dimension (dim={dim}) is empty, shape {tuple(student_logits.shape)}")
     temperature = _validation.check_temperature(temperature)
     reduction = _validation.check_reduction(reduction, WEIGHTED_SOFT_CE_REDUCTIONS)
     check_class_weight(class_weight, num_classes, student_logits.device)

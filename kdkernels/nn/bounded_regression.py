@@ -6,11 +6,7 @@ import torch
 from torch import nn
 
 from kdkernels import _validation
-from kdkernels.functional.bounded_regression import (
-    BOUNDED_REGRESSION_REDUCTIONS,
-    bounded_regression,
-    check_real,
-)
+from kdkernels.functional.bounded_regression import BOUNDED_REGRESSION_REDUCTIONS, bounded_regression
 
 
 class BoundedRegressionLoss(nn.Module):
@@ -25,7 +21,7 @@ class BoundedRegressionLoss(nn.Module):
 
     def __init__(self, margin: float = 0.0, reduction: str = "mean") -> None:
         super().__init__()
-        self.margin = check_real(margin, "margin")
+        self.margin = _validation.check_finite_real(margin, "margin")
         self.reduction = _validation.check_reduction(reduction, BOUNDED_REGRESSION_REDUCTIONS)
 
     def forward(

@@ -22,7 +22,7 @@ class KDLoss(nn.Module):
         super().__init__()
         self.temperature = _validation.check_temperature(temperature)
         self.reduction = _validation.check_reduction(reduction, KD_REDUCTIONS)
-        self.dim = dim
+        self.dim = _validation.check_int(dim, "dim")
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, self.temperature, self.reduction, self.dim, mask)

@@ -30,11 +30,11 @@ class MarginPartialL2Loss(nn.Module):
     def __init__(self, margin: torch.Tensor | None = None, reduction: str = "sum", channel_dim: int = 1) -> None:
         super().__init__()
         self.reduction = _validation.check_reduction(reduction, MARGIN_PARTIAL_L2_REDUCTIONS)
-        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-            raise TypeError(f"channel_dim: expected an int, got {type(channel_dim).__name__}")
-        self.channel_dim = channel_dim
+        self.channel_dim = _validation.check_int(channel_dim, "channel_dim")
         if margin is not None:
             _validation.check_tensor(margin, "margin")
+            if margin.numel() == 0:
+                raise ValueError(f"margin: expected one value per channel, got an empty tensor of shape {tuple(margin.shape)}")
             if sum(size != 1 for size in margin.shape) > 1:
                 raise ValueError(
                     f"margin: expected one value per channel, (C,) or the official (1, C, 1, 1), got shape {tuple(margin.shape)}"

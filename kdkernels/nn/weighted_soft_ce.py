@@ -41,12 +41,14 @@ class WeightedSoftCELoss(nn.Module):
             _validation.check_tensor(class_weight, "class_weight")
             if class_weight.dim() != 1:
                 raise ValueError(f"class_weight: expected a 1-d tensor (one weight per class), got shape {tuple(class_weight.shape)}")
+            if class_weight.numel() == 0:
+                raise ValueError("class_weight: expected one weight per class, got an empty tensor (a softmax needs at least one class)")
             check_class_weight_values(class_weight)  # once, here, rather than on every call
             class_weight = class_weight.detach().clone()
         self.register_buffer("class_weight", class_weight)
         self.temperature = _validation.check_temperature(temperature)
         self.reduction = _validation.check_reduction(reduction, WEIGHTED_SOFT_CE_REDUCTIONS)
-        self.dim = dim
+        self.dim = _validation.check_int(dim, "dim")
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
