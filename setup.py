@@ -151,6 +151,7 @@ def _extensions():
                 path = os.path.join(os.path.dirname(jobs[0][1]), "build.ninja")
                 lines = [
                     "ninja_required_version = 1.3",
+                    f"builddir = {_ninja_escape(os.path.dirname(path))}",
                     f"cxx = {' '.join(shlex.quote(c) for c in cxx)}",
                     "rule compile",
                     "  command = $cxx -MMD -MF $out.d $flags -c $in -o $out",
