@@ -658,7 +658,8 @@ def markdown_table(entry: dict[str, Any]) -> str:
                 if key.endswith(suffix) and value is not None
             )
 
-        lines += ["", f"vs {primary}: fwd+bwd time {against_primary('time')}; peak extra memory {against_primary('peak_memory')}"]
+        if against_primary("time"):  # no line when no baseline ran (e.g. --candidates kdkernels)
+            lines += ["", f"vs {primary}: fwd+bwd time {against_primary('time')}; peak extra memory {against_primary('peak_memory')}"]
     return "\n".join(lines)
 
 
