@@ -3,6 +3,7 @@ process runs (``ATEN_CPU_CAPABILITY=default|avx2|avx512``, or an emulated CPU un
 
     python tests/cpu_parity.py                  # prints the capability and the checks
     python tests/cpu_parity.py --expect AVX2    # also fails unless the AVX2 kernels ran
+    qemu-x86_64 -cpu Westmere python tests/cpu_parity.py --expect DEFAULT --without-numpy
 
 Every fused op runs on the ``cpu`` backend and on the ``torch`` reference in float64, on small
 inputs that reach each code path of the kernels: class rows with a vector tail, the channels
@@ -16,11 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
+if "--without-numpy" in sys.argv:
+    # numpy 2.4's wheel dies with SIGILL on qemu's pre-AVX CPU models (Westmere, Nehalem) at import;
+    # torch and kdkernels run without it (torch imports numpy only if it can).
+    sys.modules["numpy"] = None
 
-import kdkernels
-import kdkernels.functional as KF
-from kdkernels import _extension
+import torch  # noqa: E402
+
+import kdkernels  # noqa: E402
+import kdkernels.functional as KF  # noqa: E402
+from kdkernels import _extension  # noqa: E402
 
 # (dtype, relative tolerance of the loss and the gradients against the float64 reference)
 DTYPES = ((torch.float32, 2e-5), (torch.bfloat16, 2e-2))
@@ -70,6 +76,7 @@ def cases() -> list[tuple[str, object, list[torch.Tensor], int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--expect", default=None, help="fail unless the kernels run this capability (DEFAULT, AVX2, AVX512)")
+    parser.add_argument("--without-numpy", action="store_true", help="block `import numpy` (for qemu's pre-AVX CPU models)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if not _extension.has_extension():
