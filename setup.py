@@ -18,8 +18,8 @@ Environment:
 * ``KDKERNELS_CPU_CAPABILITIES=DEFAULT,AVX2``: build only these capabilities (a faster dev build).
 * ``MAX_JOBS=N``: parallel compile jobs (default: the number of CPUs).
 * ccache (or sccache) is used when it is on PATH, as torch's BuildExtension does
-  (``KDKERNELS_CCACHE=0`` turns that off), with ``CCACHE_BASEDIR`` set to this directory so a
-  rebuild from an unpacked sdist reuses the cache.
+  (``KDKERNELS_CCACHE=0`` turns that off), with ``CCACHE_BASEDIR`` set to ``csrc/`` so that a
+  build of the unpacked sdist against the same torch reuses the checkout's cache.
 
 The CPU objects are compiled by ``BuildCpuCapabilities`` below (ninja when installed, a thread
 pool otherwise) because setuptools gives every source of an extension the same flags; torch's
@@ -90,8 +90,10 @@ def compiler_command() -> list[str]:
     wrapper = wrapper or next((w for w in ("ccache", "sccache") if shutil.which(w)), None)
     if wrapper is None:
         return cxx
-    # Paths under ROOT are hashed relative to it: an unpacked sdist in another folder hits too.
-    os.environ.setdefault("CCACHE_BASEDIR", ROOT)
+    # ccache hashes paths under CCACHE_BASEDIR relative to the working directory, others as they
+    # are. Our sources (csrc/) are relative, torch's headers absolute: a build of the unpacked sdist
+    # in another folder against the same torch hits the cache of the checkout's build.
+    os.environ.setdefault("CCACHE_BASEDIR", os.path.join(ROOT, "csrc"))
     return [wrapper] + cxx
 
 
