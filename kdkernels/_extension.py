@@ -41,9 +41,9 @@ def cpu_capability() -> str | None:
     """The SIMD capability of the CPU kernels that run ("DEFAULT", "AVX2", "AVX512"), or None
     without the extension. It follows ``torch.backends.cpu.get_cpu_capability()`` (set it with
     ``ATEN_CPU_CAPABILITY=default|avx2|avx512``), capped at the best one compiled."""
-    return _C.cpu_capability() if _C is not None else None
+    return _C.cpu_capability() if _C is not None and hasattr(_C, "cpu_capability") else None
 
 
 def cpu_capabilities() -> list[str]:
     """The capabilities the CPU kernels were compiled for (empty without the extension)."""
-    return list(_C.cpu_capabilities()) if _C is not None else []
+    return list(_C.cpu_capabilities()) if _C is not None and hasattr(_C, "cpu_capabilities") else []
