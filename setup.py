@@ -126,8 +126,8 @@ def _extensions():
             import sysconfig
 
             include_dirs.append(sysconfig.get_paths()["include"])
-            # Python's own CFLAGS as torch's build uses them (compiler_so[1:]) minus -g: debug info
-            # of these template-heavy files doubles the compile time and the size of the .so.
+            # Python's own CFLAGS as torch's build uses them (compiler_so[1:]) minus -g: with debug
+            # info the .so was 20 MB for one capability; without it, 2.7 MB for all three.
             common = [f for f in self.compiler.compiler_so[1:] if f not in ("-g",)] + ["-Wno-psabi"]
             common += [f"-I{d}" for d in include_dirs]
             common += ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", "-O3", cxx_std, "-fPIC"]
