@@ -15,14 +15,16 @@ import torch
 def kl_div_pointwise_reference(input: torch.Tensor, target: torch.Tensor, log_target: bool) -> torch.Tensor:
     if log_target:
         return target.exp() * (target - input)
-    positive = target > 0
-    # log of a where()-guarded target: no NaN gradient flows back from the y = 0 entries.
-    safe_target = torch.where(positive, target, torch.ones_like(target))
+    zero = target == 0
+    # log of a where()-guarded target: no NaN gradient flows back from the y = 0 entries. A
+    # negative or NaN target keeps its own log: NaN value and NaN target gradient, as torch; the
+    # input gradient stays −y, as torch.
+    safe_target = torch.where(zero, torch.ones_like(target), target)
     pointwise = target * safe_target.log() - target * input
     # At y = 0 the value is 0·(−x) (NaN for x = −inf, as torch) and, by our convention, the
-    # gradient w.r.t. y is 0 (the true derivative, log y + 1 − x, is −∞ there). y < 0: NaN.
+    # gradient w.r.t. y is 0 (the true derivative, log y + 1 − x, is −∞ there).
     at_zero = -(target.detach() * input)
-    return torch.where(positive, pointwise, torch.where(target == 0, at_zero, float("nan")))
+    return torch.where(zero, at_zero, pointwise)
 
 def kl_div_reference(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean", log_target: bool = False) -> torch.Tensor:
     pointwise = kl_div_pointwise_reference(input, target, log_target)
