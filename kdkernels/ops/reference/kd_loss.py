@@ -39,8 +39,9 @@ def kd_loss_positions(
     log_p_s = torch.log_softmax(s, dim)
     log_p_t = torch.log_softmax(t, dim)
     p_t = log_p_t.exp()
-    # Select before multiplying so that p_t = 0 entries give neither NaN values nor NaN gradients.
-    support = p_t > 0
+    # Select before multiplying so that p_t = 0 entries give neither NaN values nor NaN gradients
+    # (a NaN p_t is selected: NaN value and gradients, as the composite without the select).
+    support = p_t != 0
     pointwise = p_t * (torch.where(support, log_p_t, 0.0) - torch.where(support, log_p_s, 0.0))
     per_position = pointwise.sum(dim) * temperature**2
     return torch.where(has_distribution.squeeze(dim), per_position, torch.zeros_like(per_position))

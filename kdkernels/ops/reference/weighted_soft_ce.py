@@ -39,8 +39,9 @@ def weighted_soft_ce_positions(
         shape = [1] * student.dim()
         shape[dim % student.dim()] = -1
         p_t = p_t * class_weight.to(dtype).reshape(shape)
-    # Select before multiplying so that p_t = 0 entries give neither NaN values nor NaN gradients.
-    support = p_t > 0
+    # Select before multiplying so that p_t = 0 entries give neither NaN values nor NaN gradients
+    # (a NaN p_t is selected: NaN value and gradients, as the composite without the select).
+    support = p_t != 0
     pointwise = p_t * torch.where(support, log_p_s, 0.0)
     per_position = -pointwise.sum(dim)
     return torch.where(has_distribution.squeeze(dim), per_position, torch.zeros_like(per_position))
