@@ -16,7 +16,7 @@ def _run(loss, case, reduction, backend):
 
 
 def _close(actual, expected, name):
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=2e-4, atol=2e-5, equal_nan=True, msg=name)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=2e-4, atol=2e-5, equal_nan=True, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -178,3 +178,20 @@ def test_kl_div_invalid_targets_are_nan_like_torch(backend, log_target):
     _close(ours, torch_loss, "loss")
     _close(xa.grad, xr.grad, "input gradient")
     assert torch.equal(ya.grad.isnan(), yr.grad.isnan() & (y != 0))
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_kl_div_documented_deviations_are_the_same_on_every_backend(backend):
+    import kdkernels
+    import kdkernels.functional as KF
+
+    x = torch.tensor([[-1.0, -2.0, float("nan"), float("-inf")]], requires_grad=True)
+    y = torch.tensor([[0.0, 0.5, 0.0, 0.0]], requires_grad=True)
+    with kdkernels.use_backend(backend):
+        loss = KF.kl_div(x, y, reduction="none")
+        empty = KF.kl_div(torch.empty(0, 3), torch.empty(0, 3), reduction="sum")
+    loss.sum().backward()
+    assert y.grad[0, 0] == 0, "zero target: gradient 0 (torch: -inf)"
+    assert y.grad[0, 2].isnan() and y.grad[0, 3].isnan(), "zero target, non-finite input: NaN"
+    assert loss[0, 2].isnan() and loss[0, 3].isnan()
+    assert empty == 0

@@ -3,8 +3,13 @@
 Pointwise ``ℓ = y (log y − x)`` for probabilities y (0 where y = 0), or ``e^y (y − x)`` for
 log-probabilities (``log_target=True``); reductions none / sum / mean (÷ numel) / batchmean
 (÷ size(0)). Written out rather than calling ``torch.kl_div`` so the tests compare the fused
-kernels with an independent formula; the one deliberate difference from torch is the gradient at
-y = 0, which is 0 here (torch: NaN), and the mean of an empty input (0 here, torch: NaN).
+kernels with an independent formula. Deviations from torch, the same on every backend:
+
+* the gradient w.r.t. a target of exactly 0 is 0 (torch: −inf or NaN, from d/dy of y·log y), or
+  NaN where the input there is not finite (the loss is NaN there too, as in torch);
+* the ``mean`` of an empty input is 0 (torch: NaN, 0/0).
+
+Negative or NaN targets give a NaN loss and a NaN target gradient, as torch (input gradient −y).
 """
 
 from __future__ import annotations

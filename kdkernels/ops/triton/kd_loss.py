@@ -31,7 +31,7 @@ from torch.library import wrap_triton
 
 from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops._gradients import gradient_buffer
-from kdkernels.ops.triton.nan import max_nan
+from kdkernels.ops.triton.nan import joined_float, max_nan, split_float
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def _kd_loss_kernel(
     n_positions, n_classes, inner,
     s_so, s_sc, s_si, t_so, t_sc, t_si,
     gs_so, gs_sc, gs_si, gt_so, gt_sc, gt_si,
-    inv_temperature, temperature,
+    temperature_hi, temperature_lo,
     ACC: tl.constexpr, HAS_MASK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -51,6 +51,8 @@ def _kd_loss_kernel(
     s_row = S + (outer_idx * s_so + inner_idx * s_si)[:, None]
     t_row = T + (outer_idx * t_so + inner_idx * t_si)[:, None]
     neg_inf = float("-inf")
+    temperature = joined_float(temperature_hi, temperature_lo, ACC)
+    inv_temperature = 1.0 / temperature
 
     m_a = tl.full([BLOCK_P], neg_inf, ACC)
     m_b = tl.full([BLOCK_P], neg_inf, ACC)
@@ -64,13 +66,14 @@ def _kd_loss_kernel(
         ok = pos_ok[:, None] & (cols < n_classes)[None, :]
         a = tl.load(s_row + cols[None, :] * s_sc, mask=ok, other=neg_inf).to(ACC)
         b = tl.load(t_row + cols[None, :] * t_sc, mask=ok, other=neg_inf).to(ACC)
-        m_a = max_nan(m_a, tl.reduce(a, 1, max_nan))
-        m_b = max_nan(m_b, tl.reduce(b, 1, max_nan))
-        new_shift_a = tl.where(m_a == neg_inf, 0.0, m_a)
-        new_shift_b = tl.where(m_b == neg_inf, 0.0, m_b)
-        # Moving the running sums onto the new shifts: every x changes by d.
-        d_a = (shift_a - new_shift_a) * inv_temperature
-        d_b = (shift_b - new_shift_b) * inv_temperature
+        new_m_a = max_nan(m_a, tl.reduce(a, 1, max_nan))
+        new_m_b = max_nan(m_b, tl.reduce(b, 1, max_nan))
+        new_shift_a = tl.where(new_m_a == neg_inf, 0.0, new_m_a)
+        new_shift_b = tl.where(new_m_b == neg_inf, 0.0, new_m_b)
+        # Moving the running sums onto the new shifts: every x changes by d (<= 0). Sums that are
+        # still empty (max -inf, placeholder shift 0) are not moved: d = 0, no overflow.
+        d_a = tl.where(m_a == neg_inf, 0.0, (shift_a - new_shift_a) * inv_temperature)
+        d_b = tl.where(m_b == neg_inf, 0.0, (shift_b - new_shift_b) * inv_temperature)
         f_b = tl.exp(d_b)
         x_a = (a - new_shift_a[:, None]) * inv_temperature
         x_b = (b - new_shift_b[:, None]) * inv_temperature
@@ -83,6 +86,8 @@ def _kd_loss_kernel(
         w = w + tl.sum(tl.where(e_b != 0.0, e_b * (x_b - x_a), 0.0), axis=1)
         shift_a = new_shift_a
         shift_b = new_shift_b
+        m_a = new_m_a
+        m_b = new_m_b
 
     counted = pos_ok & (m_b != neg_inf)  # NaN counts (and is NaN)
     if HAS_MASK:
@@ -120,7 +125,7 @@ def _kd_loss_kernel(
 def _kd_loss_resident_rows_kernel(
     S, T, MASK, LOSS, GS, GT, GRAD_SCALE,
     n_classes, s_stride, t_stride, gs_stride, gt_stride,
-    inv_temperature, temperature,
+    temperature_hi, temperature_lo,
     ACC: tl.constexpr, HAS_MASK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -130,6 +135,8 @@ def _kd_loss_resident_rows_kernel(
     cols = tl.arange(0, BLOCK_C)
     ok = cols < n_classes
     neg_inf = float("-inf")
+    temperature = joined_float(temperature_hi, temperature_lo, ACC)
+    inv_temperature = 1.0 / temperature
     a = tl.load(S + row * s_stride + cols, mask=ok, other=neg_inf).to(ACC)
     b = tl.load(T + row * t_stride + cols, mask=ok, other=neg_inf).to(ACC)
     m_a = tl.reduce(a, 0, max_nan)
@@ -210,7 +217,7 @@ def kd_loss_rows(student, teacher, mask, temperature, grad_scale, student_grad, 
             grad_student if student_grad else student, grad_teacher if teacher_grad else teacher, grad_scale,
             n_classes, student.stride(0), teacher.stride(0),
             grad_student.stride(0) if student_grad else 0, grad_teacher.stride(0) if teacher_grad else 0,
-            1.0 / temperature, temperature,
+            *split_float(temperature),
             ACC=acc, HAS_MASK=mask is not None, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
             BLOCK_C=block_c, num_warps=num_warps,
         )
@@ -224,7 +231,7 @@ def kd_loss_rows(student, teacher, mask, temperature, grad_scale, student_grad, 
         grad_student if student_grad else student, grad_teacher if teacher_grad else teacher, grad_scale,
         n_positions, n_classes, inner,
         *student.stride(), *teacher.stride(), *gs_strides, *gt_strides,
-        1.0 / temperature, temperature,
+        *split_float(temperature),
         ACC=acc, HAS_MASK=mask is not None, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
     )

@@ -26,7 +26,7 @@ from torch.library import wrap_triton
 
 from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops._gradients import gradient_buffer
-from kdkernels.ops.triton.nan import max_nan
+from kdkernels.ops.triton.nan import joined_float, max_nan, split_float
 
 
 @triton.jit
@@ -35,12 +35,13 @@ def _weighted_soft_ce_kernel(
     n_outer, n_classes, n_inner,
     s_so, s_sc, s_si, t_so, t_sc, t_si,
     gs_so, gs_sc, gs_si, gt_so, gt_sc, gt_si,
-    inv_temperature,
+    temperature_hi, temperature_lo,
     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
     STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     ALONG_INNER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     neg_inf = float("-inf")
+    inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
     if ALONG_INNER:  # channels-first: a run of inner positions of one outer index
         o = tl.program_id(1).to(tl.int64) + tl.zeros([BLOCK_P], tl.int64)
         i = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -173,7 +174,7 @@ def weighted_soft_ce_rows(student, teacher, class_weight, mask, temperature, gra
         grad_student if student_grad else student, grad_teacher if teacher_grad else teacher, grad_scale,
         n_outer, n_classes, n_inner,
         *student.stride(), *teacher.stride(), *gs_strides, *gt_strides,
-        1.0 / temperature,
+        *split_float(temperature),
         ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None,
         STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
