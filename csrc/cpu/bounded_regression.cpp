@@ -1,7 +1,7 @@
 // CPU kernel of kdkernels::bounded_regression_rows: the teacher-bounded regression loss of Chen et
 // al. (NeurIPS 2017) and its student gradient, one row (box) at a time.
 //
-//   d_s = |R_s - y|^2,  d_t = |R_t - y|^2,  active = d_s + m > d_t (and mask),
+//   d_s = |R_s - y|^2,  d_t = |R_t - y|^2,  active = !(d_s + m <= d_t) (and mask),
 //   l = active ? d_s : 0,   dl/dR_s = active ? 2 (R_s - y) : 0   (times grad_scale)
 //
 // student, teacher and target are (rows, K) views of one dtype with any strides; the gradient is
@@ -67,7 +67,7 @@ void bounded_regression_impl(const at::Tensor& student, const at::Tensor& teache
         const scalar_t* t = T + r * ts_r;
         const scalar_t* y = Y + r * ys_r;
         scalar_t* g = G ? G + r * K : nullptr;
-        bool active = false;
+        bool active = false, teacher_nan = false;
         acc_t d_s = 0;
         if (mask == nullptr || mask[r]) {
           acc_t d_t = 0;
@@ -99,7 +99,11 @@ void bounded_regression_impl(const at::Tensor& student, const at::Tensor& teache
               d_t += et * et;
             }
           }
-          active = d_s + m > d_t;
+          // Inactive only when d_s + m <= d_t holds: a NaN student or target is active (and NaN);
+          // a NaN teacher makes the row NaN, value and gradient (kdkernels/ops/reference).
+          active = !(d_s + m <= d_t);
+          teacher_nan = d_t != d_t;
+          if (teacher_nan) d_s = std::numeric_limits<acc_t>::quiet_NaN();
         }
         const acc_t l = active ? d_s : acc_t(0);
         if (reduce) {
@@ -110,6 +114,8 @@ void bounded_regression_impl(const at::Tensor& student, const at::Tensor& teache
         if (g == nullptr) continue;
         if (!active) {
           std::fill(g, g + K, scalar_t(0));
+        } else if (teacher_nan) {
+          std::fill(g, g + K, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
         } else if (vectorised) {
           const V vc(coef);
           int64_t k = 0;

@@ -2,11 +2,16 @@
 // class dimension of (outer, classes, inner) views, and its gradients.
 //
 // Per position, pass 1 is an online softmax over the classes, block by block: the block's maxima
-// of a = s/T and b = t/T update the running maxima (m_a, m_b), the running sums are rescaled, and
-// then one sweep over the block (still in L1) accumulates
-//   Z_a = Σ e^{a-m_a},  Z_b = Σ e^{b-m_b},  W = Σ e^{b-m_b} ((b-m_b) - (a-m_a)),
+// of the raw logits s and t update the running maxima (m_s, m_t), the running sums are rescaled,
+// and then one sweep over the block (still in L1) accumulates, with x_a = (s-m_s)/T, x_b = (t-m_t)/T,
+//   Z_a = Σ e^{x_a},  Z_b = Σ e^{x_b},  W = Σ e^{x_b} (x_b - x_a),
 // so that  L' = Σ p_t (log p_t - log p_s) = W/Z_b - log Z_b + log Z_a.
 // (Shifting by the maxima inside W keeps every term small: no cancellation of two large lse.)
+// The shift is taken before the scaling, (s - m_s)·(1/T): every x is ≤ 0 and the maximum's is
+// exactly 0, so no exponential overflows for any finite logits (a fused s·(1/T) - m/T would leave
+// the maximum's rounding error, up to +128 at 1e10/3, in the exponent), V = 1 gives exactly 0, and
+// identical inputs give W = 0, Z_a = Z_b: exactly 0. Maxima propagate NaN, so a NaN logit makes
+// its position NaN through the arithmetic (kdkernels/ops/reference/__init__.py has the rules).
 // Pass 2, only when a gradient is asked for, re-reads the position (from cache) and writes
 //   grad_s = gs·T·(p_s - p_t),  grad_t = gs·T·p_t·(log p_t - log p_s - L').
 //
@@ -35,6 +40,7 @@ using cpu::hmax;
 using cpu::hsum;
 using cpu::load_vec;
 using cpu::load_vec_n;
+using cpu::nan_max;
 using cpu::neg_inf;
 using cpu::store_vec;
 using cpu::store_vec_n;
@@ -66,7 +72,7 @@ View<T> view_of(const at::Tensor& x) {
 // What pass 2 needs of a position, from pass 1's running state.
 template <typename acc_t>
 struct Stats {
-  acc_t shift_a, shift_b;  // the maxima, 0 where a maximum is -inf
+  acc_t shift_a, shift_b;  // the raw maxima, 0 where a maximum is -inf
   acc_t log_za, log_zb;
   acc_t kl;       // L'
   bool has_dist;  // some teacher logit > -inf
@@ -91,8 +97,9 @@ inline Stats<acc_t> finish(acc_t ma, acc_t mb, acc_t sa, acc_t sb, acc_t za, acc
   return r;
 }
 
-// Online-softmax rescale when the maxima grow: new safe shifts and the factors that move the
-// running sums onto them. A sum whose old maximum was -inf is empty (0) and is left alone.
+// Online-softmax rescale when the maxima grow (or turn NaN): new safe shifts and the factors that
+// move the running sums onto them. A sum whose old maximum was -inf is empty (0) and is left alone.
+// Shifts are raw logits; their differences are scaled by 1/T like the terms.
 template <typename acc_t>
 struct Rescale {
   acc_t new_sa, new_sb;
@@ -102,14 +109,15 @@ struct Rescale {
 };
 
 template <typename acc_t>
-inline Rescale<acc_t> rescale(acc_t ma, acc_t mb, acc_t sa, acc_t sb, acc_t nma, acc_t nmb) {
+inline Rescale<acc_t> rescale(acc_t ma, acc_t mb, acc_t sa, acc_t sb, acc_t nma, acc_t nmb, acc_t inv_t) {
   constexpr acc_t ninf = neg_inf<acc_t>();
   Rescale<acc_t> r;
   r.new_sa = nma == ninf ? acc_t(0) : nma;
   r.new_sb = nmb == ninf ? acc_t(0) : nmb;
-  r.fa = ma == ninf ? acc_t(1) : std::exp(sa - r.new_sa);
-  r.fb = mb == ninf ? acc_t(1) : std::exp(sb - r.new_sb);
-  r.delta = mb == ninf ? acc_t(0) : (sb - r.new_sb) - (sa - r.new_sa);
+  const acc_t da = (sa - r.new_sa) * inv_t, db = (sb - r.new_sb) * inv_t;
+  r.fa = ma == ninf ? acc_t(1) : std::exp(da);
+  r.fb = mb == ninf ? acc_t(1) : std::exp(db);
+  r.delta = mb == ninf ? acc_t(0) : db - da;
   r.zero_b = r.fb == acc_t(0);
   return r;
 }
@@ -129,7 +137,7 @@ Stats<acc_t> rows_pass1(const s_t* s, const t_t* t, int64_t C, acc_t inv_t) {
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
     const int64_t c1 = std::min(C, c0 + kBlock);
     const int64_t cv = c0 + (c1 - c0) / L * L;
-    // Block maxima of the raw logits (x -> x/T is monotone, so max(x)/T == max(x/T)).
+    // Block maxima of the raw logits (NaN-propagating): the shifts are raw, scaled after.
     V bma(ninf), bmb(ninf);
     for (int64_t c = c0; c < cv; c += L) {
       bma = at::vec::maximum(bma, load_vec<acc_t>(s + c));
@@ -139,10 +147,10 @@ Stats<acc_t> rows_pass1(const s_t* s, const t_t* t, int64_t C, acc_t inv_t) {
       bma = at::vec::maximum(bma, load_vec_n<acc_t>(s + cv, c1 - cv, ninf));
       bmb = at::vec::maximum(bmb, load_vec_n<acc_t>(t + cv, c1 - cv, ninf));
     }
-    const acc_t nma = std::max(ma, hmax(bma) * inv_t);
-    const acc_t nmb = std::max(mb, hmax(bmb) * inv_t);
-    if (nma > ma || nmb > mb) {
-      const Rescale<acc_t> r = rescale(ma, mb, sa, sb, nma, nmb);
+    const acc_t nma = nan_max(ma, hmax(bma));
+    const acc_t nmb = nan_max(mb, hmax(bmb));
+    if (!(nma == ma) || !(nmb == mb)) {  // grew, or became NaN
+      const Rescale<acc_t> r = rescale(ma, mb, sa, sb, nma, nmb, inv_t);
       za = za * V(r.fa);
       if (r.zero_b) {
         zb = vzero;
@@ -158,8 +166,8 @@ Stats<acc_t> rows_pass1(const s_t* s, const t_t* t, int64_t C, acc_t inv_t) {
     }
     const V vsa(sa), vsb(sb);
     auto step = [&](const V& sv, const V& tv) {
-      const V xa = sv * vinv - vsa;
-      const V xb = tv * vinv - vsb;
+      const V xa = (sv - vsa) * vinv;
+      const V xb = (tv - vsb) * vinv;
       const V ea = xa.exp();
       const V eb = xb.exp();
       za = za + ea;
@@ -181,8 +189,8 @@ void rows_pass2(const s_t* s, const t_t* t, s_t* gs, t_t* gt, int64_t C, acc_t i
   const V vinv(inv_t), vzero(0), vscale(scale), vsa(st.shift_a), vsb(st.shift_b), vlza(st.log_za),
       vlzb(st.log_zb), vkl(st.kl);
   auto grads = [&](const V& sv, const V& tv, V& g_s, V& g_t) {
-    const V da = (sv * vinv - vsa) - vlza;  // log p_s
-    const V db = (tv * vinv - vsb) - vlzb;  // log p_t
+    const V da = (sv - vsa) * vinv - vlza;  // log p_s
+    const V db = (tv - vsb) * vinv - vlzb;  // log p_t
     const V pt = db.exp();
     if (gs != nullptr) g_s = vscale * (da.exp() - pt);
     if (gt != nullptr) g_t = V::blendv(vscale * pt * (db - da - vkl), vzero, pt == vzero);
@@ -209,11 +217,11 @@ Stats<acc_t> scalar_pass1(const s_t* s, int64_t s_sc, const t_t* t, int64_t t_sc
   constexpr acc_t ninf = neg_inf<acc_t>();
   acc_t ma = ninf, mb = ninf, sa = 0, sb = 0, za = 0, zb = 0, w = 0;
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t a = static_cast<acc_t>(s[c * s_sc]) * inv_t;
-    const acc_t b = static_cast<acc_t>(t[c * t_sc]) * inv_t;
-    if (a > ma || b > mb) {
-      const acc_t nma = std::max(ma, a), nmb = std::max(mb, b);
-      const Rescale<acc_t> r = rescale(ma, mb, sa, sb, nma, nmb);
+    const acc_t a = static_cast<acc_t>(s[c * s_sc]);
+    const acc_t b = static_cast<acc_t>(t[c * t_sc]);
+    if (!(a <= ma) || !(b <= mb)) {  // a new maximum, or a NaN
+      const acc_t nma = nan_max(ma, a), nmb = nan_max(mb, b);
+      const Rescale<acc_t> r = rescale(ma, mb, sa, sb, nma, nmb, inv_t);
       za *= r.fa;
       if (r.zero_b) {
         zb = 0;
@@ -227,7 +235,7 @@ Stats<acc_t> scalar_pass1(const s_t* s, int64_t s_sc, const t_t* t, int64_t t_sc
       sa = r.new_sa;
       sb = r.new_sb;
     }
-    const acc_t xa = a - sa, xb = b - sb;
+    const acc_t xa = (a - sa) * inv_t, xb = (b - sb) * inv_t;
     const acc_t eb = std::exp(xb);
     za += std::exp(xa);
     zb += eb;
@@ -240,8 +248,8 @@ template <typename acc_t, typename s_t, typename t_t>
 void scalar_pass2(const s_t* s, int64_t s_sc, const t_t* t, int64_t t_sc, s_t* gs, int64_t gs_sc, t_t* gt,
                   int64_t gt_sc, int64_t C, acc_t inv_t, const Stats<acc_t>& st, acc_t scale) {
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t da = (static_cast<acc_t>(s[c * s_sc]) * inv_t - st.shift_a) - st.log_za;
-    const acc_t db = (static_cast<acc_t>(t[c * t_sc]) * inv_t - st.shift_b) - st.log_zb;
+    const acc_t da = (static_cast<acc_t>(s[c * s_sc]) - st.shift_a) * inv_t - st.log_za;
+    const acc_t db = (static_cast<acc_t>(t[c * t_sc]) - st.shift_b) * inv_t - st.log_zb;
     const acc_t pt = std::exp(db);
     if (gs != nullptr) gs[c * gs_sc] = static_cast<s_t>(scale * (std::exp(da) - pt));
     if (gt != nullptr) gt[c * gt_sc] = static_cast<t_t>(pt == acc_t(0) ? acc_t(0) : scale * pt * (db - da - st.kl));
@@ -290,15 +298,16 @@ void channels_group(const View<const s_t>& S, const View<const t_t>& Tt, const V
       bma = at::vec::maximum(bma, load_lanes<acc_t>(s + c * S.sc, n));
       bmb = at::vec::maximum(bmb, load_lanes<acc_t>(t + c * Tt.sc, n));
     }
-    const V nma = at::vec::maximum(ma, bma * vinv);
-    const V nmb = at::vec::maximum(mb, bmb * vinv);
+    const V nma = at::vec::maximum(ma, bma);  // raw maxima, NaN-propagating
+    const V nmb = at::vec::maximum(mb, bmb);
     const V nsa = V::blendv(nma, vzero, nma == vninf);
     const V nsb = V::blendv(nmb, vzero, nmb == vninf);
     const V a_live = ma != vninf, b_live = mb != vninf;  // lanes whose sums are not empty
-    const V fa = (sa - nsa).exp();
-    const V fb = (sb - nsb).exp();
+    const V dsa = (sa - nsa) * vinv, dsb = (sb - nsb) * vinv;
+    const V fa = dsa.exp();
+    const V fb = dsb.exp();
     za = V::blendv(za, za * fa, a_live);
-    V nw = (w + ((sb - nsb) - (sa - nsa)) * zb) * fb;
+    V nw = (w + (dsb - dsa) * zb) * fb;
     nw = V::blendv(nw, vzero, fb == vzero);
     w = V::blendv(w, nw, b_live);
     zb = V::blendv(zb, zb * fb, b_live);
@@ -307,8 +316,8 @@ void channels_group(const View<const s_t>& S, const View<const t_t>& Tt, const V
     sa = nsa;
     sb = nsb;
     for (int64_t c = c0; c < c1; ++c) {
-      const V xa = load_lanes<acc_t>(s + c * S.sc, n) * vinv - sa;
-      const V xb = load_lanes<acc_t>(t + c * Tt.sc, n) * vinv - sb;
+      const V xa = (load_lanes<acc_t>(s + c * S.sc, n) - sa) * vinv;
+      const V xb = (load_lanes<acc_t>(t + c * Tt.sc, n) - sb) * vinv;
       const V ea = xa.exp();
       const V eb = xb.exp();
       za = za + ea;
@@ -352,8 +361,8 @@ void channels_group(const View<const s_t>& S, const View<const t_t>& Tt, const V
   const V vscale(scale), vlza = V::loadu(lza_), vlzb = V::loadu(lzb_), vkl = V::loadu(kl_);
   const V vvalid = V::loadu(valid_) != vzero;
   for (int64_t c = 0; c < C; ++c) {
-    const V da = (load_lanes<acc_t>(s + c * S.sc, n) * vinv - sa) - vlza;
-    const V db = (load_lanes<acc_t>(t + c * Tt.sc, n) * vinv - sb) - vlzb;
+    const V da = (load_lanes<acc_t>(s + c * S.sc, n) - sa) * vinv - vlza;
+    const V db = (load_lanes<acc_t>(t + c * Tt.sc, n) - sb) * vinv - vlzb;
     const V pt = db.exp();
     if (gs != nullptr) {
       const V g = vscale * (da.exp() - pt);

@@ -1,7 +1,7 @@
 // CPU kernel of kdkernels::kl_div_pointwise: torch.nn.functional.kl_div's pointwise loss and both
 // gradients in one pass over input x (log-probabilities) and target y.
 //
-//   log_target = false: l = xlogy(y, y) - y·x,   dl/dx = -y,       dl/dy = log y + 1 - x (0 where y == 0)
+//   log_target = false: l = xlogy(y, y) - y·x,   dl/dx = -y,       dl/dy = log y + 1 - x (0·x where y == 0)
 //   log_target = true:  l = e^y · (y - x),       dl/dx = -e^y,     dl/dy = e^y · (y - x + 1)
 //
 // Gradients are multiplied by grad_scale. With reduce, the loss is one partial sum per fixed chunk
@@ -68,7 +68,8 @@ void kl_div_impl(const at::Tensor& input, const at::Tensor& target, bool log_tar
       const V is_zero = yv == vzero;
       l = V::blendv(yv * logy, vzero, is_zero) - yv * xv;  // xlogy(y, y) - y·x
       g_x = V(-gs) * yv;
-      g_y = V::blendv(vgs * (logy + vone - xv), vzero, is_zero);
+      // y == 0: 0 by our convention, NaN where x is not finite (the loss is NaN there too).
+      g_y = V::blendv(vgs * (logy + vone - xv), xv * vzero, is_zero);
     }
     if (reduce) {
       // Padding lanes of a partial vector are 0: their loss is 0 (both formulas), harmless.

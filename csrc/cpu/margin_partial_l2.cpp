@@ -1,7 +1,7 @@
 // CPU kernel of kdkernels::margin_partial_l2_elements: the Margin-ReLU partial L2 of Heo et al.
 // (ICCV 2019) and its student gradient in one pass over student S and teacher F_t.
 //
-//   T = max(F_t, m_c),  counted = (S > T) | (T > 0),  l = counted ? (T - S)^2 : 0,
+//   T = max(F_t, m_c),  counted = !(S <= T <= 0),  l = counted ? (T - S)^2 : 0,
 //   dl/dS = counted ? 2 (S - T) : 0   (times grad_scale)
 //
 // S and F_t are read as flat arrays in memory order: both must be non-overlapping and dense with
@@ -64,7 +64,9 @@ inline void segment(const s_t* s, const t_t* t, const acc_t* m, int64_t n, acc_t
     if constexpr (!kBroadcast) mv = full ? V::loadu(m + k) : load_vec_n<acc_t>(m + k, count);
     const V tm = at::vec::maximum(tv, mv);
     const V d = tm - sv;
-    const V counted = (sv > tm) | (tm > zero);
+    // Left out only when S <= T <= 0 holds: a NaN element counts, and is NaN (the official
+    // (T - S)^2 * mask.float() is NaN there too). d != d is that NaN test, in the same pass.
+    const V counted = (sv > tm) | (tm > zero) | (d != d);
     const V l = (d * d) & counted;
     if (loss == nullptr) {
       acc = acc + l;

@@ -123,6 +123,13 @@ inline acc_t reduce_tree(const Vec<acc_t>& v, const VecOp& vec_op, const ScalarO
   }
 }
 
+// max(a, b) that propagates NaN from either argument (std::max keeps a when b is NaN, which would
+// hide a NaN logit behind the running maximum).
+template <typename acc_t>
+inline acc_t nan_max(acc_t a, acc_t b) {
+  return (a != a || a > b) ? a : (b != b || b > a ? b : a);
+}
+
 template <typename acc_t>
 inline acc_t hsum(const Vec<acc_t>& v) {
   return reduce_tree<acc_t>(

@@ -141,7 +141,7 @@ void rows_kernel(const Problem<s_t, t_t, acc_t>& p) {
         continue;
       }
 
-      const Vec<acc_t> shift_a(m_a > neg_inf<acc_t>() ? m_a : acc_t(0)), shift_b(m_b);
+      const Vec<acc_t> shift_a(m_a != neg_inf<acc_t>() ? m_a : acc_t(0)), shift_b(m_b);
       Vec<acc_t> z_a = zero, z_b = zero, ws = zero, acc = zero;
       for (int64_t c = 0; c < padded; c += V) {
         const Vec<acc_t> x = Vec<acc_t>::loadu(a + c) - shift_a;
@@ -155,7 +155,8 @@ void rows_kernel(const Problem<s_t, t_t, acc_t>& p) {
         ws += we;
         acc += we * Vec<acc_t>::blendv(zero, x, we > zero);
       }
-      const acc_t sum_a = hsum(z_a), sum_b = hsum(z_b);
+      // A NaN logit (m_a NaN) makes Z_a NaN whatever exp_u20 returns for NaN: the row is NaN.
+      const acc_t sum_a = m_a == m_a ? hsum(z_a) : m_a, sum_b = hsum(z_b);
       const acc_t mass = hsum(ws) / sum_b;  // S = Σ w p_t
       const acc_t log_z_a = std::log(sum_a);
       const acc_t loss = mass * log_z_a - hsum(acc) / sum_b;
@@ -176,7 +177,8 @@ void rows_kernel(const Problem<s_t, t_t, acc_t>& p) {
         if (gt) {
           const Vec<acc_t> log_p_s = Vec<acc_t>::loadu(a + c) - lse_a;
           const Vec<acc_t> w_log_p_s = wv * Vec<acc_t>::blendv(zero, log_p_s, wp_t > zero);
-          const Vec<acc_t> g = Vec<acc_t>::blendv(zero, zero - coef * p_t * (vloss + w_log_p_s), p_t > zero);
+          // p_t != 0 (not > 0): a NaN p_t keeps its NaN gradient.
+          const Vec<acc_t> g = Vec<acc_t>::blendv(zero, zero - coef * p_t * (vloss + w_log_p_s), p_t != zero);
           n == V ? store_vec<t_t>(g, gt + c) : store_vec_n<t_t>(g, gt + c, n);
         }
       }
@@ -256,6 +258,7 @@ void channels_kernel(const Problem<s_t, t_t, acc_t>& p) {
         acc += we * Vec<acc_t>::blendv(zero, x, we > zero);
       }
       z_a = Vec<acc_t>::blendv(one, z_a, counted);
+      z_a = Vec<acc_t>::blendv(z_a, m_a, m_a != m_a);  // a NaN logit: NaN lane (see the rows kernel)
       z_b = Vec<acc_t>::blendv(one, z_b, counted);
       const Vec<acc_t> mass = ws / z_b;
       const Vec<acc_t> log_z_a = z_a.log();
@@ -280,7 +283,7 @@ void channels_kernel(const Problem<s_t, t_t, acc_t>& p) {
           const Vec<acc_t> log_p_s = Vec<acc_t>::loadu(a + c * V) - lse_a;
           const Vec<acc_t> w_log_p_s = wv * Vec<acc_t>::blendv(zero, log_p_s, wp_t > zero);
           const Vec<acc_t> g =
-              Vec<acc_t>::blendv(zero, zero - coef * p_t * (loss + w_log_p_s), counted & (p_t > zero));
+              Vec<acc_t>::blendv(zero, zero - coef * p_t * (loss + w_log_p_s), counted & (p_t != zero));
           t_t* out = gt + c * p.gt[1];
           dense_gt ? store_vec<t_t>(g, out) : store_vec_strided<t_t>(g, out, p.gt[2], n);
         }

@@ -34,9 +34,19 @@ inline void check_cuda_on(const at::Tensor& t, const at::Tensor& ref, const char
 
 inline void check_grad_scale(const at::Tensor& grad_scale, const at::Tensor& ref) {
   check_cuda_on(grad_scale, ref, "grad_scale");
-  TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
-              "grad_scale: expected a one-element float32 tensor, got ", grad_scale.scalar_type(), " of shape ",
-              grad_scale.sizes());
+  TORCH_CHECK((grad_scale.scalar_type() == at::kFloat || grad_scale.scalar_type() == at::kDouble) &&
+                  grad_scale.numel() == 1,
+              "grad_scale: expected a one-element float32 or float64 tensor, got ", grad_scale.scalar_type(),
+              " of shape ", grad_scale.sizes());
+}
+
+// The device pointer the kernels read grad_scale from, as their accumulation type: grad_scale must
+// have the loss's dtype (float32; float64 when an input is float64, so fp64 gradients are scaled in
+// fp64).
+inline const void* grad_scale_ptr(const at::Tensor& grad_scale, const at::Tensor& loss) {
+  TORCH_CHECK(grad_scale.scalar_type() == loss.scalar_type(), "grad_scale: expected dtype ", loss.scalar_type(),
+              " (the accumulation dtype), got ", grad_scale.scalar_type());
+  return grad_scale.data_ptr();
 }
 
 // A gradient buffer (the input's dtype; strides as torch.empty_like gives them), or an empty

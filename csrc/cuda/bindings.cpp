@@ -62,7 +62,7 @@ TensorTriple kd_loss_rows_cuda(const at::Tensor& student, const at::Tensor& teac
   p.classes = classes;
   p.inner = inner;
   p.mask = mask_ptr;
-  p.grad_scale = grad_scale.data_ptr<float>();
+  p.grad_scale = binding::grad_scale_ptr(grad_scale, loss);
   p.temperature = temperature;
   p.loss = loss.data_ptr();
   if (student_grad) {
@@ -104,7 +104,7 @@ TensorTriple kl_div_pointwise_cuda(const at::Tensor& input, const at::Tensor& ta
   p.numel = numel;
   p.log_target = log_target;
   p.reduce = reduce;
-  p.grad_scale = grad_scale.data_ptr<float>();
+  p.grad_scale = binding::grad_scale_ptr(grad_scale, loss);
   p.loss = loss.data_ptr();
   p.grad_input = input_grad ? grad_input.data_ptr() : nullptr;
   p.grad_target = target_grad ? grad_target.data_ptr() : nullptr;

@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cuda(const at::Tensor
   p.coords = student.size(1);
   p.mask = mask.has_value() ? mask_c.data_ptr<bool>() : nullptr;
   p.margin = margin;
-  p.grad_scale = grad_scale.data_ptr<float>();
+  p.grad_scale = binding::grad_scale_ptr(grad_scale, loss);
   p.loss = loss.data_ptr();
   p.reduce = reduce;
   p.grad_student = student_grad ? grad.data_ptr() : nullptr;

@@ -1,6 +1,6 @@
 // CUDA kernel of kdkernels::bounded_regression_rows (see bounded_regression_kernel.cuh):
 //
-//   d_s = |R_s - y|^2,  d_t = |R_t - y|^2,  active = d_s + m > d_t (and mask),
+//   d_s = |R_s - y|^2,  d_t = |R_t - y|^2,  active = !(d_s + m <= d_t) (and mask),
 //   l = active ? d_s : 0,   dl/dR_s = active ? 2 (R_s - y) : 0   (times *grad_scale)
 //
 // One thread per row (boxes have few coordinates); a block of kThreads threads owns
@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(kThreads) bounded_regression_kernel(const Boun
   Acc* __restrict__ loss = static_cast<Acc*>(p.loss);
   const int64_t K = p.coords;
   const Acc margin = static_cast<Acc>(p.margin);
-  const Acc coef = grad != nullptr ? Acc(2) * static_cast<Acc>(*p.grad_scale) : Acc(0);
+  const Acc coef = grad != nullptr ? Acc(2) * *static_cast<const Acc*>(p.grad_scale) : Acc(0);
   const int64_t base = static_cast<int64_t>(blockIdx.x) * kBoundedRegressionRowChunk;
   Acc sum = 0;
   for (int j = 0; j < kRowsPerThread; ++j) {
@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(kThreads) bounded_regression_kernel(const Boun
     const X* s = student + r * p.student_strides[0];
     const X* t = teacher + r * p.teacher_strides[0];
     const X* y = target + r * p.target_strides[0];
-    bool active = false;
+    bool active = false, teacher_nan = false;
     Acc d_s = 0;
     if (p.mask == nullptr || p.mask[r]) {
       Acc d_t = 0;
@@ -50,7 +50,11 @@ __global__ void __launch_bounds__(kThreads) bounded_regression_kernel(const Boun
         d_s += es * es;
         d_t += et * et;
       }
-      active = d_s + margin > d_t;
+      // Inactive only when d_s + m <= d_t holds: a NaN student or target is active (and NaN); a
+      // NaN teacher makes the row NaN, value and gradient (kdkernels/ops/reference rules).
+      active = !(d_s + margin <= d_t);
+      teacher_nan = d_t != d_t;
+      if (teacher_nan) d_s = d_t;
     }
     const Acc l = active ? d_s : Acc(0);
     if (p.reduce) {
@@ -61,8 +65,9 @@ __global__ void __launch_bounds__(kThreads) bounded_regression_kernel(const Boun
     if (grad != nullptr) {
       X* g = grad + r * K;
       for (int64_t k = 0; k < K; ++k) {
-        const Acc gk = active ? coef * (to_acc<Acc>(s[k * p.student_strides[1]]) - to_acc<Acc>(y[k * p.target_strides[1]]))
-                              : Acc(0);
+        Acc gk = active ? coef * (to_acc<Acc>(s[k * p.student_strides[1]]) - to_acc<Acc>(y[k * p.target_strides[1]]))
+                        : Acc(0);
+        if (teacher_nan) gk = d_s;  // NaN
         g[k] = from_acc<X>(gk);
       }
     }

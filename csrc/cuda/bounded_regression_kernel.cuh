@@ -32,7 +32,7 @@ struct BoundedRegressionParams {
 
   const bool* mask = nullptr;  // (rows,) contiguous, or nullptr: every row counts
   double margin = 0.0;
-  const float* grad_scale = nullptr;  // one fp32 value on the device, read by the kernel
+  const void* grad_scale = nullptr;  // one value of the accumulation type (fp32/fp64) on the device
   // reduce: ceil(rows / kBoundedRegressionRowChunk) partial sums; else one loss per row.
   // Accumulation type (double iff dtype is double).
   void* loss = nullptr;

@@ -12,10 +12,13 @@
 // teacher logits are all −inf (or that is masked out) gets loss 0 and zero gradients.
 //
 // Statistics are gathered in ONE pass with the online-softmax recurrence: per thread a running
-// max m and rescaled sums
-//   Z_a = Σ e^{a − m_a},  Z_b = Σ e^{b − m_b},  W = Σ e^{b − m_b}·(b − a),
-// rescaled by e^{m_old − m_new} when a max grows; partial states are then merged across the block
-// with the same rule (merge). From them:
+// max m of the RAW logits and rescaled sums
+//   Z_a = Σ e^{(s − m_s)/T},  Z_b = Σ e^{(t − m_t)/T},  W = Σ e^{(t − m_t)/T}·(b − a),
+// rescaled by e^{(m_old − m_new)/T} when a max grows; partial states are then merged across the
+// block with the same rule (merge). Shifting the raw logits before scaling makes every exponent
+// <= 0 and the maximum's exactly 0 (no overflow for any finite logits, V = 1 gives exactly 0);
+// maxima propagate NaN, so a NaN logit makes its position NaN (kdkernels/ops/reference rules).
+// From them (with m_a = m_s/T, m_b = m_t/T):
 //   E = Σ p_t (b − a) = W / Z_b,  lse_b − lse_a = (m_b − m_a) + log(Z_b / Z_a),  L' = E − (lse_b − lse_a).
 // Writing lse_b − lse_a this way (difference of maxima + log of a ratio) avoids subtracting two
 // large log-sum-exps, which would cost ~1e-6 absolute in fp32 on a loss that is often tiny.
@@ -62,7 +65,7 @@ struct Args {
   T* grad_teacher;  // nullptr: not requested
   Acc* loss;        // (outer, inner) contiguous
   const bool* mask; // (outer, inner) contiguous, or nullptr
-  const float* grad_scale;
+  const void* grad_scale;  // the accumulation type
   int64_t classes, inner, positions;
   int64_t s0, s1, s2, t0, t1, t2;
   int64_t gs0, gs1, gs2, gt0, gt1, gt2;
@@ -90,8 +93,14 @@ __device__ __forceinline__ Stats<Acc> empty_stats() {
 // Factor that moves a sum kept relative to max m_old onto max m_new >= m_old. A sum whose max is
 // still −inf is empty (0), so its factor is 0: this also avoids e^{−inf − (−inf)} = NaN.
 template <typename Acc>
-__device__ __forceinline__ Acc rescale(Acc m_old, Acc m_new) {
-  return m_old == neg_inf<Acc>() ? Acc(0) : acc_exp(m_old - m_new);
+__device__ __forceinline__ Acc rescale(Acc m_old, Acc m_new, Acc inv_t) {
+  return m_old == neg_inf<Acc>() ? Acc(0) : acc_exp((m_old - m_new) * inv_t);
+}
+
+// max(x, y) that is NaN when either is.
+template <typename Acc>
+__device__ __forceinline__ Acc nan_max(Acc x, Acc y) {
+  return (x != x || x > y) ? x : y;
 }
 
 // weight · value, but exactly 0 when the weight is 0: a teacher class of probability 0 (logit −inf,
@@ -105,39 +114,40 @@ __device__ __forceinline__ Acc weighted(Acc weight, Acc value) {
 // the new max x (and the new term is e^0 = 1); otherwise it is the new term e^{x − m}. x = −inf
 // gives 0 (also when m is still −inf, where x − m would be NaN); a NaN x gives NaN.
 template <typename Acc>
-__device__ __forceinline__ Acc online_exp(Acc x, Acc m) {
+__device__ __forceinline__ Acc online_exp(Acc x, Acc m, Acc inv_t) {
   const Acc d = x > m ? m - x : x - m;
-  return acc_exp(x == neg_inf<Acc>() ? neg_inf<Acc>() : d);
+  return acc_exp(x == neg_inf<Acc>() ? neg_inf<Acc>() : d * inv_t);
 }
 
-// Adds one class (a = s/T, b = t/T) to a thread's state. Branch-free (selects only), so the
-// compiler does not evaluate both sides of a branch: exactly one exponential per logit.
+// Adds one class (raw logits a = s, b = t) to a thread's state. Branch-free (selects only), so the
+// compiler does not evaluate both sides of a branch: exactly one exponential per logit. A NaN
+// becomes the running maximum (!(x <= m)), so everything after it is NaN.
 template <typename Acc>
-__device__ __forceinline__ void add_class(Stats<Acc>& st, Acc a, Acc b) {
-  const Acc ea = online_exp(a, st.ma);
-  const bool a_up = a > st.ma;
+__device__ __forceinline__ void add_class(Stats<Acc>& st, Acc a, Acc b, Acc inv_t) {
+  const Acc ea = online_exp(a, st.ma, inv_t);
+  const bool a_up = !(a <= st.ma);
   st.za = st.za * (a_up ? ea : Acc(1)) + (a_up ? Acc(1) : ea);
   st.ma = a_up ? a : st.ma;
 
-  const Acc eb = online_exp(b, st.mb);
-  const bool b_up = b > st.mb;
+  const Acc eb = online_exp(b, st.mb, inv_t);
+  const bool b_up = !(b <= st.mb);
   const Acc old_scale = b_up ? eb : Acc(1);  // factor on the old sums
   const Acc new_weight = b_up ? Acc(1) : eb;  // e^{b − mb} of this class, relative to the new max
   st.zb = st.zb * old_scale + new_weight;
   // b = −inf: new_weight = 0, so the class adds exactly 0 even if b − a is NaN or ±inf.
-  st.w = weighted(old_scale, st.w) + weighted(new_weight, b - a);
+  st.w = weighted(old_scale, st.w) + weighted(new_weight, (b - a) * inv_t);
   st.mb = b_up ? b : st.mb;
 }
 
 // The state of the union of two disjoint sets of classes.
 template <typename Acc>
-__device__ __forceinline__ Stats<Acc> merge(const Stats<Acc>& x, const Stats<Acc>& y) {
+__device__ __forceinline__ Stats<Acc> merge(const Stats<Acc>& x, const Stats<Acc>& y, Acc inv_t) {
   Stats<Acc> r;
-  r.ma = x.ma > y.ma ? x.ma : y.ma;
-  r.za = x.za * rescale(x.ma, r.ma) + y.za * rescale(y.ma, r.ma);
-  r.mb = x.mb > y.mb ? x.mb : y.mb;
-  const Acc sx = rescale(x.mb, r.mb);
-  const Acc sy = rescale(y.mb, r.mb);
+  r.ma = nan_max(x.ma, y.ma);
+  r.za = x.za * rescale(x.ma, r.ma, inv_t) + y.za * rescale(y.ma, r.ma, inv_t);
+  r.mb = nan_max(x.mb, y.mb);
+  const Acc sx = rescale(x.mb, r.mb, inv_t);
+  const Acc sy = rescale(y.mb, r.mb, inv_t);
   r.zb = x.zb * sx + y.zb * sy;
   r.w = weighted(sx, x.w) + weighted(sy, y.w);
   return r;
@@ -157,18 +167,18 @@ __device__ __forceinline__ Stats<Acc> shfl_xor_stats(const Stats<Acc>& st, int o
 // Merges the states of all threads of the block (fixed tree: deterministic); every thread gets the
 // result. Must be called by all threads; blockDim.x is a multiple of 32. `scratch` has 33 entries.
 template <typename Acc>
-__device__ Stats<Acc> block_merge(Stats<Acc> st, Stats<Acc>* scratch) {
+__device__ Stats<Acc> block_merge(Stats<Acc> st, Stats<Acc>* scratch, Acc inv_t) {
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int warps = blockDim.x / 32;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) st = merge(st, shfl_xor_stats(st, offset));
+  for (int offset = 16; offset > 0; offset /= 2) st = merge(st, shfl_xor_stats(st, offset), inv_t);
   if (lane == 0) scratch[warp] = st;
   __syncthreads();
   if (warp == 0) {
     st = lane < warps ? scratch[lane] : empty_stats<Acc>();
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) st = merge(st, shfl_xor_stats(st, offset));
+    for (int offset = 16; offset > 0; offset /= 2) st = merge(st, shfl_xor_stats(st, offset), inv_t);
     if (lane == 0) scratch[32] = st;
   }
   __syncthreads();
@@ -180,29 +190,33 @@ __device__ Stats<Acc> block_merge(Stats<Acc> st, Stats<Acc>* scratch) {
 // What the gradient pass needs of a position's statistics.
 template <typename Acc>
 struct GradCtx {
-  Acc ma, mb, inv_za, inv_zb;
+  Acc ma, mb, inv_za, inv_zb;  // raw maxima
   Acc expect;  // E = Σ p_t (b − a)
   Acc gs_t;    // grad_scale · T
+  Acc inv_t;
 };
 
 template <typename Acc>
 __device__ __forceinline__ void class_grads(const GradCtx<Acc>& g, Acc a, Acc b, Acc& grad_s, Acc& grad_t) {
-  const Acc pa = acc_exp(a - g.ma) * g.inv_za;
-  const Acc pb = acc_exp(b - g.mb) * g.inv_zb;
+  // a, b: raw logits.
+  const Acc pa = acc_exp((a - g.ma) * g.inv_t) * g.inv_za;
+  const Acc pb = acc_exp((b - g.mb) * g.inv_t) * g.inv_zb;
   grad_s = g.gs_t * (pa - pb);
   // Exactly 0 where p_t = 0 (b = −inf, or underflow), whatever b − a is.
-  grad_t = pb == Acc(0) ? Acc(0) : g.gs_t * pb * ((b - a) - g.expect);
+  grad_t = pb == Acc(0) ? Acc(0) : g.gs_t * pb * ((b - a) * g.inv_t - g.expect);
 }
 
 // Loss of a position from its merged state (not masked, teacher not all −inf).
 template <typename Acc>
-__device__ __forceinline__ Acc position_loss(const Stats<Acc>& st, Acc expect, Acc temperature_sq) {
-  const Acc lse_diff = (st.mb - st.ma) + acc_log(st.zb / st.za);  // lse_b − lse_a
+__device__ __forceinline__ Acc position_loss(const Stats<Acc>& st, Acc expect, Acc temperature_sq, Acc inv_t) {
+  // A student that is −inf everywhere gives 0 probability where the teacher has mass: +inf.
+  if (st.ma == neg_inf<Acc>()) return -neg_inf<Acc>();
+  const Acc lse_diff = (st.mb - st.ma) * inv_t + acc_log(st.zb / st.za);  // lse_b − lse_a
   return temperature_sq * (expect - lse_diff);
 }
 
 template <typename Acc>
-__device__ __forceinline__ GradCtx<Acc> grad_ctx(const Stats<Acc>& st, Acc gs_t) {
+__device__ __forceinline__ GradCtx<Acc> grad_ctx(const Stats<Acc>& st, Acc gs_t, Acc inv_t) {
   GradCtx<Acc> g;
   g.ma = st.ma;
   g.mb = st.mb;
@@ -210,6 +224,7 @@ __device__ __forceinline__ GradCtx<Acc> grad_ctx(const Stats<Acc>& st, Acc gs_t)
   g.inv_zb = Acc(1) / st.zb;
   g.expect = st.w * g.inv_zb;
   g.gs_t = gs_t;
+  g.inv_t = inv_t;
   return g;
 }
 
@@ -228,7 +243,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSM) kd_rows_ke
   const bool want_gs = args.grad_student != nullptr;
   const bool want_gt = args.grad_teacher != nullptr;
   const bool want_grad = want_gs || want_gt;
-  const Acc gs_t = want_grad ? static_cast<Acc>(*args.grad_scale) * args.temperature : Acc(0);
+  const Acc gs_t = want_grad ? *static_cast<const Acc*>(args.grad_scale) * args.temperature : Acc(0);
   const int64_t step = static_cast<int64_t>(nthreads) * UNROLL;                // vectors per super-tile
   const int64_t scalar_step = static_cast<int64_t>(nthreads) * kScalarUnroll;  // scalar path: elements
 
@@ -265,7 +280,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSM) kd_rows_ke
     if (active) {
       if (vec) {
         for (int64_t c = tid; c < head; c += nthreads)
-          add_class(st, to_acc<Acc>(s_row[c]) * inv_t, to_acc<Acc>(t_row[c]) * inv_t);
+          add_class(st, to_acc<Acc>(s_row[c]), to_acc<Acc>(t_row[c]), inv_t);
         for (int64_t base = 0; base < nvec; base += step) {
           // Issue all loads of the super-tile before any math, so they are in flight together.
           Vec<S, VEC> sv[UNROLL];
@@ -284,12 +299,12 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSM) kd_rows_ke
             if (v < nvec) {
 #pragma unroll
               for (int k = 0; k < VEC; ++k)
-                add_class(st, to_acc<Acc>(sv[u].v[k]) * inv_t, to_acc<Acc>(tv[u].v[k]) * inv_t);
+                add_class(st, to_acc<Acc>(sv[u].v[k]), to_acc<Acc>(tv[u].v[k]), inv_t);
             }
           }
         }
         for (int64_t c = tail + tid; c < C; c += nthreads)
-          add_class(st, to_acc<Acc>(s_row[c]) * inv_t, to_acc<Acc>(t_row[c]) * inv_t);
+          add_class(st, to_acc<Acc>(s_row[c]), to_acc<Acc>(t_row[c]), inv_t);
       } else {
         for (int64_t base = 0; base < C; base += scalar_step) {
           Acc av[kScalarUnroll];
@@ -298,24 +313,25 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSM) kd_rows_ke
           for (int u = 0; u < kScalarUnroll; ++u) {
             const int64_t c = base + static_cast<int64_t>(u) * nthreads + tid;
             if (c < C) {
-              av[u] = to_acc<Acc>(s_row[c * args.s1]) * inv_t;
-              bv[u] = to_acc<Acc>(t_row[c * args.t1]) * inv_t;
+              av[u] = to_acc<Acc>(s_row[c * args.s1]);
+              bv[u] = to_acc<Acc>(t_row[c * args.t1]);
             }
           }
 #pragma unroll
           for (int u = 0; u < kScalarUnroll; ++u) {
             const int64_t c = base + static_cast<int64_t>(u) * nthreads + tid;
-            if (c < C) add_class(st, av[u], bv[u]);
+            if (c < C) add_class(st, av[u], bv[u], inv_t);
           }
         }
       }
     }
-    st = block_merge(st, scratch);
+    st = block_merge(st, scratch, inv_t);
 
-    // Masked out, or no teacher distribution (all b = −inf, or C = 0): loss 0, gradients 0.
+    // Masked out, or no teacher distribution (all b = −inf, or C = 0): loss 0, gradients 0. A NaN
+    // maximum is not −inf: the position counts, and is NaN.
     const bool zero = !active || st.mb == neg_inf<Acc>();
-    const GradCtx<Acc> g = grad_ctx(st, gs_t);  // unused when zero
-    if (tid == 0) args.loss[row] = zero ? Acc(0) : position_loss(st, g.expect, args.temperature_sq);
+    const GradCtx<Acc> g = grad_ctx(st, gs_t, inv_t);  // unused when zero
+    if (tid == 0) args.loss[row] = zero ? Acc(0) : position_loss(st, g.expect, args.temperature_sq, inv_t);
 
     if (!want_grad) continue;
 
@@ -326,8 +342,8 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSM) kd_rows_ke
       Acc grad_s = Acc(0);
       Acc grad_t = Acc(0);
       if (!zero) {
-        const Acc a = to_acc<Acc>(s_row[c * args.s1]) * inv_t;
-        const Acc b = to_acc<Acc>(t_row[c * args.t1]) * inv_t;
+        const Acc a = to_acc<Acc>(s_row[c * args.s1]);
+        const Acc b = to_acc<Acc>(t_row[c * args.t1]);
         class_grads(g, a, b, grad_s, grad_t);
       }
       if (want_gs) gs_row[c * args.gs1] = from_acc<S>(grad_s);
@@ -361,7 +377,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSM) kd_rows_ke
               Acc grad_s = Acc(0);
               Acc grad_t = Acc(0);
               if (!zero)
-                class_grads(g, to_acc<Acc>(sv[u].v[k]) * inv_t, to_acc<Acc>(tv[u].v[k]) * inv_t, grad_s, grad_t);
+                class_grads(g, to_acc<Acc>(sv[u].v[k]), to_acc<Acc>(tv[u].v[k]), grad_s, grad_t);
               out_s.v[k] = from_acc<S>(grad_s);
               out_t.v[k] = from_acc<T>(grad_t);
             }
@@ -395,7 +411,7 @@ __global__ void __launch_bounds__(kChannelThreads) kd_channels_kernel(const Args
   const bool want_gs = args.grad_student != nullptr;
   const bool want_gt = args.grad_teacher != nullptr;
   const bool want_grad = want_gs || want_gt;
-  const Acc gs_t = want_grad ? static_cast<Acc>(*args.grad_scale) * args.temperature : Acc(0);
+  const Acc gs_t = want_grad ? *static_cast<const Acc*>(args.grad_scale) * args.temperature : Acc(0);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
 
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < args.positions; p += stride) {
@@ -410,11 +426,11 @@ __global__ void __launch_bounds__(kChannelThreads) kd_channels_kernel(const Args
     if (active) {
 #pragma unroll 4
       for (int64_t c = 0; c < C; ++c)
-        add_class(st, to_acc<Acc>(s_pos[c * args.s1]) * inv_t, to_acc<Acc>(t_pos[c * args.t1]) * inv_t);
+        add_class(st, to_acc<Acc>(s_pos[c * args.s1]), to_acc<Acc>(t_pos[c * args.t1]), inv_t);
     }
     const bool zero = !active || st.mb == neg_inf<Acc>();
-    const GradCtx<Acc> g = grad_ctx(st, gs_t);  // unused when zero
-    args.loss[p] = zero ? Acc(0) : position_loss(st, g.expect, args.temperature_sq);
+    const GradCtx<Acc> g = grad_ctx(st, gs_t, inv_t);  // unused when zero
+    args.loss[p] = zero ? Acc(0) : position_loss(st, g.expect, args.temperature_sq, inv_t);
 
     if (!want_grad) continue;
 
@@ -426,8 +442,8 @@ __global__ void __launch_bounds__(kChannelThreads) kd_channels_kernel(const Args
       Acc grad_s = Acc(0);
       Acc grad_t = Acc(0);
       if (!zero) {
-        const Acc a = to_acc<Acc>(s_pos[c * args.s1]) * inv_t;
-        const Acc b = to_acc<Acc>(t_pos[c * args.t1]) * inv_t;
+        const Acc a = to_acc<Acc>(s_pos[c * args.s1]);
+        const Acc b = to_acc<Acc>(t_pos[c * args.t1]);
         class_grads(g, a, b, grad_s, grad_t);
       }
       if (want_gs) gs_pos[c * args.gs1] = from_acc<S>(grad_s);

@@ -35,7 +35,7 @@ struct KdLossRowsParams {
   int64_t inner = 0;
 
   const bool* mask = nullptr;        // (outer, inner) contiguous, or nullptr for "all positions"
-  const float* grad_scale = nullptr;  // one fp32 value on the device; read by the kernels
+  const void* grad_scale = nullptr;  // one value of the accumulation type (fp32/fp64) on the device
   double temperature = 1.0;
 
   // (outer, inner) contiguous; float, or double when either input is double (see loss_is_double).

@@ -25,7 +25,7 @@ struct KlArgs {
   Acc* loss;      // numel values (reduce == false) or one partial sum per block (reduce == true)
   X* grad_input;  // nullptr: not requested
   Y* grad_target; // nullptr: not requested
-  const float* grad_scale;
+  const void* grad_scale;  // the accumulation type
   int64_t numel;
   bool log_target;
   bool reduce;
@@ -45,7 +45,8 @@ __device__ __forceinline__ void kl_point(Acc x, Acc y, bool log_target, Acc gs, 
     const Acc log_y = acc_log(y);
     loss = (y == Acc(0) ? Acc(0) : y * log_y) - y * x;
     grad_x = -(gs * y);
-    grad_y = y > Acc(0) ? gs * (log_y + Acc(1) - x) : Acc(0);
+    // y == 0: 0 by our convention, NaN where x is not finite; NaN for a negative or NaN target, as torch.
+    grad_y = y == Acc(0) ? x * Acc(0) : gs * (log_y + Acc(1) - x);
   }
 }
 
@@ -58,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) kl_div_kernel(const KlArgs<X, Y, acc
   const bool want_gx = args.grad_input != nullptr;
   const bool want_gy = args.grad_target != nullptr;
   const bool store_loss = !args.reduce;
-  const Acc gs = (want_gx || want_gy) ? static_cast<Acc>(*args.grad_scale) : Acc(0);
+  const Acc gs = (want_gx || want_gy) ? *static_cast<const Acc*>(args.grad_scale) : Acc(0);
   const int64_t chunks = (args.numel + kKlDivChunk - 1) / kKlDivChunk;
 
   // One element at flat index j (scalar path, and the few elements after the last vector).

@@ -40,7 +40,7 @@ struct KlDivParams {
   int64_t numel = 0;
   bool log_target = false;
   bool reduce = false;
-  const float* grad_scale = nullptr;
+  const void* grad_scale = nullptr;  // one value of the accumulation type (fp32/fp64) on the device
   void* loss = nullptr;
   void* grad_input = nullptr;
   void* grad_target = nullptr;

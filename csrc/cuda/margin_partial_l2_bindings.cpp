@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cuda(const at::Ten
   p.margin = margin.data_ptr();
   p.channels = margin.numel();
   p.channel_stride = channel_stride;
-  p.grad_scale = grad_scale.data_ptr<float>();
+  p.grad_scale = binding::grad_scale_ptr(grad_scale, loss);
   p.loss = loss.data_ptr();
   p.reduce = reduce;
   p.grad_student = student_grad ? grad.data_ptr() : nullptr;

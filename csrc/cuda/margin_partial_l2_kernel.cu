@@ -1,6 +1,6 @@
 // CUDA kernel of kdkernels::margin_partial_l2_elements (see margin_partial_l2_kernel.cuh):
 //
-//   T = max(F_t, m_c),  counted = (S > T) | (T > 0),  l = counted ? (T - S)^2 : 0,
+//   T = max(F_t, m_c),  counted = !(S <= T <= 0),  l = counted ? (T - S)^2 : 0,
 //   dl/dS = counted ? 2 (S - T) : 0   (times *grad_scale)
 //
 // One block of kThreads threads owns one chunk of kMarginPartialL2Chunk consecutive elements,
@@ -23,12 +23,12 @@ template <typename S, typename T>
 __global__ void __launch_bounds__(kThreads)
     margin_partial_l2_kernel(const S* __restrict__ student, const T* __restrict__ teacher,
                              const acc_t<S, T>* __restrict__ margin, int64_t numel, int64_t channels,
-                             int64_t channel_stride, const float* __restrict__ grad_scale, acc_t<S, T>* __restrict__ loss,
+                             int64_t channel_stride, const void* __restrict__ grad_scale, acc_t<S, T>* __restrict__ loss,
                              bool reduce, S* __restrict__ grad_student) {
   using Acc = acc_t<S, T>;
   __shared__ Acc scratch[33];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * kMarginPartialL2Chunk;
-  const Acc coef = grad_student != nullptr ? Acc(-2) * static_cast<Acc>(*grad_scale) : Acc(0);
+  const Acc coef = grad_student != nullptr ? Acc(-2) * *static_cast<const Acc*>(grad_scale) : Acc(0);
   Acc sum = 0;
 #pragma unroll 4
   for (int k = 0; k < kItems; ++k) {
@@ -39,7 +39,8 @@ __global__ void __launch_bounds__(kThreads)
     const Acc m = margin[(i / channel_stride) % channels];
     const Acc tm = (t > m || t != t) ? t : m;  // max, NaN-propagating like torch.maximum
     const Acc d = tm - s;
-    const bool counted = s > tm || tm > Acc(0);
+    // Left out only when S <= T <= 0 holds: a NaN element counts, and is NaN (reference rules).
+    const bool counted = !(s <= tm && tm <= Acc(0));
     const Acc l = counted ? d * d : Acc(0);
     if (reduce) {
       sum += l;

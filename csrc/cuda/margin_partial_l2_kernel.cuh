@@ -32,7 +32,7 @@ struct MarginPartialL2Params {
   int64_t channels = 1;
   int64_t channel_stride = 1;
 
-  const float* grad_scale = nullptr;  // one fp32 value on the device, read by the kernel
+  const void* grad_scale = nullptr;  // one value of the accumulation type (fp32/fp64) on the device
   // reduce: ceil(numel / kMarginPartialL2Chunk) partial sums; else numel elementwise losses in
   // the student's memory order. Accumulation type.
   void* loss = nullptr;

@@ -76,7 +76,7 @@ TensorTriple weighted_soft_ce_rows_cuda(const at::Tensor& student, const at::Ten
   p.inner = inner;
   p.class_weight = weight.defined() ? weight.data_ptr() : nullptr;
   p.mask = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
-  p.grad_scale = grad_scale.data_ptr<float>();
+  p.grad_scale = binding::grad_scale_ptr(grad_scale, loss);
   p.temperature = temperature;
   p.loss = loss.data_ptr();
   if (student_grad) {

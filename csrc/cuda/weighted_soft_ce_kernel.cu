@@ -8,6 +8,9 @@
 // from one pass of online-softmax statistics, kept per thread and merged across the block:
 //   Z_a = Σ e^{a − m_a},  Z_b = Σ e^{b − m_b},  W = Σ w e^{b − m_b},  A = Σ w e^{b − m_b} (a − m_a),
 //   S = W / Z_b.
+// Maxima are of the RAW logits and every exponent is (x − m)/T: <= 0, exactly 0 at the maximum
+// (no overflow for finite logits, V = 1 gives exactly 0); maxima propagate NaN (!(x <= m) takes a
+// NaN as the new maximum), so a NaN logit makes its position NaN (kdkernels/ops/reference rules).
 // A stays relative to the running student max (shifted by −W·Δm_a when it grows), so ℓ is a sum of
 // two non-negative terms and large logits lose no precision. A class with w·p_t = 0 is selected
 // out, never multiplied by 0, so a −inf student logit there gives 0, not NaN; a position whose
@@ -42,7 +45,7 @@ struct Args {
   const T* teacher;
   const Acc* weight;  // nullptr = ones
   const bool* mask;   // nullptr = all counted
-  const float* grad_scale;
+  const void* grad_scale;  // the accumulation type
   Acc* loss;
   S* grad_student;  // nullptr = not requested
   T* grad_teacher;  // nullptr = not requested
@@ -60,46 +63,48 @@ struct State {
     return {neg_inf<Acc>(), Acc(0), neg_inf<Acc>(), Acc(0), Acc(0), Acc(0)};
   }
 
-  // One class: scaled logits a, b and weight w.
-  __device__ void add(Acc a, Acc b, Acc w) {
-    if (a > m_a) {  // new student max: re-reference acc, rescale z_a
-      if (ws > Acc(0)) acc -= ws * (a - (m_a == neg_inf<Acc>() ? a : m_a));
-      z_a = (m_a == neg_inf<Acc>() ? Acc(0) : z_a * acc_exp(m_a - a)) + Acc(1);
+  // One class: raw logits a, b and weight w.
+  __device__ void add(Acc a, Acc b, Acc w, Acc inv_t) {
+    if (!(a <= m_a)) {  // new student max (or NaN): re-reference acc, rescale z_a
+      if (ws > Acc(0)) acc -= ws * ((a - (m_a == neg_inf<Acc>() ? a : m_a)) * inv_t);
+      z_a = (m_a == neg_inf<Acc>() ? Acc(0) : z_a * acc_exp((m_a - a) * inv_t)) + Acc(1);
       m_a = a;
-    } else if (m_a > neg_inf<Acc>()) {
-      z_a += acc_exp(a - m_a);
+    } else if (m_a != neg_inf<Acc>()) {
+      z_a += acc_exp((a - m_a) * inv_t);
     }
-    if (b > m_b) {  // new teacher max: rescale the teacher sums
-      const Acc r = m_b == neg_inf<Acc>() ? Acc(0) : acc_exp(m_b - b);
+    if (!(b <= m_b)) {  // new teacher max (or NaN): rescale the teacher sums
+      const Acc r = m_b == neg_inf<Acc>() ? Acc(0) : acc_exp((m_b - b) * inv_t);
       z_b = z_b * r + Acc(1);
       ws = ws * r;
       acc = r > Acc(0) ? acc * r : Acc(0);  // r = 0: nothing seen yet, or contributions underflowed
       m_b = b;
-    } else if (m_b > neg_inf<Acc>()) {
-      z_b += acc_exp(b - m_b);
+    } else if (m_b != neg_inf<Acc>()) {
+      z_b += acc_exp((b - m_b) * inv_t);
     }
-    if (m_b > neg_inf<Acc>()) {
-      const Acc we = w * acc_exp(b - m_b);
+    if (m_b != neg_inf<Acc>()) {
+      const Acc we = w * acc_exp((b - m_b) * inv_t);
       ws += we;
-      if (we > Acc(0)) acc += we * (a - m_a);
+      if (we > Acc(0)) acc += we * ((a - m_a) * inv_t);
     }
   }
 
+  __device__ static Acc nan_max(Acc x, Acc y) { return (x != x || x > y) ? x : y; }
+
   // Combines the statistics of two disjoint sets of classes (commutative, so a butterfly gives
   // every lane the same bits).
-  __device__ static State merge(const State& x, const State& y) {
+  __device__ static State merge(const State& x, const State& y, Acc inv_t) {
     State r;
-    r.m_a = fmax(x.m_a, y.m_a);
-    r.m_b = fmax(x.m_b, y.m_b);
-    const Acc fa_x = x.m_a == neg_inf<Acc>() ? Acc(0) : acc_exp(x.m_a - r.m_a);
-    const Acc fa_y = y.m_a == neg_inf<Acc>() ? Acc(0) : acc_exp(y.m_a - r.m_a);
-    const Acc fb_x = x.m_b == neg_inf<Acc>() ? Acc(0) : acc_exp(x.m_b - r.m_b);
-    const Acc fb_y = y.m_b == neg_inf<Acc>() ? Acc(0) : acc_exp(y.m_b - r.m_b);
+    r.m_a = nan_max(x.m_a, y.m_a);
+    r.m_b = nan_max(x.m_b, y.m_b);
+    const Acc fa_x = x.m_a == neg_inf<Acc>() ? Acc(0) : acc_exp((x.m_a - r.m_a) * inv_t);
+    const Acc fa_y = y.m_a == neg_inf<Acc>() ? Acc(0) : acc_exp((y.m_a - r.m_a) * inv_t);
+    const Acc fb_x = x.m_b == neg_inf<Acc>() ? Acc(0) : acc_exp((x.m_b - r.m_b) * inv_t);
+    const Acc fb_y = y.m_b == neg_inf<Acc>() ? Acc(0) : acc_exp((y.m_b - r.m_b) * inv_t);
     r.z_a = x.z_a * fa_x + y.z_a * fa_y;
     r.z_b = x.z_b * fb_x + y.z_b * fb_y;
     r.ws = x.ws * fb_x + y.ws * fb_y;
-    const Acc acc_x = x.ws > Acc(0) ? (x.acc - x.ws * (r.m_a - x.m_a)) * fb_x : Acc(0);
-    const Acc acc_y = y.ws > Acc(0) ? (y.acc - y.ws * (r.m_a - y.m_a)) * fb_y : Acc(0);
+    const Acc acc_x = x.ws > Acc(0) ? (x.acc - x.ws * ((r.m_a - x.m_a) * inv_t)) * fb_x : Acc(0);
+    const Acc acc_y = y.ws > Acc(0) ? (y.acc - y.ws * ((r.m_a - y.m_a) * inv_t)) * fb_y : Acc(0);
     r.acc = acc_x + acc_y;
     return r;
   }
@@ -114,17 +119,17 @@ __device__ __forceinline__ State<Acc> shfl_xor(const State<Acc>& s, int offset) 
 
 // Block-wide merge: butterfly in each warp, then warp 0 over the warps in order. All threads get it.
 template <typename Acc>
-__device__ State<Acc> block_merge(State<Acc> s, State<Acc>* scratch) {
+__device__ State<Acc> block_merge(State<Acc> s, State<Acc>* scratch, Acc inv_t) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) s = State<Acc>::merge(s, shfl_xor(s, offset));
+  for (int offset = 16; offset > 0; offset /= 2) s = State<Acc>::merge(s, shfl_xor(s, offset), inv_t);
   if (warps == 1) return s;
   if (lane == 0) scratch[warp] = s;
   __syncthreads();
   if (warp == 0) {
     s = lane < warps ? scratch[lane] : State<Acc>::empty();
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) s = State<Acc>::merge(s, shfl_xor(s, offset));
+    for (int offset = 16; offset > 0; offset /= 2) s = State<Acc>::merge(s, shfl_xor(s, offset), inv_t);
     if (lane == 0) scratch[32] = s;
   }
   __syncthreads();
@@ -137,20 +142,21 @@ __device__ State<Acc> block_merge(State<Acc> s, State<Acc>* scratch) {
 template <typename Acc>
 struct Finished {
   bool counted;
-  Acc loss, mass, z_a, z_b, lse_a, shift_b;
+  Acc loss, mass, z_a, z_b, log_z_a, shift_a, shift_b, inv_t;  // shifts: raw maxima (0 for −inf)
 };
 
 template <typename Acc>
-__device__ __forceinline__ Finished<Acc> finish(const State<Acc>& s, bool unmasked) {
+__device__ __forceinline__ Finished<Acc> finish(const State<Acc>& s, bool unmasked, Acc inv_t) {
   Finished<Acc> f;
   f.counted = unmasked && s.m_b != neg_inf<Acc>();
   f.z_a = f.counted ? s.z_a : Acc(1);
   f.z_b = f.counted ? s.z_b : Acc(1);
   f.mass = s.ws / f.z_b;
-  const Acc log_z_a = acc_log(f.z_a);
-  f.loss = f.counted ? f.mass * log_z_a - s.acc / f.z_b : Acc(0);
-  f.lse_a = (s.m_a == neg_inf<Acc>() ? Acc(0) : s.m_a) + log_z_a;
+  f.log_z_a = acc_log(f.z_a);
+  f.loss = f.counted ? f.mass * f.log_z_a - s.acc / f.z_b : Acc(0);
+  f.shift_a = s.m_a == neg_inf<Acc>() ? Acc(0) : s.m_a;
   f.shift_b = s.m_b == neg_inf<Acc>() ? Acc(0) : s.m_b;
+  f.inv_t = inv_t;
   return f;
 }
 
@@ -163,17 +169,18 @@ __device__ __forceinline__ void class_gradients(const Finished<Acc>& f, Acc a, A
     g_t = Acc(0);
     return;
   }
-  const Acc p_t = acc_exp(b - f.shift_b) / f.z_b;
+  // a, b: raw logits.
+  const Acc p_t = acc_exp((b - f.shift_b) * f.inv_t) / f.z_b;
   const Acc wp_t = w * p_t;
-  const Acc log_p_s = a - f.lse_a;
+  const Acc log_p_s = (a - f.shift_a) * f.inv_t - f.log_z_a;
   g_s = coef * (f.mass * acc_exp(log_p_s) - wp_t);
-  g_t = p_t > Acc(0) ? -coef * p_t * (f.loss + (wp_t > Acc(0) ? w * log_p_s : Acc(0))) : Acc(0);
+  g_t = p_t != Acc(0) ? -coef * p_t * (f.loss + (wp_t > Acc(0) ? w * log_p_s : Acc(0))) : Acc(0);
 }
 
 template <typename S, typename T, typename Acc>
 __global__ void __launch_bounds__(kMaxRowThreads) wsce_rows_kernel(const Args<S, T, Acc> args) {
   __shared__ State<Acc> scratch[33];
-  const Acc coef = static_cast<Acc>(*args.grad_scale) * args.inv_temperature;
+  const Acc coef = *static_cast<const Acc*>(args.grad_scale) * args.inv_temperature;
   for (int64_t pos = blockIdx.x; pos < args.positions; pos += gridDim.x) {
     const int64_t o = pos / args.inner, i = pos % args.inner;
     const S* s = args.student + o * args.s0 + i * args.s2;
@@ -182,13 +189,13 @@ __global__ void __launch_bounds__(kMaxRowThreads) wsce_rows_kernel(const Args<S,
     State<Acc> st = State<Acc>::empty();
     if (unmasked) {
       for (int64_t c = threadIdx.x; c < args.classes; c += blockDim.x) {
-        const Acc a = to_acc<Acc>(s[c * args.s1]) * args.inv_temperature;
-        const Acc b = to_acc<Acc>(t[c * args.t1]) * args.inv_temperature;
-        st.add(a, b, args.weight ? args.weight[c] : Acc(1));
+        const Acc a = to_acc<Acc>(s[c * args.s1]);
+        const Acc b = to_acc<Acc>(t[c * args.t1]);
+        st.add(a, b, args.weight ? args.weight[c] : Acc(1), args.inv_temperature);
       }
     }
-    st = block_merge(st, scratch);
-    const Finished<Acc> f = finish(st, unmasked);
+    st = block_merge(st, scratch, args.inv_temperature);
+    const Finished<Acc> f = finish(st, unmasked, args.inv_temperature);
     if (threadIdx.x == 0) args.loss[pos] = f.loss;
     if (args.grad_student == nullptr && args.grad_teacher == nullptr) continue;
     S* gs = args.grad_student ? args.grad_student + o * args.gs0 + i * args.gs2 : nullptr;
@@ -198,8 +205,8 @@ __global__ void __launch_bounds__(kMaxRowThreads) wsce_rows_kernel(const Args<S,
       const int64_t c = threadIdx.x + k * blockDim.x;
       Acc g_s, g_t;
       if (f.counted) {
-        const Acc a = to_acc<Acc>(s[c * args.s1]) * args.inv_temperature;
-        const Acc b = to_acc<Acc>(t[c * args.t1]) * args.inv_temperature;
+        const Acc a = to_acc<Acc>(s[c * args.s1]);
+        const Acc b = to_acc<Acc>(t[c * args.t1]);
         class_gradients(f, a, b, args.weight ? args.weight[c] : Acc(1), coef, g_s, g_t);
       } else {
         g_s = g_t = Acc(0);
@@ -212,7 +219,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) wsce_rows_kernel(const Args<S,
 
 template <typename S, typename T, typename Acc>
 __global__ void __launch_bounds__(kChannelThreads) wsce_channels_kernel(const Args<S, T, Acc> args) {
-  const Acc coef = static_cast<Acc>(*args.grad_scale) * args.inv_temperature;
+  const Acc coef = *static_cast<const Acc*>(args.grad_scale) * args.inv_temperature;
   for (int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; pos < args.positions;
        pos += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t o = pos / args.inner, i = pos % args.inner;
@@ -222,12 +229,12 @@ __global__ void __launch_bounds__(kChannelThreads) wsce_channels_kernel(const Ar
     State<Acc> st = State<Acc>::empty();
     if (unmasked) {
       for (int64_t c = 0; c < args.classes; ++c) {
-        const Acc a = to_acc<Acc>(s[c * args.s1]) * args.inv_temperature;
-        const Acc b = to_acc<Acc>(t[c * args.t1]) * args.inv_temperature;
-        st.add(a, b, args.weight ? args.weight[c] : Acc(1));
+        const Acc a = to_acc<Acc>(s[c * args.s1]);
+        const Acc b = to_acc<Acc>(t[c * args.t1]);
+        st.add(a, b, args.weight ? args.weight[c] : Acc(1), args.inv_temperature);
       }
     }
-    const Finished<Acc> f = finish(st, unmasked);
+    const Finished<Acc> f = finish(st, unmasked, args.inv_temperature);
     args.loss[pos] = f.loss;
     if (args.grad_student == nullptr && args.grad_teacher == nullptr) continue;
     S* gs = args.grad_student ? args.grad_student + o * args.gs0 + i * args.gs2 : nullptr;
@@ -235,8 +242,8 @@ __global__ void __launch_bounds__(kChannelThreads) wsce_channels_kernel(const Ar
     for (int64_t c = args.classes - 1; c >= 0; --c) {
       Acc g_s = Acc(0), g_t = Acc(0);
       if (f.counted) {
-        const Acc a = to_acc<Acc>(s[c * args.s1]) * args.inv_temperature;
-        const Acc b = to_acc<Acc>(t[c * args.t1]) * args.inv_temperature;
+        const Acc a = to_acc<Acc>(s[c * args.s1]);
+        const Acc b = to_acc<Acc>(t[c * args.t1]);
         class_gradients(f, a, b, args.weight ? args.weight[c] : Acc(1), coef, g_s, g_t);
       }
       if (gs) gs[c * args.gs1] = from_acc<S>(g_s);

@@ -34,7 +34,7 @@ struct WeightedSoftCeParams {
 
   const void* class_weight = nullptr;  // accumulation type, (classes,) contiguous; nullptr = ones
   const bool* mask = nullptr;          // (outer, inner) contiguous; nullptr = every position counts
-  const float* grad_scale = nullptr;   // one fp32 value on the device, read by the kernels
+  const void* grad_scale = nullptr;   // one value of the accumulation type (fp32/fp64) on the device
   double temperature = 1.0;
 
   void* loss = nullptr;  // (outer, inner) contiguous, accumulation type

@@ -26,7 +26,8 @@ from kdkernels import _extension
 from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops import _gradients
 from kdkernels.ops._kernels import kernel_op
-from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
+from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_differentiable, reduce_positions
+from kdkernels.ops.reference.bounded_regression import bounded_regression_reference
 
 
 def _rows_fake(student, teacher, target, mask, margin, grad_scale, reduce, student_grad):
@@ -70,7 +71,9 @@ def bounded_regression(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Reduced teacher-bounded regression loss over (rows, K) boxes, and the student's gradient."""
-    grad_scale, divisor = grad_scale_and_divisor(reduction, scale, student.shape[0], mask, student.device)
+    grad_scale, divisor = grad_scale_and_divisor(
+        reduction, scale, student.shape[0], mask, student.device, accumulation_dtype(student, teacher, target)
+    )
     loss, grad_student = kernel_op("bounded_regression_rows", backend)(
         student, teacher, target, mask, margin, grad_scale, reduction != NONE, student_grad
     )
@@ -85,10 +88,16 @@ def _bounded_regression_fake(student, teacher, target, mask, margin, reduction, 
     return loss, grad_student
 
 
+def _twin(student, teacher, target, mask, margin, reduction, scale, *_):
+    """``kdkernels::bounded_regression``'s loss in differentiable torch operations."""
+    loss = bounded_regression_reference(student, teacher, target, margin, "none", mask)
+    return reduce_differentiable(loss, reduction, scale, student.shape[0], mask)
+
+
 def _backward(ctx, grad_loss, _grad_student):
     # reduction='none': a per-row grad_output broadcasts over the K coordinates.
-    (grad,) = _gradients.take_gradients(ctx, bounded_regression, grad_loss, lambda g: g.unsqueeze(-1))
+    (grad,) = _gradients.take_gradients(ctx, bounded_regression, grad_loss, lambda g: g.unsqueeze(-1), _twin)
     return grad, None, None, None, None, None, None, None, None
 
 
-bounded_regression.register_autograd(_backward, setup_context=_gradients.setup_context_saving_gradients)
+_gradients.register_autograd(bounded_regression, _backward, _twin)

@@ -32,7 +32,8 @@ from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops import _gradients
 from kdkernels.ops._gradients import gradient_buffer
 from kdkernels.ops._kernels import kernel_op
-from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
+from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_differentiable, reduce_positions
+from kdkernels.ops.reference.kd_loss import kd_loss_positions
 
 
 def _rows_fake(student, teacher, mask, temperature, grad_scale, student_grad, teacher_grad):
@@ -75,7 +76,9 @@ def kd_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced T²·KL(softmax(t/T) ‖ softmax(s/T)) over (outer, classes, inner) views, and its gradients."""
     positions = student.shape[0] * student.shape[2]
-    grad_scale, divisor = grad_scale_and_divisor(reduction, scale, positions, mask, student.device)
+    grad_scale, divisor = grad_scale_and_divisor(
+        reduction, scale, positions, mask, student.device, accumulation_dtype(student, teacher)
+    )
     loss, grad_student, grad_teacher = kernel_op("kd_loss_rows", backend)(
         student, teacher, mask, temperature, grad_scale, student_grad, teacher_grad
     )
@@ -91,10 +94,17 @@ def _kd_loss_fake(student, teacher, mask, temperature, reduction, scale, student
     return loss, grad_student, grad_teacher
 
 
+def _twin(student, teacher, mask, temperature, reduction, scale, *_):
+    """``kdkernels::kd_loss``'s loss in differentiable torch operations (higher-order autograd)."""
+    per_position = kd_loss_positions(student, teacher, temperature, 1, mask)
+    positions = student.shape[0] * student.shape[2]
+    return reduce_differentiable(per_position, reduction, scale, positions, mask)
+
+
 def _backward(ctx, grad_loss, _grad_student, _grad_teacher):
     # (outer, inner) per-position grad_output broadcasts over the class dimension of (outer, C, inner).
-    grads = _gradients.take_gradients(ctx, kd_loss, grad_loss, lambda g: g.unsqueeze(1))
+    grads = _gradients.take_gradients(ctx, kd_loss, grad_loss, lambda g: g.unsqueeze(1), _twin)
     return grads[0], grads[1], None, None, None, None, None, None, None
 
 
-kd_loss.register_autograd(_backward, setup_context=_gradients.setup_context_saving_gradients)
+_gradients.register_autograd(kd_loss, _backward, _twin)

@@ -22,7 +22,8 @@ from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops import _gradients
 from kdkernels.ops._gradients import gradient_buffer
 from kdkernels.ops._kernels import kernel_op
-from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
+from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_differentiable, reduce_positions
+from kdkernels.ops.reference.kl_div import kl_div_pointwise_reference
 
 
 def _pointwise_fake(input, target, log_target, grad_scale, reduce, input_grad, target_grad):
@@ -59,7 +60,9 @@ def kl_div(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced torch-semantics KL divergence of contiguous same-shape tensors, and its gradients."""
-    grad_scale, divisor = grad_scale_and_divisor(reduction, scale, input.numel(), None, input.device)
+    grad_scale, divisor = grad_scale_and_divisor(
+        reduction, scale, input.numel(), None, input.device, accumulation_dtype(input, target)
+    )
     loss, grad_input, grad_target = kernel_op("kl_div_pointwise", backend)(
         input, target, log_target, grad_scale, reduction != NONE, input_grad, target_grad
     )
@@ -74,9 +77,16 @@ def _kl_div_fake(input, target, log_target, reduction, scale, input_grad, target
     return loss, grad_input, grad_target
 
 
+def _twin(input, target, log_target, reduction, scale, *_):
+    """``kdkernels::kl_div``'s loss in differentiable torch operations."""
+    acc = accumulation_dtype(input, target)
+    pointwise = kl_div_pointwise_reference(input.to(acc), target.to(acc), log_target)
+    return reduce_differentiable(pointwise, reduction, scale, input.numel(), None)
+
+
 def _backward(ctx, grad_loss, _grad_input, _grad_target):
-    grads = _gradients.take_gradients(ctx, kl_div, grad_loss, lambda g: g)
+    grads = _gradients.take_gradients(ctx, kl_div, grad_loss, lambda g: g, _twin)
     return grads[0], grads[1], None, None, None, None, None, None
 
 
-kl_div.register_autograd(_backward, setup_context=_gradients.setup_context_saving_gradients)
+_gradients.register_autograd(kl_div, _backward, _twin)

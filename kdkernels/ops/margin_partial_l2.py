@@ -29,7 +29,8 @@ from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops import _gradients
 from kdkernels.ops._gradients import gradient_buffer
 from kdkernels.ops._kernels import kernel_op
-from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
+from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_differentiable, reduce_positions
+from kdkernels.ops.reference.margin_partial_l2 import margin_partial_l2_elements
 
 
 def dense_channel_stride(x: Tensor, channel_dim: int) -> int | None:
@@ -90,7 +91,9 @@ def margin_partial_l2(
 ) -> tuple[Tensor, Tensor]:
     """Reduced partial L2 of ``max(teacher, margin_c)`` and ``student`` (same dense layout), and the
     student's gradient."""
-    grad_scale, divisor = grad_scale_and_divisor(reduction, scale, student.numel(), None, student.device)
+    grad_scale, divisor = grad_scale_and_divisor(
+        reduction, scale, student.numel(), None, student.device, accumulation_dtype(student, teacher)
+    )
     loss, grad_student = kernel_op("margin_partial_l2_elements", backend)(
         student, teacher, margin, channel_stride, grad_scale, reduction != NONE, student_grad
     )
@@ -105,10 +108,30 @@ def _margin_partial_l2_fake(student, teacher, margin, channel_stride, reduction,
     return loss, grad_student
 
 
+def _channel_dim(x: Tensor, channel_stride: int, channels: int) -> int | None:
+    """The dimension ``margin`` indexes: of length ``channels`` with stride ``channel_stride``."""
+    for d in range(x.dim()):
+        if x.shape[d] == channels and x.stride(d) == channel_stride:
+            return d
+    return None
+
+
+def _twin(student, teacher, margin, channel_stride, reduction, scale, *_):
+    """``kdkernels::margin_partial_l2``'s loss in differentiable torch operations."""
+    channels = margin.numel()
+    channel_dim = _channel_dim(student, channel_stride, channels) if channels > 1 else None
+    if channel_dim is None:  # one channel: the margin is a scalar
+        student_, teacher_ = student.unsqueeze(0), teacher.unsqueeze(0)
+        loss = margin_partial_l2_elements(student_, teacher_, margin.reshape(1), 0).squeeze(0)
+    else:
+        loss = margin_partial_l2_elements(student, teacher, margin, channel_dim)
+    return reduce_differentiable(loss, reduction, scale, student.numel(), None)
+
+
 def _backward(ctx, grad_loss, _grad_student):
     # reduction='none': grad_output has the student's shape already.
-    (grad,) = _gradients.take_gradients(ctx, margin_partial_l2, grad_loss, lambda g: g)
+    (grad,) = _gradients.take_gradients(ctx, margin_partial_l2, grad_loss, lambda g: g, _twin)
     return grad, None, None, None, None, None, None, None
 
 
-margin_partial_l2.register_autograd(_backward, setup_context=_gradients.setup_context_saving_gradients)
+_gradients.register_autograd(margin_partial_l2, _backward, _twin)

@@ -36,7 +36,8 @@ from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops import _gradients
 from kdkernels.ops._gradients import gradient_buffer
 from kdkernels.ops._kernels import kernel_op
-from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_positions
+from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_differentiable, reduce_positions
+from kdkernels.ops.reference.weighted_soft_ce import weighted_soft_ce_positions
 
 
 def _rows_fake(student, teacher, class_weight, mask, temperature, grad_scale, student_grad, teacher_grad):
@@ -81,7 +82,9 @@ def weighted_soft_ce(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced −Σ_c w_c softmax(t/T)_c log softmax(s/T)_c over (outer, classes, inner) views, and its gradients."""
     positions = student.shape[0] * student.shape[2]
-    grad_scale, divisor = grad_scale_and_divisor(reduction, scale, positions, mask, student.device)
+    grad_scale, divisor = grad_scale_and_divisor(
+        reduction, scale, positions, mask, student.device, accumulation_dtype(student, teacher)
+    )
     loss, grad_student, grad_teacher = kernel_op("weighted_soft_ce_rows", backend)(
         student, teacher, class_weight, mask, temperature, grad_scale, student_grad, teacher_grad
     )
@@ -99,11 +102,19 @@ def _weighted_soft_ce_fake(
     return loss, grad_student, grad_teacher
 
 
+def _twin(student, teacher, class_weight, mask, temperature, reduction, scale, *_):
+    """``kdkernels::weighted_soft_ce``'s loss in differentiable torch operations."""
+    weight = None if class_weight is None else class_weight.detach()
+    per_position = weighted_soft_ce_positions(student, teacher, weight, temperature, 1, mask)
+    positions = student.shape[0] * student.shape[2]
+    return reduce_differentiable(per_position, reduction, scale, positions, mask)
+
+
 def _backward(ctx, grad_loss, _grad_student, _grad_teacher):
     # (outer, inner) per-position grad_output broadcasts over the class dimension of (outer, C, inner).
-    grads = _gradients.take_gradients(ctx, weighted_soft_ce, grad_loss, lambda g: g.unsqueeze(1))
+    grads = _gradients.take_gradients(ctx, weighted_soft_ce, grad_loss, lambda g: g.unsqueeze(1), _twin)
     # class_weight is a constant of the loss: the public function refuses one that requires grad.
     return grads[0], grads[1], None, None, None, None, None, None, None, None
 
 
-weighted_soft_ce.register_autograd(_backward, setup_context=_gradients.setup_context_saving_gradients)
+_gradients.register_autograd(weighted_soft_ce, _backward, _twin)

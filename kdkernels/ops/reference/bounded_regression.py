@@ -11,6 +11,9 @@ so the student is only pushed towards the ground truth while it is not better th
 margin ``m``. Only the student gets a gradient, ``2 (R_s - y)`` on active rows; the teacher and the
 target are constants (the selection itself has no gradient).
 
+A row is inactive only when ``d_s + m ≤ d_t`` holds: a NaN student or target makes it active and
+NaN; a NaN teacher makes the row's loss and gradient NaN (``kdkernels/ops/reference/__init__.py``).
+
 Rows outside ``mask`` (e.g. negative anchors) contribute 0. ``mean`` divides by the number of
 counted rows (all rows, or ``mask.sum()``), and is 0 when no row is counted; ``batchmean`` divides
 the sum by the size of the first leading dimension (1 for a single row).
@@ -29,9 +32,11 @@ def bounded_regression_rows(
     """Per-row loss (the inputs' shape without the last dimension) in float32 (float64 if an input is)."""
     dtype = accumulation_dtype(student, teacher, target)
     y = target.detach().to(dtype)
-    d_s = ((student.to(dtype) - y) ** 2).sum(-1)
     d_t = ((teacher.detach().to(dtype) - y) ** 2).sum(-1)
-    return torch.where(d_s + margin > d_t, d_s, torch.zeros_like(d_s))
+    # A NaN teacher poisons the row (value and gradient); + 0 elsewhere changes nothing.
+    poison = torch.where(torch.isnan(d_t), float("nan"), 0.0).unsqueeze(-1)
+    d_s = ((student.to(dtype) - y + poison) ** 2).sum(-1)
+    return torch.where(d_s + margin <= d_t, torch.zeros_like(d_s), d_s)
 
 
 def bounded_regression_reference(
@@ -42,6 +47,11 @@ def bounded_regression_reference(
     reduction: str = "mean",
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    if mask is not None:  # masked-out rows: zero gradients whatever they hold
+        keep = mask.unsqueeze(-1)
+        student = torch.where(keep, student, 0)
+        teacher = torch.where(keep, teacher.detach(), 0)
+        target = torch.where(keep, target.detach(), 0)
     loss = bounded_regression_rows(student, teacher, target, margin)
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))
@@ -54,4 +64,4 @@ def bounded_regression_reference(
         return total / max(student.shape[0] if student.dim() > 1 else 1, 1)
     if mask is None:
         return total / max(loss.numel(), 1)
-    return total / mask.sum().clamp_min(1)
+    return total / mask.sum(dtype=torch.int64).clamp_min(1).to(total.dtype)

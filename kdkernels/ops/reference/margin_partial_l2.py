@@ -7,7 +7,9 @@ and the student's (connector) feature :math:`S`:
 .. math::
     d_p(T, S) = \sum_i \begin{cases} 0 & S_i \le T_i \le 0 \\ (T_i - S_i)^2 & \text{otherwise} \end{cases}
 
-implemented, as in the official code, with the mask ``(S > T) | (T > 0)``. The official loss is the
+implemented, as in the official code, with the mask ``(S > T) | (T > 0)``, written as its
+complement ``not (S ≤ T ≤ 0)`` so that a NaN element counts (and is NaN, as the official
+``(S - T)² · mask.float()`` is), see ``kdkernels/ops/reference/__init__.py``. The official loss is the
 plain sum over every element (batch, channel, spatial).
 
 The teacher is detached (the official code ``.detach()``-es it): only the student gets a gradient,
@@ -30,8 +32,8 @@ def margin_partial_l2_elements(
     shape[channel_dim] = -1
     s = student.to(dtype)
     t = torch.maximum(teacher.detach().to(dtype), margin.detach().to(dtype).reshape(shape))
-    counted = (s > t) | (t > 0)
-    return torch.where(counted, (t - s) ** 2, torch.zeros_like(s))
+    left_out = (s <= t) & (t <= 0)
+    return torch.where(left_out, torch.zeros_like(s), (t - s) ** 2)
 
 
 def margin_partial_l2_reference(

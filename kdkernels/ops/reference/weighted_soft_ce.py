@@ -6,12 +6,8 @@ structured KD (Liu et al., CVPR 2019, ``dim=1`` on N,C,H,W scores) and MobileBER
 transfer (Sun et al., ACL 2020). A cross-entropy, not a KL: there is no T² factor and the teacher's
 entropy is included.
 
-Edge cases, decided once here and followed by every backend:
-* a class the teacher gives probability 0 (logit −inf) contributes 0, even where the student's
-  logit is −inf too (0·log 0 = 0), and its gradients are exactly 0;
-* a position whose teacher logits are all −inf has no distribution: it contributes 0 and gets zero
-  gradients (as a masked-out position does);
-* ``mean`` over zero counted positions, and any reduction of an empty batch, is 0.
+Edge cases (NaN, ±inf, masks) are decided once, for every loss and backend, in
+``kdkernels/ops/reference/__init__.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from kdkernels._dtypes import accumulation_dtype
-from kdkernels.ops.reference.kd_loss import reduce_losses
+from kdkernels.ops.reference.kd_loss import counted_inputs, reduce_losses
 
 
 def weighted_soft_ce_positions(
@@ -28,13 +24,14 @@ def weighted_soft_ce_positions(
     class_weight: torch.Tensor | None,
     temperature: float,
     dim: int,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-position −Σ_c w_c p_t,c log p_s,c along ``dim``, in float32 (float64 if a logit tensor is)."""
+    """Per-position −Σ_c w_c p_t,c log p_s,c along ``dim``, in float32 (float64 if a logit tensor is);
+    0 (with zero gradients) at positions outside ``mask``."""
     dtype = accumulation_dtype(student, teacher)
-    s = student.to(dtype) / temperature
-    t = teacher.to(dtype) / temperature
-    has_distribution = t.amax(dim, keepdim=True) > float("-inf")
-    t = torch.where(has_distribution, t, torch.zeros_like(t))
+    s, t, has_distribution = counted_inputs(student, teacher, dim, mask)
+    s = s / temperature
+    t = t / temperature
     log_p_s = torch.log_softmax(s, dim)
     p_t = torch.softmax(t, dim)
     if class_weight is not None:
@@ -42,8 +39,9 @@ def weighted_soft_ce_positions(
         shape = [1] * student.dim()
         shape[dim % student.dim()] = -1
         p_t = p_t * class_weight.to(dtype).reshape(shape)
-    # Select before multiplying so that p_t = 0 entries give neither NaN values nor NaN gradients.
-    support = p_t > 0
+    # Select before multiplying so that p_t = 0 entries give neither NaN values nor NaN gradients
+    # (a NaN p_t is selected: NaN value and gradients, as the composite without the select).
+    support = p_t != 0
     pointwise = p_t * torch.where(support, log_p_s, 0.0)
     per_position = -pointwise.sum(dim)
     return torch.where(has_distribution.squeeze(dim), per_position, torch.zeros_like(per_position))
@@ -58,5 +56,5 @@ def weighted_soft_ce_reference(
     dim: int = -1,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    per_position = weighted_soft_ce_positions(student_logits, teacher_logits, class_weight, temperature, dim)
+    per_position = weighted_soft_ce_positions(student_logits, teacher_logits, class_weight, temperature, dim, mask)
     return reduce_losses(per_position, reduction, mask, student_logits.shape[0] if student_logits.dim() else 1)

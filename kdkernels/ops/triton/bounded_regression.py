@@ -40,7 +40,10 @@ def _bounded_regression_kernel(
         e_t = tl.load(T + rows[:, None] * t_r + cols[None, :] * t_k, mask=ok, other=0.0).to(ACC) - y
         d_s += tl.sum(e_s * e_s, axis=1)
         d_t += tl.sum(e_t * e_t, axis=1)
-    active = (d_s + margin > d_t) & row_ok
+    # Inactive only when d_s + m <= d_t holds: NaN is active; a NaN teacher makes the row NaN.
+    teacher_nan = d_t != d_t
+    d_s = tl.where(teacher_nan, float("nan"), d_s)
+    active = ((d_s + margin > d_t) | (d_s != d_s)) & row_ok
     if HAS_MASK:
         active = active & (tl.load(MASK + rows, mask=row_ok, other=0) != 0)
     loss = tl.where(active, d_s, 0.0)
@@ -55,7 +58,8 @@ def _bounded_regression_kernel(
             ok = row_ok[:, None] & (cols < K)[None, :]
             y = tl.load(Y + rows[:, None] * y_r + cols[None, :] * y_k, mask=ok, other=0.0).to(ACC)
             s = tl.load(S + rows[:, None] * s_r + cols[None, :] * s_k, mask=ok, other=0.0).to(ACC)
-            g = tl.where(active[:, None], (s - y) * scale, 0.0)
+            g = tl.where(teacher_nan[:, None], float("nan"), (s - y) * scale)
+            g = tl.where(active[:, None], g, 0.0)
             tl.store(G + rows[:, None] * K + cols[None, :], g.to(G.dtype.element_ty), mask=ok)
 
 

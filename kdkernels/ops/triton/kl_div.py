@@ -54,7 +54,9 @@ def _kl_div_kernel(
             if LOG_TARGET:
                 g_y = e_y * (y - x + 1.0) * scale
             else:
-                g_y = tl.where(y > 0.0, (tl.log(y) + 1.0 - x) * scale, 0.0)
+                # At y = 0 our convention: 0, or NaN where x is not finite (the loss is NaN there).
+                # NaN for a negative or NaN target, like torch.
+                g_y = tl.where(y == 0.0, x * 0.0, (tl.log(y) + 1.0 - x) * scale)
             tl.store(GY + offs, g_y.to(GY.dtype.element_ty), mask=ok)
 
 

@@ -35,7 +35,8 @@ def _margin_partial_l2_kernel(
     m = tl.load(M + (offs // channel_stride) % channels, mask=ok, other=0.0).to(ACC)
     t = tl.maximum(t, m, propagate_nan=tl.PropagateNan.ALL)
     d = t - s
-    counted = ((s > t) | (t > 0.0)) & ok
+    # Left out only when S <= T <= 0 holds: a NaN element counts and is NaN (reference rules).
+    counted = ((s > t) | (t > 0.0) | (d != d)) & ok
     loss = tl.where(counted, d * d, 0.0)
     if REDUCE:
         tl.store(LOSS + pid, tl.sum(loss, axis=0))

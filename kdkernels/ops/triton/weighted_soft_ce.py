@@ -26,6 +26,7 @@ from torch.library import wrap_triton
 
 from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops._gradients import gradient_buffer
+from kdkernels.ops.triton.nan import joined_float, max_nan, split_float
 
 
 @triton.jit
@@ -34,12 +35,13 @@ def _weighted_soft_ce_kernel(
     n_outer, n_classes, n_inner,
     s_so, s_sc, s_si, t_so, t_sc, t_si,
     gs_so, gs_sc, gs_si, gt_so, gt_sc, gt_si,
-    inv_temperature,
+    temperature_hi, temperature_lo,
     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
     STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     ALONG_INNER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     neg_inf = float("-inf")
+    inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
     if ALONG_INNER:  # channels-first: a run of inner positions of one outer index
         o = tl.program_id(1).to(tl.int64) + tl.zeros([BLOCK_P], tl.int64)
         i = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -62,27 +64,33 @@ def _weighted_soft_ce_kernel(
         cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
         col_ok = cols < n_classes
         ok = pos_ok[:, None] & col_ok[None, :]
-        a = tl.load(s_pos + cols[None, :] * s_sc, mask=ok, other=neg_inf).to(ACC) * inv_temperature
-        b = tl.load(t_pos + cols[None, :] * t_sc, mask=ok, other=neg_inf).to(ACC) * inv_temperature
+        # Raw logits: maxima (NaN-propagating) and shifts are taken before scaling by 1/T, so
+        # every exponent is <= 0 and the maximum's exactly 0 (kdkernels/ops/reference rules).
+        a = tl.load(s_pos + cols[None, :] * s_sc, mask=ok, other=neg_inf).to(ACC)
+        b = tl.load(t_pos + cols[None, :] * t_sc, mask=ok, other=neg_inf).to(ACC)
         if HAS_WEIGHT:
             w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
         else:
             w = 1.0
-        new_m_a = tl.maximum(m_a, tl.max(a, axis=1))
-        new_m_b = tl.maximum(m_b, tl.max(b, axis=1))
+        new_m_a = max_nan(m_a, tl.reduce(a, 1, max_nan))
+        new_m_b = max_nan(m_b, tl.reduce(b, 1, max_nan))
         # While a row has seen only -inf its max is -inf; shift by 0 then so exp() gives 0, not NaN.
         shift_a = tl.where(new_m_a == neg_inf, 0.0, new_m_a)
         shift_b = tl.where(new_m_b == neg_inf, 0.0, new_m_b)
-        z_a = z_a * tl.exp(m_a - shift_a) + tl.sum(tl.exp(a - shift_a[:, None]), axis=1)
-        rescale_b = tl.exp(m_b - shift_b)
-        z_b = z_b * rescale_b + tl.sum(tl.exp(b - shift_b[:, None]), axis=1)
-        # Re-reference acc from the old student max to the new one: a − m_new = (a − m_old) − Δ.
+        x_a = (a - shift_a[:, None]) * inv_temperature
+        x_b = (b - shift_b[:, None]) * inv_temperature
+        z_a = z_a * tl.exp((m_a - shift_a) * inv_temperature) + tl.sum(tl.exp(x_a), axis=1)
+        rescale_b = tl.exp((m_b - shift_b) * inv_temperature)
+        e_b = tl.exp(x_b)
+        z_b = z_b * rescale_b + tl.sum(e_b, axis=1)
+        # Re-reference acc from the old student shift to the new one: x_new = x_old − Δ/T.
         ws = ws * rescale_b
-        acc = acc * rescale_b - tl.where(ws > 0, ws * (shift_a - tl.where(m_a == neg_inf, 0.0, m_a)), 0.0)
-        we = w * tl.exp(b - shift_b[:, None])
+        moved = (shift_a - tl.where(m_a == neg_inf, 0.0, m_a)) * inv_temperature
+        acc = acc * rescale_b - tl.where(ws > 0, ws * moved, 0.0)
+        we = w * e_b
         ws = ws + tl.sum(we, axis=1)
         # Classes the teacher excludes (p_t = 0) or weighs 0 add exactly 0, whatever the student says.
-        acc = acc + tl.sum(we * tl.where(we > 0, a - shift_a[:, None], 0.0), axis=1)
+        acc = acc + tl.sum(we * tl.where(we > 0, x_a, 0.0), axis=1)
         m_a = new_m_a
         m_b = new_m_b
 
@@ -99,29 +107,28 @@ def _weighted_soft_ce_kernel(
         scale = tl.load(GRAD_SCALE).to(ACC) * inv_temperature
         shift_a = tl.where(m_a == neg_inf, 0.0, m_a)[:, None]
         shift_b = tl.where(m_b == neg_inf, 0.0, m_b)[:, None]
-        lse_a = shift_a + log_z_a[:, None]
         keep = counted[:, None]
         n_tiles = tl.cdiv(n_classes, BLOCK_C)
         for k in range(0, n_tiles):
             cols = ((n_tiles - 1 - k) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
             col_ok = cols < n_classes
             ok = pos_ok[:, None] & col_ok[None, :]
-            a = tl.load(s_pos + cols[None, :] * s_sc, mask=ok, other=neg_inf).to(ACC) * inv_temperature
-            b = tl.load(t_pos + cols[None, :] * t_sc, mask=ok, other=neg_inf).to(ACC) * inv_temperature
+            a = tl.load(s_pos + cols[None, :] * s_sc, mask=ok, other=neg_inf).to(ACC)
+            b = tl.load(t_pos + cols[None, :] * t_sc, mask=ok, other=neg_inf).to(ACC)
             if HAS_WEIGHT:
                 w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
             else:
                 w = 1.0
-            p_t = tl.exp(b - shift_b) / z_b_safe[:, None]
+            p_t = tl.exp((b - shift_b) * inv_temperature) / z_b_safe[:, None]
             wp_t = w * p_t
-            log_p_s = a - lse_a
+            log_p_s = (a - shift_a) * inv_temperature - log_z_a[:, None]
             if STUDENT_GRAD:
                 g_s = tl.where(keep, scale * (s_mass[:, None] * tl.exp(log_p_s) - wp_t), 0.0)
                 gs_ptr = GS + (o * gs_so + i * gs_si)[:, None] + cols[None, :] * gs_sc
                 tl.store(gs_ptr, g_s.to(GS.dtype.element_ty), mask=ok)
             if TEACHER_GRAD:
                 w_log_p_s = w * tl.where(wp_t > 0, log_p_s, 0.0)
-                g_t = tl.where(keep & (p_t > 0), -scale * p_t * (loss[:, None] + w_log_p_s), 0.0)
+                g_t = tl.where(keep & (p_t != 0.0), -scale * p_t * (loss[:, None] + w_log_p_s), 0.0)
                 gt_ptr = GT + (o * gt_so + i * gt_si)[:, None] + cols[None, :] * gt_sc
                 tl.store(gt_ptr, g_t.to(GT.dtype.element_ty), mask=ok)
 
@@ -167,7 +174,7 @@ def weighted_soft_ce_rows(student, teacher, class_weight, mask, temperature, gra
         grad_student if student_grad else student, grad_teacher if teacher_grad else teacher, grad_scale,
         n_outer, n_classes, n_inner,
         *student.stride(), *teacher.stride(), *gs_strides, *gt_strides,
-        1.0 / temperature,
+        *split_float(temperature),
         ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None,
         STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
