@@ -35,34 +35,11 @@ from torch.testing._internal.common_modules import module_db  # noqa: E402
 
 ZERO_TARGET_GRADIENT = "documented deviation: the gradient w.r.t. a target of exactly 0 is 0 (torch: NaN)"
 
-# Two kernel-level fixes of issue 10 belong to the issue10-kernels branch (kdkernels/ops, csrc):
-# torch's NaN for invalid targets (negative / NaN probabilities) with torch's gradients there,
-# and float64 gradient scales. The cases they decide are marked as expected failures, strictly, so
-# each reports when it starts passing; once that branch is merged, set this to True.
-KERNEL_FIXES_MERGED = False
-INVALID_TARGET_NAN = "issue10-kernels: torch's NaN values/gradients for invalid (negative, NaN, +inf) targets"
-FP64_GRAD_SCALE = "issue10-kernels: float64 gradients under mean/batchmean are scaled by a float32 1/n"
-
-
-def pending_kernel_fix(backend: str, tensors, reduction: str, *, invalid: bool = False) -> list:
-    """xfail marks for a case that a pending kernel fix decides (empty once merged).
-
-    ``invalid``: a probability target (``log_target=False``) is negative or NaN (the fused cpu
-    kernel already follows torch there; the torch reference and Triton do not yet). Float64: the
-    fused backends scale the gradient by a float32 1/n, exact only when n (numel for "mean",
-    input.size(0) for "batchmean") is a power of two.
-    """
-    if KERNEL_FIXES_MERGED:
-        return []
-    if invalid and backend in ("torch", "triton"):
-        return [pytest.mark.xfail(reason=INVALID_TARGET_NAN, strict=True)]
-    if backend != "torch" and any(t.dtype == torch.float64 for t in tensors):
-        input = tensors[0]
-        numel = torch.broadcast_shapes(*(t.shape for t in tensors)).numel()
-        divisor = {"mean": numel, "batchmean": input.shape[0] if input.dim() else 1}.get(reduction, 1)
-        if divisor > 0 and divisor & (divisor - 1):
-            return [pytest.mark.xfail(reason=FP64_GRAD_SCALE, strict=True)]
-    return []
+# A probability target of +inf is no distribution: the loss is +inf as in torch, but the gradients
+# there differ (torch: NaN target gradient from inf - inf inside xlogy's derivative, -inf input
+# gradient; here +inf / -inf on the fused kernels, NaN on the reference). Documented in kl_div's
+# docstring; strict, so a change of behaviour is reported.
+PLUS_INF_TARGET = "documented deviation: gradients at a +inf probability target differ from torch's"
 
 
 AVAILABLE = kdkernels.backends.available("cpu")
@@ -167,8 +144,7 @@ def _opinfo_cases(dtypes, backends):
             for backend in backends:
                 name = f"{backend}-{str(dtype).removeprefix('torch.')}-{_sample_id(sample)}"
                 tensors = [sample.input, *sample.args]
-                marks = pending_kernel_fix(backend, tensors, sample.kwargs.get("reduction", "mean"))
-                cases.append(pytest.param(sample, backend, id=name, marks=marks))
+                cases.append(pytest.param(sample, backend, id=name))
     return cases
 
 
@@ -220,16 +196,7 @@ def _module_cases(dtypes, backends):
             for backend in backends:
                 desc = module_input.desc or "default"
                 case_id = f"{backend}-{str(dtype).removeprefix('torch.')}-{desc}"
-                tensors = list(module_input.forward_input.args)
-                kwargs = module_input.constructor_input.kwargs
-                reduction = kwargs.get("reduction", "mean")
-                # probabilities that are not (negative, or NaN against a number): the reference and
-                # Triton give 0 gradients there (log-space targets may be anything)
-                input, target = tensors
-                bad = (target < 0) | (target.isnan() & ~input.isnan())
-                invalid = not kwargs.get("log_target", False) and bool(bad.any())
-                marks = pending_kernel_fix(backend, tensors, reduction, invalid=invalid)
-                cases.append(pytest.param(module_input, backend, id=case_id, marks=marks))
+                cases.append(pytest.param(module_input, backend, id=case_id))
     return cases
 
 
@@ -275,11 +242,6 @@ def test_common_nn_cases(case, backend, monkeypatch):
 # --- hand-made cases the samples above do not reach -------------------------------------------
 
 
-def mark_pending(request, backend, tensors, reduction) -> None:
-    for mark in pending_kernel_fix(backend, tensors, reduction):
-        request.applymarker(mark)
-
-
 def _log_probs(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype).log_softmax(-1).requires_grad_()
 
@@ -315,12 +277,11 @@ def test_broadcasting_divides_by_the_inputs_batch_size(input_shape, target_shape
 @pytest.mark.parametrize("log_target", [False, True], ids=["probs", "log_target"])
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 @pytest.mark.parametrize("shape", [(), (7,), (4, 7)], ids=["0d", "1d", "2d"])
-def test_low_rank_inputs(shape, reduction, log_target, backend, request):
+def test_low_rank_inputs(shape, reduction, log_target, backend):
     # batchmean divides by size(0) for 1-d inputs (the class count) and not at all for 0-d, as torch
     x = torch.randn(shape, dtype=torch.float64).requires_grad_()
     y = torch.rand(shape, dtype=torch.float64).add(0.05)
     y = (y.log() if log_target else y).requires_grad_()
-    mark_pending(request, backend, [x, y], reduction)
     assert_drop_in(
         lambda a, b: kl_div(a, b, reduction=reduction, log_target=log_target),
         lambda a, b: F.kl_div(a, b, reduction=reduction, log_target=log_target),
@@ -426,10 +387,9 @@ def test_mean_warns_like_torch():
     ],
     ids=["fp16", "bf16", "fp16-fp32", "fp32-bf16", "fp32-fp64"],
 )
-def test_result_dtype_is_torchs(input_dtype, target_dtype, reduction, backend, request):
+def test_result_dtype_is_torchs(input_dtype, target_dtype, reduction, backend):
     x = _log_probs(4, 33, dtype=torch.float32).detach().to(input_dtype).requires_grad_()
     y = _probs(4, 33, dtype=torch.float32).detach().to(target_dtype).requires_grad_()
-    mark_pending(request, backend, [x, y], reduction)
     assert_drop_in(
         lambda a, b: kl_div(a, b, reduction=reduction), lambda a, b: F.kl_div(a, b, reduction=reduction), [x, y], backend=backend
     )
@@ -484,23 +444,13 @@ INVALID_VALUES = [
     ("log-target-plus-inf", True, None, INF),
     ("log-target-nan-input", True, NAN, None),
 ]
-# Measured on this branch before the kernel fixes: the torch reference and Triton give 0 (not
-# torch's NaN) gradients at negative / NaN targets; at a +inf probability torch's target gradient
-# is NaN (inf - inf inside xlogy's derivative), every backend's here +inf.
-INVALID_PENDING = {
-    "negative-target": {"torch", "triton"},
-    "nan-target": {"torch", "triton"},
-    "plus-inf-target": {"cpu", "torch", "triton"},
-}
-
-
 def _invalid_cases(backends):
     cases = []
     for case_id, log_target, bad_input, bad_target in INVALID_VALUES:
         for backend in backends:
             for reduction in ("none", "sum"):
-                pending = not KERNEL_FIXES_MERGED and backend in INVALID_PENDING.get(case_id, ())
-                marks = [pytest.mark.xfail(reason=INVALID_TARGET_NAN, strict=True)] if pending else []
+                deviation = case_id == "plus-inf-target"
+                marks = [pytest.mark.xfail(reason=PLUS_INF_TARGET, strict=True)] if deviation else []
                 case = (log_target, bad_input, bad_target, reduction, backend)
                 cases.append(pytest.param(*case, id=f"{backend}-{case_id}-{reduction}", marks=marks))
     return cases

@@ -74,7 +74,10 @@ def kl_div(
     Deviations from torch, the same on every backend:
 
     * the gradient w.r.t. a target of exactly 0 (``log_target=False``) is 0, where torch returns
-      NaN (d/dy of y·log y is −∞ there); the loss values agree;
+      NaN (d/dy of y·log y is −∞ there), or NaN where the input there is not finite; the loss
+      values agree;
+    * at a probability target of +inf (no distribution) the loss is +inf as in torch, but the
+      gradients there are ±inf / NaN where torch gives NaN / −inf;
     * float16 / bfloat16 inputs are computed with float32 accumulation and rounded once to the
       result dtype, where torch computes in the half type: the results agree within the dtype's
       rounding, not bit for bit.
