@@ -41,6 +41,7 @@ benchmark scripts only define inputs, candidates, reference and bytes moved.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -51,6 +52,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -103,6 +105,12 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def upcast_half(x: torch.Tensor) -> torch.Tensor:
+    """``x.float()`` for fp16 / bf16 (how the eager composites are written), ``x`` otherwise: the
+    float64 reference stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
@@ -223,8 +231,9 @@ def cpu_peak_extra_bytes(run: Callable[[], Any]) -> int:
     """Peak bytes allocated by ``run()`` on the CPU allocator above the level before it."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = run()
+    with _quiet_stderr():  # Kineto prints "USDT: ... profiler_start" lines on fd 2
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = run()
     fd, path = tempfile.mkstemp(suffix=".json", prefix="kdk_bench_trace_")
     os.close(fd)
     try:
@@ -235,6 +244,29 @@ def cpu_peak_extra_bytes(run: Callable[[], Any]) -> int:
         os.remove(path)
     del result
     return _cpu_peak_from_trace(trace)
+
+
+# Lines the profiler's C++ side writes to stderr on every start / stop: noise, not errors.
+_PROFILER_NOISE = ("USDT", "STAGE:", "[W kineto", "kineto_shim")
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Capture what C++ writes to fd 2 inside the block; pass on all but the profiler's noise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines():
+                if line.strip() and not any(tag in line for tag in _PROFILER_NOISE):
+                    print(line, file=sys.stderr)
 
 
 def peak_extra_bytes(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], device: torch.device) -> int:
@@ -399,7 +431,7 @@ def _liger_version() -> str | None:
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    """Relative L2 error allowed for a result of ``dtype`` against the fp32 reference.
+    """Relative L2 error allowed for a result of ``dtype`` against the float64 reference.
 
     Half-precision results carry their rounding error (relative ~eps/2 per element, ~eps/3.5 in
     the L2 norm), so the bound is one machine epsilon of the result's dtype; fp32 paths must agree
@@ -409,6 +441,10 @@ def tolerance(dtype: torch.dtype) -> float:
     if dtype == torch.float16:
         return 1e-3
     return 1e-4
+
+
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.detach().double() - expected.detach().double()).abs().max().item() if expected.numel() else 0.0
 
 
 def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -506,29 +542,53 @@ class CompiledCache:
 
 
 def _check(cand: Candidate, inputs, ref_loss, ref_grads) -> dict[str, Any]:
-    """Loss and gradient of ``cand`` against the reference; also the first call's time (compile / JIT)."""
+    """Loss and gradient of ``cand`` against the float64 reference; also the first call's time
+    (torch.compile, Triton JIT), with a progress line while it runs."""
     _clear_grads(inputs)
     t0 = time.perf_counter()
-    loss = cand.fn(*inputs)
-    loss.backward()
-    synchronize(inputs[0].device)
+    with _progress(f"  {cand.name}: first call{' (torch.compile warm-up)' if 'compile' in cand.name else ''}"):
+        loss = cand.fn(*inputs)
+        loss.backward()
+        synchronize(inputs[0].device)
     first_call_s = time.perf_counter() - t0
     grads = [t.grad for t in inputs if t.requires_grad]
     loss_err = rel_l2(loss.float(), ref_loss)
     grad_errs = [rel_l2(g, r) if g is not None else float("inf") for g, r in zip(grads, ref_grads)]
+    grad_abs = [max_abs_err(g, r) if g is not None else float("inf") for g, r in zip(grads, ref_grads)]
     loss_tol = tolerance(loss.dtype)
     grad_tol = tolerance(inputs[0].dtype)
     ok = loss_err <= loss_tol and all(e <= grad_tol for e in grad_errs)
     _clear_grads(inputs)
     return {
         "ok": bool(ok),
+        "reference": "the eager composite in float64 on the same input values",
         "loss": float(loss.float().item()),
-        "loss_rel_err": loss_err,
-        "grad_rel_err": max(grad_errs) if grad_errs else None,
+        "loss_rel_err": loss_err,  # |loss - ref| / |ref|
+        "grad_rel_err": max(grad_errs) if grad_errs else None,  # ||g - ref||_2 / ||ref||_2
+        "grad_max_abs_err": max(grad_abs) if grad_abs else None,  # max_i |g_i - ref_i|
         "loss_tol": loss_tol,
         "grad_tol": grad_tol,
         "first_call_s": first_call_s,
     }
+
+
+@contextlib.contextmanager
+def _progress(label: str, every_s: float = 5.0):
+    """Prints ``label ... N s`` every few seconds while the block runs (compiles take a while)."""
+    done = threading.Event()
+
+    def tick():
+        start = time.perf_counter()
+        while not done.wait(every_s):
+            print(f"{label} ... {time.perf_counter() - start:.0f} s", flush=True)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _plan_input_sets(device: torch.device, set_bytes: int, peak_extra: int, max_sets: int) -> int:
@@ -557,22 +617,24 @@ def markdown_table(entry: dict[str, Any]) -> str:
         f"**{entry['label']}** — times in ms, median [p20, p80] over {entry.get('repeats', '?')} runs; "
         f"input sets rotated: {entry.get('input_sets', 1)}",
         "",
-        "| candidate | fwd | bwd | fwd+bwd | peak extra MiB | × N·V fp32 | GB/s | % copy BW | % datasheet | first call s | check |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| candidate | fwd | bwd | fwd+bwd | peak extra MiB | × N·V fp32 | GB/s | % copy BW | % datasheet | first call s "
+        "| loss rel err vs float64 | grad max abs err vs float64 | check (rel L2 ≤ tol) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in entry["candidates"]:
         if c["status"] != "ok":
             reason = c.get("reason") or ""
             reason = reason if len(reason) <= 120 else reason[:117] + "..."  # the JSON keeps it whole
-            lines.append(f"| {c['name']} | {c['status']}: {reason} |" + " |" * 9)
+            lines.append(f"| {c['name']} | {c['status']}: {reason} |" + " |" * 11)
             continue
         t = c["time"]
         check = c.get("check") or {}
         if check:
             mark = "ok" if check["ok"] else "**MISMATCH**"
-            mark += f" (loss {check['loss_rel_err']:.1e}, grad {check['grad_rel_err']:.1e})"
+            loss_err = f"{check['loss_rel_err']:.1e}"
+            grad_err = f"{check['grad_max_abs_err']:.1e}" if check.get("grad_max_abs_err") is not None else "–"
         else:
-            mark = "–"
+            mark = loss_err = grad_err = "–"
 
         def pct(x):
             return "–" if x is None else f"{100 * x:.0f}%"
@@ -581,7 +643,7 @@ def markdown_table(entry: dict[str, Any]) -> str:
             f"| {c['name']} | {_fmt_time(t.get('fwd'))} | {_fmt_time(t.get('bwd'))} | {_fmt_time(t.get('fwd_bwd'))} "
             f"| {_fmt_mib(c.get('peak_extra_bytes'))} | {c.get('peak_extra_x_nv_fp32', float('nan')):.2f} "
             f"| {c['achieved_GBps']:.1f} | {pct(c.get('frac_copy_bw'))} | {pct(c.get('frac_datasheet_bw'))} "
-            f"| {check.get('first_call_s', float('nan')):.2f} | {mark} |"
+            f"| {check.get('first_call_s', float('nan')):.2f} | {loss_err} | {grad_err} | {mark} |"
         )
     ratios = entry.get("ratios") or {}
     if ratios.get("primary"):
@@ -670,8 +732,9 @@ def run_config(spec: BenchSpec, config: Config, device: torch.device, args, peak
             runnable.append((cand, res))
             chk = res["check"]
             print(
-                f"  {cand.name}: check {'ok' if chk['ok'] else 'MISMATCH'} (loss {chk['loss_rel_err']:.1e}, "
-                f"grad {chk['grad_rel_err']:.1e}; first call {chk['first_call_s']:.2f}s), "
+                f"  {cand.name}: vs float64: loss rel err {chk['loss_rel_err']:.1e}, grad max abs err "
+                f"{chk['grad_max_abs_err']:.1e}, grad rel L2 err {chk['grad_rel_err']:.1e} "
+                f"({'ok' if chk['ok'] else 'MISMATCH'}); first call {chk['first_call_s']:.2f} s; "
                 f"peak extra {res['peak_extra_bytes'] / 2**20:,.1f} MiB",
                 flush=True,
             )
@@ -742,7 +805,11 @@ def add_common_args(parser, default_out_stem: str) -> None:
     parser.add_argument("--compile-static", action="store_true", help="compile per shape (default: batch dim dynamic, one compile per V and dtype)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; configurations not started by then are skipped and listed")
-    parser.add_argument("--out", default=None, help=f"JSON path (default bench/results/{default_out_stem}_<device>.json)")
+    parser.add_argument(
+        "--out", default=None,
+        help=f"JSON path (default bench/out/{default_out_stem}_<device>.json, ignored by git; "
+        "the committed bench/results/ is written only when named here)",
+    )
 
 
 def resolve_common_args(args, gpu_shapes, cpu_shapes, gpu_dtypes, cpu_dtypes) -> torch.device:
@@ -772,7 +839,7 @@ def default_out_path(stem: str, device: torch.device, name: str) -> str:
     while "--" in slug:
         slug = slug.replace("--", "-")
     here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.join(here, "results", f"{stem}_{slug}.json")
+    return os.path.join(here, "out", f"{stem}_{slug}.json")
 
 
 def configs_in_order(args) -> list[Config]:

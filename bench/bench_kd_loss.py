@@ -37,7 +37,8 @@ from kdkernels.functional import kd_loss  # noqa: E402
 
 def composite(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
     T = temperature
-    return T * T * F.kl_div(F.log_softmax(s.float() / T, -1), F.softmax(t.float() / T, -1), reduction="batchmean")
+    s, t = H.upcast_half(s), H.upcast_half(t)  # .float() for fp16/bf16, as people write it; fp64 stays fp64
+    return T * T * F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")
 
 
 def main() -> None:
@@ -59,10 +60,10 @@ def main() -> None:
 
     def reference(inputs):
         s, t = inputs
-        s32 = s.detach().float().requires_grad_()
-        loss = composite(s32, t.detach().float(), T)
+        s64 = s.detach().double().requires_grad_()
+        loss = composite(s64, t.detach().double(), T)
         loss.backward()
-        return loss.detach(), [s32.grad]
+        return loss.detach(), [s64.grad]
 
     def make_candidates(config: H.Config, device: torch.device) -> list[H.Candidate]:
         cands = []

@@ -71,10 +71,10 @@ def main() -> None:
 
     def reference(inputs):
         x, y = inputs
-        x32 = x.detach().float().requires_grad_()
-        loss = F.kl_div(x32, y.detach().float(), reduction=reduction, log_target=log_target)
+        x64 = x.detach().double().requires_grad_()
+        loss = F.kl_div(x64, y.detach().double(), reduction=reduction, log_target=log_target)
         loss.backward()
-        return loss.detach(), [x32.grad]
+        return loss.detach(), [x64.grad]
 
     def make_candidates(config: H.Config, device: torch.device) -> list[H.Candidate]:
         cands = []

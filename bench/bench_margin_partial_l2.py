@@ -84,10 +84,10 @@ def main() -> None:
 
     def reference(inputs):
         s, t, m = inputs
-        s32 = s.detach().float().requires_grad_()
-        loss = composite(s32, t.detach().float(), m)
+        s64 = s.detach().double().requires_grad_()
+        loss = composite(s64, t.detach().double(), m.double())
         loss.backward()
-        return loss.detach(), [s32.grad]
+        return loss.detach(), [s64.grad]
 
     def make_candidates(config: H.Config, device: torch.device) -> list[H.Candidate]:
         cands = []

@@ -38,7 +38,8 @@ CPU_SHAPES = [(4096, 1000)]
 
 def composite(s: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
     T = temperature
-    return -(weight * F.softmax(t.float() / T, -1) * F.log_softmax(s.float() / T, -1)).sum(-1).mean()
+    s, t = H.upcast_half(s), H.upcast_half(t)  # .float() for fp16/bf16, as people write it; fp64 stays fp64
+    return -(weight * F.softmax(t / T, -1) * F.log_softmax(s / T, -1)).sum(-1).mean()
 
 
 def class_weight(classes: int, device: torch.device) -> torch.Tensor:
@@ -72,10 +73,10 @@ def main() -> None:
 
     def reference(inputs):
         s, t = inputs
-        s32 = s.detach().float().requires_grad_()
-        loss = composite(s32, t.detach().float(), weight_for(s.shape[-1]), T)
+        s64 = s.detach().double().requires_grad_()
+        loss = composite(s64, t.detach().double(), weight_for(s.shape[-1]).double(), T)
         loss.backward()
-        return loss.detach(), [s32.grad]
+        return loss.detach(), [s64.grad]
 
     def make_candidates(config: H.Config, device: torch.device) -> list[H.Candidate]:
         cands = []

@@ -93,7 +93,7 @@ def summary_table(report: dict) -> str:
     failed = any(
         c["status"] == "ok" and not (c.get("check") or {}).get("ok", True) for e in report["results"] for c in e.get("candidates", [])
     )
-    notes = [""] + (["⚠ = failed the correctness check against the fp32 eager composite."] if failed else [])
+    notes = [""] + (["⚠ = failed the correctness check (relative L2 error against the float64 composite above the tolerance)."] if failed else [])
     skipped = {c["name"]: c.get("reason") for e in report["results"] for c in e.get("candidates", []) if c["status"] == "skipped"}
     for name, reason in skipped.items():
         if name not in names:

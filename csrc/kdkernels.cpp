@@ -1,14 +1,50 @@
 // The one TORCH_LIBRARY of kdkernels._C: schemas of the kernel ops. Implementations register per
-// device in csrc/cpu/*.cpp and csrc/cuda/bindings.cpp (TORCH_LIBRARY_IMPL); fake implementations
-// and autograd live in kdkernels/ops/*.py.
+// device in csrc/cpu_dispatch.cpp (the CPU kernels of csrc/cpu, one copy per CPU capability) and
+// csrc/cuda/bindings.cpp (TORCH_LIBRARY_IMPL); fake implementations and autograd live in
+// kdkernels/ops/*.py.
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/dispatch.h"
 #include "kdkernels.h"
 
+namespace {
+
+// _C.cpu_capability(): the capability whose CPU kernels run ("DEFAULT", "AVX2", "AVX512").
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  const int capability = kdkernels::cpu_dispatch::selected_capability();
+  return PyUnicode_FromString(kdkernels::cpu_dispatch::capability_name(capability));
+}
+
+// _C.cpu_capabilities(): the capabilities the CPU kernels were compiled for, baseline first.
+PyObject* cpu_capabilities(PyObject*, PyObject*) {
+  PyObject* names = PyList_New(0);
+  if (names == nullptr) return nullptr;
+  for (int c = 0; c < kdkernels::cpu_dispatch::kNumCapabilities; ++c) {
+    if ((kdkernels::cpu_dispatch::compiled_mask & (1u << c)) == 0) continue;
+    PyObject* name = PyUnicode_FromString(kdkernels::cpu_dispatch::capability_name(c));
+    if (name == nullptr || PyList_Append(names, name) != 0) {
+      Py_XDECREF(name);
+      Py_DECREF(names);
+      return nullptr;
+    }
+    Py_DECREF(name);
+  }
+  return names;
+}
+
+PyMethodDef kdkernels_methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS, "Capability of the CPU kernels that run (DEFAULT, AVX2, AVX512)."},
+    {"cpu_capabilities", cpu_capabilities, METH_NOARGS, "Capabilities the CPU kernels were compiled for."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
-// Importing kdkernels._C registers the ops; the module itself only says whether CUDA kernels are in.
-static struct PyModuleDef kdkernels_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// Importing kdkernels._C registers the ops; the module itself says whether CUDA kernels are in
+// and which CPU kernels run.
+static struct PyModuleDef kdkernels_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kdkernels_methods};
 
 PyObject* PyInit__C(void) {
   PyObject* module = PyModule_Create(&kdkernels_module);

@@ -1,5 +1,7 @@
 """Loads the compiled extension ``kdkernels._C`` if it was built, and says once how to build it."""
 
+from __future__ import annotations
+
 import warnings
 
 _BUILD_HINT = (
@@ -33,3 +35,15 @@ def warn_missing_once() -> None:
     if _C is None and not _warned:
         _warned = True
         warnings.warn(f"{_BUILD_HINT} ({EXTENSION_ERROR})", RuntimeWarning, stacklevel=3)
+
+
+def cpu_capability() -> str | None:
+    """The SIMD capability of the CPU kernels that run ("DEFAULT", "AVX2", "AVX512"), or None
+    without the extension. It follows ``torch.backends.cpu.get_cpu_capability()`` (set it with
+    ``ATEN_CPU_CAPABILITY=default|avx2|avx512``), capped at the best one compiled."""
+    return _C.cpu_capability() if _C is not None else None
+
+
+def cpu_capabilities() -> list[str]:
+    """The capabilities the CPU kernels were compiled for (empty without the extension)."""
+    return list(_C.cpu_capabilities()) if _C is not None else []

@@ -46,6 +46,11 @@ def why_unavailable(name: str, device: torch.device | str) -> str | None:
     device = torch.device(device)
     if name not in BACKENDS:
         return f"unknown backend {name!r}; expected one of {BACKENDS}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # Nothing runs CUDA tensors here, whichever backend: say which half is missing.
+        if torch.version.cuda is None and torch.version.hip is None:
+            return f"this torch ({torch.__version__}) is built without CUDA"
+        return "torch has CUDA but no CUDA device is visible"
     if name == "torch":
         return None
     if name == "triton":
@@ -69,7 +74,10 @@ def why_unavailable(name: str, device: torch.device | str) -> str | None:
 
 
 def available(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run tensors on ``device``, in default order (interpreted Triton last)."""
+    """Backends that can run tensors on ``device``, in default order (interpreted Triton last).
+
+    Only what can really run: on a machine without a CUDA device (or with a CPU-only torch)
+    ``available("cuda")`` is empty."""
     device = torch.device(device)
     order = list(_DEFAULT_ORDER.get(device.type, ("torch",)))
     if device.type == "cpu":

@@ -16,9 +16,11 @@
 #include <algorithm>
 
 #include "../kdkernels.h"
+#include "dispatch.h"
 #include "vec_utils.h"
 
 namespace kdkernels {
+namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
 namespace {
 
 using cpu::acc_type_t;
@@ -164,8 +166,7 @@ std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cpu(const at::Tensor&
   return {loss, grad};
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kdkernels
 
-TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
-  m.impl("bounded_regression_rows", &kdkernels::bounded_regression_rows_cpu);
-}
+KDKERNELS_REGISTER_CPU_KERNEL(bounded_regression_rows_cpu);

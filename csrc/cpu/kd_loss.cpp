@@ -23,9 +23,11 @@
 #include <limits>
 
 #include "../kdkernels.h"
+#include "dispatch.h"
 #include "vec_utils.h"
 
 namespace kdkernels {
+namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
 namespace {
 
 using cpu::acc_type_t;
@@ -490,8 +492,7 @@ TensorTriple kd_loss_rows_cpu(const at::Tensor& student, const at::Tensor& teach
   return {loss, grad_student, grad_teacher};
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kdkernels
 
-TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
-  m.impl("kd_loss_rows", &kdkernels::kd_loss_rows_cpu);
-}
+KDKERNELS_REGISTER_CPU_KERNEL(kd_loss_rows_cpu);

@@ -16,9 +16,11 @@
 #include <cmath>
 
 #include "../kdkernels.h"
+#include "dispatch.h"
 #include "vec_utils.h"
 
 namespace kdkernels {
+namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
 namespace {
 
 using cpu::acc_type_t;
@@ -144,8 +146,7 @@ TensorTriple kl_div_pointwise_cpu(const at::Tensor& input_, const at::Tensor& ta
   return {loss, grad_input, grad_target};
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kdkernels
 
-TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
-  m.impl("kl_div_pointwise", &kdkernels::kl_div_pointwise_cpu);
-}
+KDKERNELS_REGISTER_CPU_KERNEL(kl_div_pointwise_cpu);

@@ -22,9 +22,11 @@
 #include <vector>
 
 #include "../kdkernels.h"
+#include "dispatch.h"
 #include "vec_utils.h"
 
 namespace kdkernels {
+namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
 namespace {
 
 using cpu::acc_type_t;
@@ -199,8 +201,7 @@ std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cpu(const at::Tens
   return {loss, grad};
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kdkernels
 
-TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
-  m.impl("margin_partial_l2_elements", &kdkernels::margin_partial_l2_elements_cpu);
-}
+KDKERNELS_REGISTER_CPU_KERNEL(margin_partial_l2_elements_cpu);

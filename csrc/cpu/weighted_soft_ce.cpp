@@ -28,9 +28,11 @@
 #include <vector>
 
 #include "../kdkernels.h"
+#include "dispatch.h"
 #include "vec_utils.h"
 
 namespace kdkernels {
+namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
 namespace {
 
 using cpu::hmax;
@@ -361,6 +363,7 @@ TensorTriple weighted_soft_ce_rows_cpu(const at::Tensor& student, const at::Tens
   return {loss, grad_student, grad_teacher};
 }
 
-TORCH_LIBRARY_IMPL(kdkernels, CPU, m) { m.impl("weighted_soft_ce_rows", &weighted_soft_ce_rows_cpu); }
-
+}  // namespace CPU_CAPABILITY
 }  // namespace kdkernels
+
+KDKERNELS_REGISTER_CPU_KERNEL(weighted_soft_ce_rows_cpu);
