@@ -113,7 +113,7 @@ def measure(config: dict, candidates: dict, student, teacher, repeats: int) -> d
     for name, fn in list(live.items()):  # memory first (one run each), then it doubles as warm-up
         try:
             student.grad = None
-            results[name]["loss"] = float(fn(student, teacher))
+            results[name]["loss"] = float(fn(student, teacher).detach())
             results[name]["peak_extra_mib"] = H.cpu_peak_extra_bytes(lambda: fn(student, teacher).backward()) / MiB
         except (RuntimeError, MemoryError) as exc:
             results[name] = {"error": f"cannot allocate: {str(exc).splitlines()[0][:160]}"}
