@@ -17,6 +17,7 @@
 // repeatable bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <vector>
@@ -94,6 +95,9 @@ void pairwise_impl(const at::Tensor& student, const at::Tensor& teacher, double 
 
 TensorTriple pairwise_similarity_batches_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                              const at::Tensor& grad_scale, bool student_grad, bool teacher_grad) {
+  // The tiles go through at::mm: under autocast they would be cast to bf16/fp16 (losing the
+  // fp32/fp64 accumulation this kernel promises), so autocast is off inside the kernel.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3, "pairwise_similarity_batches: expected (B, N, C) features");
   TORCH_CHECK(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1),
               "pairwise_similarity_batches: student and teacher must share B and N");

@@ -19,6 +19,7 @@
 // G per thread, and one (B, D) buffer per thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <cmath>
@@ -118,6 +119,9 @@ void rkd_angle_impl(const at::Tensor& s, const at::Tensor& t, double grad_scale,
 
 TensorTriple rkd_angle_anchors_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& grad_scale,
                                    bool student_grad, bool teacher_grad) {
+  // The tiles go through at::mm: under autocast they would be cast to bf16/fp16 (losing the
+  // fp32/fp64 accumulation this kernel promises), so autocast is off inside the kernel.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, "rkd_angle_anchors: expected (B, D) embeddings");
   TORCH_CHECK(student.size(0) == teacher.size(0), "rkd_angle_anchors: student and teacher must share B");
   TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), "rkd_angle_anchors: CPU tensors");
