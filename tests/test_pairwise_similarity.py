@@ -254,3 +254,21 @@ def test_autocast_does_not_lower_the_fused_precision(device_backend):
     assert cast.dtype == torch.float32
     torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(cast_grad, plain_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_all_zero_nodes(device_backend):
+    # Post-ReLU maps have all-zero pixels: their unit vector is 0 (norm + 1e-8 in the denominator).
+    device, _ = device_backend
+    s = torch.relu(torch.randn(2, 4, 5, 6, dtype=torch.float64))
+    s[:, :, 1, :3] = 0
+    t = torch.randn(2, 7, 5, 6, dtype=torch.float64)
+    t[:, :, 2, 2] = 0
+    s = s.to(device, torch.float32).requires_grad_()
+    t = t.to(device, torch.float32)
+    loss = pairwise_similarity_loss(s, t)
+    (gs,) = torch.autograd.grad(loss, s)
+    s64 = s.detach().cpu().double().requires_grad_()
+    expected = direct_formula(s64, t.cpu().double()).mean()
+    (rs,) = torch.autograd.grad(expected, s64)
+    assert_close_to_reference(loss.detach().cpu(), expected.detach(), torch.float32, "loss")
+    assert_close_to_reference(gs.cpu(), rs, torch.float32, "student grad")
