@@ -272,3 +272,17 @@ def test_all_zero_nodes(device_backend):
     (rs,) = torch.autograd.grad(expected, s64)
     assert_close_to_reference(loss.detach().cpu(), expected.detach(), torch.float32, "loss")
     assert_close_to_reference(gs.cpu(), rs, torch.float32, "student grad")
+
+
+def test_compile_fullgraph_triton():
+    if "triton" not in kdkernels.backends.available("cpu"):
+        pytest.skip("Triton not runnable here")
+    s, t = _maps(2, 3, 6, 4, 5, "cpu")
+    t = t.detach()
+    with kdkernels.use_backend("triton"):
+        eager = pairwise_similarity_loss(s, t)
+        (eager_grad,) = torch.autograd.grad(eager, s)
+        compiled = torch.compile(pairwise_similarity_loss, fullgraph=True)(s, t)
+        (compiled_grad,) = torch.autograd.grad(compiled, s)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)

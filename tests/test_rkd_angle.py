@@ -255,3 +255,17 @@ def test_autocast_does_not_lower_the_fused_precision(device_backend):
     assert cast.dtype == torch.float32
     torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(cast_grad, plain_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_compile_fullgraph_triton():
+    if "triton" not in kdkernels.backends.available("cpu"):
+        pytest.skip("Triton not runnable here")
+    s, t = _embeddings(9, 5, 3, "cpu")
+    t = t.detach()
+    with kdkernels.use_backend("triton"):
+        eager = rkd_angle_loss(s, t)
+        (eager_grad,) = torch.autograd.grad(eager, s)
+        compiled = torch.compile(rkd_angle_loss, fullgraph=True)(s, t)
+        (compiled_grad,) = torch.autograd.grad(compiled, s)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
