@@ -58,4 +58,6 @@ TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("weighted_soft_ce_rows", KDKERNELS_CPU_DISPATCHER(weighted_soft_ce_rows_cpu));
   m.impl("margin_partial_l2_elements", KDKERNELS_CPU_DISPATCHER(margin_partial_l2_elements_cpu));
   m.impl("bounded_regression_rows", KDKERNELS_CPU_DISPATCHER(bounded_regression_rows_cpu));
+  m.impl("pairwise_similarity_batches", KDKERNELS_CPU_DISPATCHER(pairwise_similarity_batches_cpu));
+  m.impl("rkd_angle_anchors", KDKERNELS_CPU_DISPATCHER(rkd_angle_anchors_cpu));
 }

@@ -76,4 +76,10 @@ TORCH_LIBRARY(kdkernels, m) {
   m.def(
       "weighted_soft_ce_rows(Tensor student, Tensor teacher, Tensor? class_weight, Tensor? mask, float temperature, "
       "Tensor grad_scale, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "pairwise_similarity_batches(Tensor student, Tensor teacher, Tensor grad_scale, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "rkd_angle_anchors(Tensor student, Tensor teacher, Tensor grad_scale, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor, Tensor)");
 }

@@ -59,4 +59,12 @@ std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cuda(const at::Tensor
                                                                 const at::Tensor& grad_scale, bool reduce,
                                                                 bool student_grad);
 
+// pairwise_similarity_batches: student (B, N, Cs), teacher (B, N, Ct), any strides and dtypes.
+TensorTriple pairwise_similarity_batches_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                             const at::Tensor& grad_scale, bool student_grad, bool teacher_grad);
+
+// rkd_angle_anchors: student (B, Ds), teacher (B, Dt), any strides and dtypes.
+TensorTriple rkd_angle_anchors_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& grad_scale,
+                                   bool student_grad, bool teacher_grad);
+
 }  // namespace kdkernels

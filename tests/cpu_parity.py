@@ -70,6 +70,8 @@ def cases() -> list[tuple[str, object, list[torch.Tensor], int]]:
         ("weighted_soft_ce channels", lambda s, t: KF.weighted_soft_ce(s, t, dim=1), [randn(2, 19, 4, 9), randn(2, 19, 4, 9)], 1),
         ("margin_partial_l2", lambda s, t: KF.margin_partial_l2(s, t, margin.to(s.dtype)), [randn(2, 16, 5, 7), randn(2, 16, 5, 7)], 1),
         ("bounded_regression", lambda s, t, y: KF.bounded_regression(s, t, y, margin=0.5), [randn(33, 4), randn(33, 4), randn(33, 4)], 1),
+        ("pairwise_similarity", KF.pairwise_similarity_loss, [randn(2, 6, 5, 7), randn(2, 9, 5, 7)], 2),
+        ("rkd_angle", KF.rkd_angle_loss, [randn(13, 10), randn(13, 6)], 2),
     ]
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from kdkernels.distill.capture import SpecLike
 from kdkernels.distill.method import Method, check_weight, full_precision
+from kdkernels.functional.rkd_angle import rkd_angle_loss  # tiled: no N³ tensor
 
 
 def pairwise_distance(embedding: torch.Tensor) -> torch.Tensor:
@@ -36,15 +37,6 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     t = _over_mean_nonzero(pairwise_distance(teacher.detach()))
     s = _over_mean_nonzero(pairwise_distance(student))
     return F.smooth_l1_loss(s, t)
-
-
-def _angles(embedding: torch.Tensor) -> torch.Tensor:
-    e = F.normalize(embedding.unsqueeze(0) - embedding.unsqueeze(1), p=2, dim=2)  # e[j, i] = unit(t_i − t_j)
-    return torch.bmm(e, e.transpose(1, 2)).flatten()
-
-
-def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return F.smooth_l1_loss(_angles(student), _angles(teacher.detach()))
 
 
 class RKD(Method):
@@ -90,5 +82,5 @@ class RKD(Method):
         if self.distance_weight:
             losses["distance"] = self.distance_weight * rkd_distance_loss(s, t)
         if self.angle_weight:
-            losses["angle"] = self.angle_weight * rkd_angle_loss(s, t)
+            losses["angle"] = self.angle_weight * rkd_angle_loss(s, t.detach())
         return losses

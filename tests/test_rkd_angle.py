@@ -1,0 +1,271 @@
+"""RKD angle loss (Park et al. 2019) without the B³ tensor: every backend against the float64
+triple-by-triple formula of the official RKdAngle, written out here independently."""
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels.functional.rkd_angle import rkd_angle_loss
+from kdkernels.nn.rkd_angle import RKDAngleLoss
+from kdkernels.ops.reference.rkd_angle import rkd_angle_reference
+from tests.conftest import FUSED
+from tests.helpers import assert_close_to_reference
+
+CASES = FUSED + [("cpu", "torch")]
+
+
+@pytest.fixture(params=CASES, ids=[f"{d}-{b}" for d, b in CASES])
+def device_backend(request):
+    device, backend = request.param
+    with kdkernels.use_backend(backend):
+        yield torch.device(device), backend
+
+
+def direct_formula(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over all ordered triples (i, j, k) of huber(⟨e_ij, e_kj⟩_s − ⟨e_ij, e_kj⟩_t) in float64,
+    e_ij = (x_i − x_j) / max(‖x_i − x_j‖, 1e-12): anchor by anchor, Huber spelled out."""
+
+    def angles(x, j):
+        diff = x.double() - x[j].double()
+        unit = diff / diff.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return unit @ unit.t()
+
+    b = student.shape[0]
+    total = 0.0
+    for j in range(b):
+        d = angles(student, j) - angles(teacher, j)
+        total = total + torch.where(d.abs() < 1, 0.5 * d * d, d.abs() - 0.5).sum()
+    return total / b**3
+
+
+def _embeddings(b, ds, dt, device, dtype=torch.float32, duplicates=False):
+    s = torch.randn(b, ds, dtype=torch.float64)
+    t = torch.randn(b, dt, dtype=torch.float64)
+    if duplicates and b > 5:
+        # Repeated embeddings (zero differences: F.normalize sends them to 0): in both, in the
+        # student only, in the teacher only.
+        s[1], t[1] = s[0], t[0]
+        s[5] = s[4]
+        t[3] = t[2]
+    return s.to(device, dtype).requires_grad_(), t.to(device, dtype).requires_grad_()
+
+
+# (B, Ds, Dt): one sample (all triples degenerate), two, equal and differing widths, B above one
+# 16/32-row Triton tile, D above 128 with a tail, and B above the C++ 256-row tile (cpu only).
+SHAPES = [(1, 4, 4), (2, 3, 5), (7, 8, 8), (37, 5, 19), (20, 130, 3), (300, 6, 4)]
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_values_and_gradients_match_the_float64_formula(device_backend, shape, duplicates):
+    device, backend = device_backend
+    if shape[0] > 100 and backend != "cpu":
+        pytest.skip("B above the C++ tile: the cpu backend's tiling (eager and interpreted Triton are slow here)")
+    s, t = _embeddings(*shape, device, duplicates=duplicates)
+    loss = rkd_angle_loss(s, t)
+    s64 = s.detach().cpu().double().requires_grad_()
+    t64 = t.detach().cpu().double().requires_grad_()
+    expected = direct_formula(s64, t64)
+    assert loss.dtype == torch.float32
+    assert_close_to_reference(loss.detach().cpu(), expected.detach(), torch.float32, "loss")
+    if duplicates:
+        return  # gradients through F.normalize's clamp are ×1e12: compared in float64 below
+    gs, gt = torch.autograd.grad(loss * 3.0, (s, t))
+    rs, rt = torch.autograd.grad(expected * 3.0, (s64, t64))
+    assert_close_to_reference(gs.cpu(), rs, torch.float32, "student grad")
+    assert_close_to_reference(gt.cpu(), rt, torch.float32, "teacher grad")
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_float64_values_and_gradients(device_backend, duplicates):
+    device, _ = device_backend
+    s, t = _embeddings(19, 6, 9, device, torch.float64, duplicates=duplicates)
+    loss = rkd_angle_loss(s, t)
+    assert loss.dtype == torch.float64
+    gs, gt = torch.autograd.grad(loss, (s, t))
+    s64, t64 = s.detach().cpu().requires_grad_(), t.detach().cpu().requires_grad_()
+    expected = direct_formula(s64, t64)
+    rs, rt = torch.autograd.grad(expected, (s64, t64))
+    assert_close_to_reference(loss.detach().cpu(), expected.detach(), torch.float64, "loss")
+    if duplicates:
+        # Terms of order 1e12 · 1/B³ cancel between the anchors' contributions: relative rounding.
+        assert rs.abs().max() > 1e6 and rt.abs().max() > 1e6  # the clamp's huge (official) gradient
+        for got, want, name in ((gs, rs, "student"), (gt, rt, "teacher")):
+            err = (got.cpu() - want).abs().max() / want.abs().max()
+            assert err < 1e-6, f"{name} grad: relative error {err:.2e}"
+    else:
+        assert_close_to_reference(gs.cpu(), rs, torch.float64, "student grad")
+        assert_close_to_reference(gt.cpu(), rt, torch.float64, "teacher grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs(device_backend, dtype):
+    device, _ = device_backend
+    s, t = _embeddings(9, 8, 5, device, dtype)
+    loss = rkd_angle_loss(s, t)
+    (gs,) = torch.autograd.grad(loss, s)
+    assert loss.dtype == torch.float32 and gs.dtype == dtype
+    s64 = s.detach().cpu().double().requires_grad_()
+    expected = direct_formula(s64, t.detach().cpu().double())
+    (rs,) = torch.autograd.grad(expected, s64)
+    assert_close_to_reference(loss.detach().cpu(), expected.detach(), dtype, "loss")
+    assert_close_to_reference(gs.cpu(), rs, dtype, "student grad")
+
+
+def test_huber_both_branches_are_exercised():
+    # Angles lie in [-1, 1], so differences reach beyond 1 only for opposed geometry: the test data
+    # must contain |d| >= 1 triples or the linear branch of the Huber would go untested.
+    s, t = _embeddings(37, 5, 19, "cpu", torch.float64)
+    diffs = []
+    for j in range(37):
+        es = torch.nn.functional.normalize(s.detach() - s.detach()[j], dim=1)
+        et = torch.nn.functional.normalize(t.detach() - t.detach()[j], dim=1)
+        diffs.append((es @ es.t() - et @ et.t()).abs())
+    d = torch.stack(diffs)
+    assert (d > 1).any() and (d < 1).any()
+
+
+def test_scale_and_rotation_invariance(device_backend):
+    device, _ = device_backend
+    s, t = _embeddings(11, 6, 6, device)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    moved = (2.5 * t.detach().double().cpu() @ q + 1.0).to(device, torch.float32)
+    torch.testing.assert_close(rkd_angle_loss(s, moved), rkd_angle_loss(s, t.detach()), rtol=1e-4, atol=1e-6)
+    zero = rkd_angle_loss(t.detach(), moved)
+    assert zero.abs().item() < 1e-6
+
+
+def test_detached_teacher_gets_no_gradient(device_backend):
+    device, _ = device_backend
+    s, t = _embeddings(6, 4, 4, device)
+    rkd_angle_loss(s, t.detach()).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_gradcheck_float64():
+    s, t = _embeddings(5, 3, 4, "cpu", torch.float64)
+    for backend in ("cpu", "torch"):
+        with kdkernels.use_backend(backend):
+            assert torch.autograd.gradcheck(rkd_angle_loss, (s, t))
+
+
+def test_gradcheck_float64_triton():
+    if "triton" not in kdkernels.backends.available("cpu"):
+        pytest.skip("Triton not runnable here")
+    s, t = _embeddings(4, 3, 2, "cpu", torch.float64)
+    with kdkernels.use_backend("triton"):
+        assert torch.autograd.gradcheck(rkd_angle_loss, (s, t))
+
+
+def test_opcheck():
+    s, t = _embeddings(6, 4, 5, "cpu")
+    op = torch.ops.kdkernels.rkd_angle
+    torch.library.opcheck(op, (s, t.detach(), True, False, "cpu"))
+    torch.library.opcheck(op, (s, t, True, True, "cpu"))
+    torch.library.opcheck(
+        torch.ops.kdkernels.rkd_angle_anchors, (s.detach(), t.detach(), torch.full((1,), 0.5), True, True)
+    )
+
+
+@pytest.mark.gpu
+def test_opcheck_triton():
+    s, t = _embeddings(6, 4, 5, "cuda")
+    torch.library.opcheck(
+        torch.ops.kdkernels.rkd_angle_anchors_triton,
+        (s.detach(), t.detach(), torch.full((1,), 0.5, device="cuda"), True, True),
+    )
+    torch.library.opcheck(torch.ops.kdkernels.rkd_angle, (s, t.detach(), True, False, "triton"))
+
+
+def test_compile_fullgraph_matches_eager():
+    s, t = _embeddings(9, 5, 7, "cpu")
+    t = t.detach()
+
+    def step(a, b):
+        return rkd_angle_loss(a, b) * 50.0
+
+    with kdkernels.use_backend("cpu"):
+        eager = step(s, t)
+        (eager_grad,) = torch.autograd.grad(eager, s)
+        compiled = torch.compile(step, fullgraph=True)(s, t)
+        (compiled_grad,) = torch.autograd.grad(compiled, s)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_retain_graph_backward_twice():
+    s, t = _embeddings(6, 4, 4, "cpu")
+    with kdkernels.use_backend("cpu"):
+        loss = rkd_angle_loss(s, t.detach()) * 2.0
+        (first,) = torch.autograd.grad(loss, s, retain_graph=True)
+        (second,) = torch.autograd.grad(loss, s)
+    torch.testing.assert_close(first, second)
+
+
+def test_double_backward_is_refused_on_fused_backends_and_works_on_torch():
+    s, t = _embeddings(5, 3, 3, "cpu", torch.float64)
+    with kdkernels.use_backend("cpu"):
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(rkd_angle_loss(s, t), s, create_graph=True)
+    with kdkernels.use_backend("torch"):
+        (g,) = torch.autograd.grad(rkd_angle_loss(s, t), s, create_graph=True)
+        g.sum().backward()
+    assert s.grad is not None
+
+
+def test_module_and_reference():
+    s, t = _embeddings(6, 4, 5, "cpu")
+    torch.testing.assert_close(RKDAngleLoss()(s, t), rkd_angle_loss(s, t))
+    with kdkernels.use_backend("torch"):
+        torch.testing.assert_close(rkd_angle_loss(s, t), rkd_angle_reference(s, t))
+
+
+def _bad_inputs():
+    s, t = torch.randn(6, 4), torch.randn(6, 5)
+    return [
+        ("list", (s.tolist(), t), TypeError, "student_emb"),
+        ("int-teacher", (s, t.long()), TypeError, "teacher_emb"),
+        ("3d-student", (s.unsqueeze(0), t), ValueError, "student_emb"),
+        ("1d-teacher", (s, t[0]), ValueError, "teacher_emb"),
+        ("batch-mismatch", (s, t[:5]), ValueError, "teacher_emb"),
+        ("device", (s, t.to("meta")), ValueError, "teacher_emb"),
+        ("empty-batch", (s[:0], t[:0]), ValueError, "student_emb"),
+        ("empty-width", (s, t[:, :0]), ValueError, "teacher_emb"),
+        ("sparse", (s.to_sparse(), t), TypeError, "student_emb"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda c: c[0])
+def test_bad_inputs_name_the_argument(case):
+    _, args, error, name = case
+    with pytest.raises(error, match=name):
+        rkd_angle_loss(*args)
+
+
+def test_autocast_does_not_lower_the_fused_precision(device_backend):
+    device, backend = device_backend
+    if backend == "torch":
+        pytest.skip("the eager formula follows autocast (its bmm runs in bf16)")
+    s, t = _embeddings(12, 6, 5, device)
+    plain = rkd_angle_loss(s, t.detach())
+    (plain_grad,) = torch.autograd.grad(plain, s)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        cast = rkd_angle_loss(s, t.detach())
+    (cast_grad,) = torch.autograd.grad(cast, s)
+    assert cast.dtype == torch.float32
+    torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(cast_grad, plain_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_compile_fullgraph_triton():
+    if "triton" not in kdkernels.backends.available("cpu"):
+        pytest.skip("Triton not runnable here")
+    s, t = _embeddings(9, 5, 3, "cpu")
+    t = t.detach()
+    with kdkernels.use_backend("triton"):
+        eager = rkd_angle_loss(s, t)
+        (eager_grad,) = torch.autograd.grad(eager, s)
+        compiled = torch.compile(rkd_angle_loss, fullgraph=True)(s, t)
+        (compiled_grad,) = torch.autograd.grad(compiled, s)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
