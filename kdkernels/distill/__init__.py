@@ -28,9 +28,14 @@ from kdkernels.distill.methods import (
     FeatureMapTransfer,
     FitNets,
     HintonKD,
+    LayerwiseTransferSchedule,
+    MeanVarianceTransfer,
+    PretrainingDistillation,
     SimilarityPreserving,
     hint_parameters,
+    progressive_transfer_losses,
 )
+from kdkernels.distill.netaug import NetAug, Supernet
 from kdkernels.distill.schemes import (
     BYOT,
     BornAgainEnsemble,
@@ -54,12 +59,18 @@ __all__ = [
     "FeatureSpec",
     "FitNets",
     "HintonKD",
+    "LayerwiseTransferSchedule",
+    "MeanVarianceTransfer",
     "Method",
     "MutualLearning",
+    "NetAug",
+    "PretrainingDistillation",
     "SimilarityPreserving",
+    "Supernet",
     "born_again",
     "connectors",
     "find_module",
     "hint_parameters",
+    "progressive_transfer_losses",
     "unwrap",
 ]
