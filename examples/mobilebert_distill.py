@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import pathlib
 import sysconfig
 import time
