@@ -109,8 +109,9 @@ class FeatureMapTransfer(_LayerwiseMethod):
     of equal width (student and teacher share the inter-block width).
 
     Args: student_layers, teacher_layers (one path or equal-length lists); weight (100, the README's
-    ``hidden_distill_factor``, tuned for BERT-large-sized 24-layer, 512-wide hidden states; the term
-    is O(1) per layer, a mean over standardised entries, so the weight does not depend on width).
+    ``hidden_distill_factor``, tuned for the 24-layer, 512-wide IB-BERT teacher and MobileBERT; the
+    MSE of two standardised vectors is at most 4 per layer whatever the width, so the weight does
+    not depend on the hidden size).
     """
 
     name = "feature_map_transfer"
@@ -130,8 +131,9 @@ class AttentionDistributionTransfer(_LayerwiseMethod):
     """MobileBERT attention transfer: Σ_ℓ g_ℓ · mean_{b,h,q} CE(softmax(A_ℓᵗ), softmax(A_ℓˢ)) / L.
 
     Args: student_layers, teacher_layers: pre-softmax scores (B, heads, queries, keys), equal shapes;
-    weight (1, the README's ``attention_distill_factor``; the CE per row is at most log(keys), so
-    the term grows with the log of the sequence length).
+    weight (1, the README's ``attention_distill_factor``, tuned for MobileBERT's 24 layers of 4 heads;
+    per query row the CE is the teacher's entropy, at most log(keys), plus the KL, so the term grows
+    with the log of the sequence length).
     """
 
     name = "attention_distribution_transfer"
@@ -157,9 +159,9 @@ class MeanVarianceTransfer(_LayerwiseMethod):
     style). Returns ``{"mean": …, "variance": …}``; the method's ``weight`` multiplies both.
 
     Defaults: ``mean_weight=5000`` (README ``beta_distill_factor``) and ``variance_weight=5``
-    (``gamma_distill_factor``), tuned for the 24-layer, 512-wide IB-BERT teacher whose token means
-    are O(10⁻²): the mean term grows with the square of the mean gap, the variance term linearly
-    with the variance gap (and so with the square of the activations' scale).
+    (``gamma_distill_factor``), tuned for the 24-layer, 512-wide IB-BERT teacher and MobileBERT:
+    the mean term grows with the square of the gap between token means, the variance term
+    linearly with the gap between token variances (so with the square of the activations' scale).
 
     ``official_teacher_statistics_bug=True`` reproduces google-research's code, which computes the
     teacher statistics on ``teacher_hiddens`` (the whole list of hidden states) instead of the
