@@ -255,10 +255,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--ffns", type=int, default=2, help="student's stacked FFNs per layer (MobileBERT: 4)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--teacher-steps", type=int, default=3000)
+    parser.add_argument("--teacher-steps", type=int, default=4000)
     parser.add_argument("--stage1-steps", type=int, default=600)
     parser.add_argument("--stage2-steps", type=int, default=1200)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="the students' learning rate")
+    parser.add_argument("--teacher-lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (more than 1 is slower on a busy machine)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("examples/out/mobilebert"))
@@ -282,7 +283,7 @@ def main(argv=None) -> dict:
     results = {}
     with tqdm(total=total_steps, desc="mobilebert example", unit="step") as progress:
         teacher = build("teacher", args, vocab_size, args.seed)
-        train_mlm(teacher, Batches(train, args, vocab_size, mask_id, args.seed), args.teacher_steps, args.lr, progress, "teacher")
+        train_mlm(teacher, Batches(train, args, vocab_size, mask_id, args.seed), args.teacher_steps, args.teacher_lr, progress, "teacher")
         teacher.requires_grad_(False)
         results["teacher (BERT, MLM)"] = evaluate(teacher, test_inputs, test_labels, args.batch)
 
