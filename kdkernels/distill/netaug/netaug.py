@@ -52,9 +52,10 @@ class NetAug(nn.Module):
     Paper: Cai et al., ICLR 2022. Loss per step: ``L(W_base) + α·L([W_base, W_aug])`` with α = 1
     (``aug_weight``; the official code's implicit weight: the two gradients are accumulated) and
     ``L`` the CE with label smoothing 0.1 (override with ``loss_fn``). The augmented term is a
-    second full task loss, so at α = 1 the gradient on the shared weights is roughly doubled
-    compared with plain training: the official recipe keeps the plain-training learning rate
-    (base_lr 0.025 per GPU, batch 128, wd 4e-5, 150 + 5 warm-up epochs at 160 px, ImageNet).
+    second full task loss, so the gradient on the base weights is the sum of two task-loss
+    gradients (at α = 1 about twice that of plain training); α was not tuned in the paper's code,
+    whose recipe is ImageNet at 160 px, base_lr 0.025 per GPU, batch 128, wd 4e-5, 150 + 5
+    warm-up epochs.
 
     Args:
         model: the base network (MobileNetV2-style; see :class:`Supernet`), or a ready ``Supernet``.
