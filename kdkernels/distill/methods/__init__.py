@@ -8,7 +8,10 @@ from kdkernels.distill.methods.hinton_kd import HintonKD
 from kdkernels.distill.methods.mobilebert import (
     AttentionDistributionTransfer,
     FeatureMapTransfer,
+    MeanVarianceTransfer,
 )
+from kdkernels.distill.methods.mobilebert_pretraining import PretrainingDistillation
+from kdkernels.distill.methods.mobilebert_progressive import LayerwiseTransferSchedule, progressive_transfer_losses
 from kdkernels.distill.methods.ofd import OFD
 from kdkernels.distill.methods.rkd import RKD
 from kdkernels.distill.methods.similarity_preserving import SimilarityPreserving
@@ -21,8 +24,12 @@ __all__ = [
     "FeatureMapTransfer",
     "FitNets",
     "HintonKD",
+    "LayerwiseTransferSchedule",
+    "MeanVarianceTransfer",
     "OFD",
+    "PretrainingDistillation",
     "RKD",
     "SimilarityPreserving",
     "hint_parameters",
+    "progressive_transfer_losses",
 ]
