@@ -14,7 +14,14 @@ Pieces: :class:`FeatureCapture` (forward hooks by dotted path), connectors, :cla
 born-again).
 """
 
-from kdkernels.distill import connectors
+from kdkernels.distill import connectors, discriminators
+from kdkernels.distill.adversarial import (
+    AdversarialMethod,
+    AdversarialTrainer,
+    discriminator_parameters,
+    generator_parameters,
+    gradient_penalty,
+)
 from kdkernels.distill.capture import FeatureCapture, FeatureSpec, find_module, unwrap
 from kdkernels.distill.distiller import Distiller, DistillOutput
 from kdkernels.distill.method import Method
@@ -27,8 +34,13 @@ from kdkernels.distill.methods import (
     CrossEntropy,
     FeatureMapTransfer,
     FitNets,
+    GANCompressionDistillation,
     HintonKD,
+    HolisticDistillation,
+    PairWiseDistillation,
+    PixelWiseDistillation,
     SimilarityPreserving,
+    StructuredKD,
     hint_parameters,
 )
 from kdkernels.distill.schemes import (
@@ -43,6 +55,8 @@ __all__ = [
     "FSP",
     "OFD",
     "RKD",
+    "AdversarialMethod",
+    "AdversarialTrainer",
     "AttentionDistributionTransfer",
     "AttentionTransfer",
     "BornAgainEnsemble",
@@ -53,13 +67,22 @@ __all__ = [
     "FeatureMapTransfer",
     "FeatureSpec",
     "FitNets",
+    "GANCompressionDistillation",
     "HintonKD",
+    "HolisticDistillation",
     "Method",
     "MutualLearning",
+    "PairWiseDistillation",
+    "PixelWiseDistillation",
     "SimilarityPreserving",
+    "StructuredKD",
     "born_again",
     "connectors",
+    "discriminator_parameters",
+    "discriminators",
     "find_module",
+    "generator_parameters",
+    "gradient_penalty",
     "hint_parameters",
     "unwrap",
 ]
