@@ -39,6 +39,11 @@ from kdkernels.distill.method import Method
 ORDERS = ("generator_first", "discriminator_first")
 
 
+def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 (autocast outputs) → fp32 for the loss means; fp32 and fp64 unchanged."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def call_with_frozen_parameters(module: nn.Module, *args: Any) -> Any:
     """``module(*args)`` with every parameter detached: gradients reach ``args`` but not the
     parameters (the discriminator in the student's step). Buffers are the module's own, so
@@ -71,8 +76,7 @@ def gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.T
     with torch.enable_grad():
         score = discriminator(mixed)
         (grad,) = torch.autograd.grad(score.sum(), mixed, create_graph=True)
-    accumulate = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
-    norm = torch.linalg.vector_norm(grad.reshape(batch, -1), dim=1, dtype=accumulate)
+    norm = torch.linalg.vector_norm(at_least_fp32(grad.reshape(batch, -1)), dim=1)
     return (norm - 1).pow(2).mean()
 
 
@@ -357,6 +361,7 @@ __all__ = [
     "AdversarialTrainer",
     "DiscriminatorStep",
     "adversarial_methods",
+    "at_least_fp32",
     "call_with_frozen_parameters",
     "discriminator_parameters",
     "generator_parameters",

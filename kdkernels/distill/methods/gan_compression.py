@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdkernels.distill.adversarial import AdversarialMethod
+from kdkernels.distill.adversarial import AdversarialMethod, at_least_fp32
 from kdkernels.distill.capture import FeatureSpec, SpecLike
 from kdkernels.distill.connectors import Conv1x1
 from kdkernels.distill.discriminators import PatchDiscriminator
@@ -54,7 +54,7 @@ MODEL_INPUT = FeatureSpec("", on="input")
 
 def generator_gan_loss(prediction: torch.Tensor, gan_mode: str) -> torch.Tensor:
     """The student's cGAN term on D(fake) (target "real")."""
-    prediction = prediction.float()  # fp32 means under autocast
+    prediction = at_least_fp32(prediction)
     if gan_mode == "hinge":
         return -prediction.mean()
     return F.mse_loss(prediction, torch.ones_like(prediction))
@@ -62,7 +62,7 @@ def generator_gan_loss(prediction: torch.Tensor, gan_mode: str) -> torch.Tensor:
 
 def discriminator_gan_loss(prediction: torch.Tensor, real: bool, gan_mode: str) -> torch.Tensor:
     """The discriminator's cGAN term on D(real) or D(fake)."""
-    prediction = prediction.float()
+    prediction = at_least_fp32(prediction)
     if gan_mode == "hinge":
         return F.relu(1 - prediction).mean() if real else F.relu(1 + prediction).mean()
     return F.mse_loss(prediction, torch.full_like(prediction, 1.0 if real else 0.0))

@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from kdkernels.distill.adversarial import AdversarialMethod, gradient_penalty
+from kdkernels.distill.adversarial import AdversarialMethod, at_least_fp32, gradient_penalty
 from kdkernels.distill.capture import FeatureSpec, SpecLike
 from kdkernels.distill.discriminators import SAGANDiscriminator
 from kdkernels.distill.method import Method, check_same_shape, check_weight, full_precision
@@ -105,10 +105,8 @@ def pair_wise_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor,
             "must share batch and spatial size (channels may differ)"
         )
 
-    def upcast(t: torch.Tensor) -> torch.Tensor:
-        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-    s, t = upcast(pool_to_grid(student_feature, pool_scale)), upcast(pool_to_grid(teacher_feature.detach(), pool_scale))
+    s = at_least_fp32(pool_to_grid(student_feature, pool_scale))
+    t = at_least_fp32(pool_to_grid(teacher_feature.detach(), pool_scale))
     with full_precision(s):  # the similarity matmuls stay in fp32 under bf16/fp16 autocast
         return _pairwise_similarity(s, t)
 
@@ -224,12 +222,12 @@ class HolisticDistillation(AdversarialMethod):
         return F.interpolate(image.to(scores.dtype), size=scores.shape[-2:], mode="bilinear", align_corners=False)
 
     def generator_adversarial_loss(self, fake, condition):
-        return -self.frozen_discriminator(self.discriminator_input(fake, condition)).float().mean()
+        return -at_least_fp32(self.frozen_discriminator(self.discriminator_input(fake, condition))).mean()
 
     def discriminator_loss(self, fake, real, condition):
         fake_in = self.discriminator_input(fake.detach(), condition)
         real_in = self.discriminator_input(real.detach(), condition)
-        wasserstein = -self.discriminator(real_in).float().mean() + self.discriminator(fake_in).float().mean()
+        wasserstein = -at_least_fp32(self.discriminator(real_in)).mean() + at_least_fp32(self.discriminator(fake_in)).mean()
         losses = {"discriminator": self.weight * wasserstein}
         if self.gradient_penalty_weight:
             losses["gradient_penalty"] = self.weight * self.gradient_penalty_weight * gradient_penalty(self.discriminator, real_in, fake_in)
