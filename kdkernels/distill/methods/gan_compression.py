@@ -69,7 +69,7 @@ def discriminator_gan_loss(prediction: torch.Tensor, real: bool, gan_mode: str) 
 
 
 def _channel_list(name: str, value, count: int) -> list[int]:
-    values = [value] if isinstance(value, int) else list(value)
+    values = [value] * count if isinstance(value, int) else list(value)
     if len(values) != count:
         raise ValueError(f"gan_compression: {name}: expected one per distilled layer ({count}), got {len(values)}")
     return values
