@@ -57,12 +57,12 @@ def make_shapes(count: int, size: int, seed: int) -> tuple[torch.Tensor, torch.T
     images = torch.empty(count, 3, size, size)
     labels = torch.zeros(count, size, size, dtype=torch.long)
     for n in range(count):
-        # Background: a random colour gradient plus blotchy noise.
-        a, b = u(3, 1, 1), u(3, 1, 1)
+        # Background: a dim random colour gradient plus blotchy noise; shapes are brighter.
+        a, b = 0.35 * u(3, 1, 1), 0.35 * u(3, 1, 1)
         direction = u(1) * 2 * math.pi
         ramp = (torch.cos(direction) * xs + torch.sin(direction) * ys) / size
         blotches = F.interpolate(u(1, 3, size // 8, size // 8), size=(size, size), mode="bilinear", align_corners=False)[0]
-        image = a + (b - a) * ramp + 0.4 * (blotches - 0.5)
+        image = a + (b - a) * ramp + 0.2 * (blotches - 0.5)
         label = torch.zeros(size, size, dtype=torch.long)
         for _ in range(int(u(1) * 4) + 1):
             kind = int(u(1) * 3) + 1
@@ -78,7 +78,7 @@ def make_shapes(count: int, size: int, seed: int) -> tuple[torch.Tensor, torch.T
                 mask = (ry.abs() <= r * 0.85) & (rx.abs() <= r * 0.85)
             else:  # an upright equilateral-ish triangle
                 mask = (dy <= r * 0.6) & (dy >= -r) & (dx.abs() <= (dy + r) * 0.62)
-            colour = u(3, 1, 1)
+            colour = 0.45 + 0.55 * u(3, 1, 1)
             image = torch.where(mask, colour + 0.08 * (u(3, size, size) - 0.5), image)
             label[mask] = kind
         images[n] = (image.clamp(0, 1) + 0.05 * torch.randn(3, size, size, generator=g)) * 2 - 1
@@ -161,7 +161,7 @@ def progress(iterable, total: int, desc: str, quiet: bool):
 def train_teacher(images, labels, steps: int, batch: int, quiet: bool) -> nn.Module:
     torch.manual_seed(0)
     teacher = make_teacher()
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=2e-3, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=5e-3, weight_decay=1e-4)
     teacher.train()
     for idx in progress(batches(len(images), batch, steps, seed=0), steps, "teacher", quiet):
         optimizer.zero_grad(set_to_none=True)
@@ -181,7 +181,7 @@ def train_student(variant: str, teacher, images, labels, steps: int, batch: int,
             StructuredKD(SCORES, SCORES, FEATURE, FEATURE, num_classes=len(CLASSES), discriminator_conv_dim=32, discriminator_depth=depth, **VARIANTS[variant])
         )
     distiller = Distiller(student, teacher, methods)
-    optimizer = torch.optim.AdamW(generator_parameters(distiller), lr=2e-3, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(generator_parameters(distiller), lr=5e-3, weight_decay=1e-4)
     adversarial = VARIANTS[variant].get("holistic_weight", 0.0) > 0
     trainer = AdversarialTrainer(distiller, optimizer) if adversarial else None
     distiller.train()
@@ -230,8 +230,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--teacher-images", type=int, default=2000)
     parser.add_argument("--student-images", type=int, default=96, help="the student's small labelled set")
     parser.add_argument("--test-images", type=int, default=300)
-    parser.add_argument("--teacher-steps", type=int, default=1000)
-    parser.add_argument("--student-steps", type=int, default=300)
+    parser.add_argument("--teacher-steps", type=int, default=800)
+    parser.add_argument("--student-steps", type=int, default=250)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("examples/out/segmentation_kd"))

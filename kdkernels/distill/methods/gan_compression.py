@@ -76,8 +76,13 @@ def _channel_list(name: str, value, count: int) -> list[int]:
 
 
 class GANCompressionDistillation(AdversarialMethod):
-    """GAN Compression: distilled activations, reconstruction and the cGAN loss of the student
-    generator; owns the discriminator (see the module docstring).
+    """GAN Compression (Li et al., CVPR 2020): L_G = λ_gan L_cGAN + λ_recon L_recon +
+    λ_distill Σ_k MSE(f_k(G'_k(x)), G_k(x)) for the student generator, L_D = ½ (L_D,fake + L_D,real)
+    for the discriminator it owns (details in the module docstring).
+
+    Defaults (λ_recon = 100, λ_distill = 1, λ_gan = 1, hinge, D Adam 2e-4, β₁ = 0.5) were tuned on
+    pix2pix/CycleGAN datasets at 256², batch 1–4, ResNet generators ngf 64 → 48/32. Every term is
+    an element mean: none grows with batch or image size; the distill sum grows with the layers.
 
     The distiller is called as ``distiller(x, target)``: ``target`` is the ground-truth output
     for paired data and an image of the target domain (the discriminator's "real") for unpaired

@@ -118,7 +118,12 @@ def _check_pool_scale(pool_scale) -> float:
 
 
 class PixelWiseDistillation(Method):
-    """Structured KD's pixel-wise term ℓ_pi alone (see the module docstring).
+    """Structured KD's pixel-wise term alone (Liu et al., CVPR 2019):
+    ℓ_pi = (1/HW) Σ_b Σ_i −Σ_c q^t log q^s, T = 1, through the fused ``weighted_soft_ce``.
+
+    λ_pi = 10 was tuned on Cityscapes with 19-class 64 × 64 score maps and batch 8. ℓ_pi is a
+    sum over the batch: it grows linearly with the (per-process, under DDP) batch size, not with
+    the map size; scale λ_pi by 8 / batch to keep the official balance against a mean CE.
 
     Args:
         student_layer, teacher_layer: the (B, C, H, W) score maps (e.g. the segmentation head's
@@ -137,7 +142,12 @@ class PixelWiseDistillation(Method):
 
 
 class PairWiseDistillation(Method):
-    """Structured KD's pair-wise term ℓ_pa alone (see the module docstring).
+    """Structured KD's pair-wise term alone (Liu et al., CVPR 2019): features max-pooled to a
+    grid of N nodes, a_ij = cosine similarity with detached norms,
+    ℓ_pa = (1/B) Σ_b (1/N²) Σ_ij (a^s_ij − a^t_ij)².
+
+    λ_pa = 1.0 was tuned on Cityscapes with 512-channel 64 × 64 PSP features pooled to 2 × 2,
+    batch 8. ℓ_pa is a mean in [0, 4]: independent of batch, channels and map size.
 
     Args:
         student_layer, teacher_layer: (B, C, H, W) features of one spatial size (the released
@@ -157,7 +167,12 @@ class PairWiseDistillation(Method):
 
 
 class HolisticDistillation(AdversarialMethod):
-    """Structured KD's holistic term alone: a WGAN-GP critic on score maps (see the module docstring).
+    """Structured KD's holistic term alone (Liu et al., CVPR 2019): a WGAN-GP critic D on score maps,
+    L_G = −λ_d E D(Q_s), L_D = λ_d [−E D(Q_t) + E D(Q_s)] + λ_d λ_gp E (‖∇D(x̂)‖₂ − 1)².
+
+    λ_d = 0.1 and λ_gp = 10 were tuned on Cityscapes (19-class 64 × 64 score maps, batch 8, D lr
+    4e-4). Both terms are means over batch and D's output positions: they do not grow with the
+    batch; they scale with D's output magnitude, which the gradient penalty keeps near 1-Lipschitz.
 
     Returns ``{"adversarial": −E D(Q_s)}`` to the distiller (which multiplies by ``weight`` = λ_d);
     the discriminator loss is ``{"discriminator": λ_d[−E D(Q_t) + E D(Q_s)], "gradient_penalty":
@@ -246,7 +261,12 @@ class HolisticDistillation(AdversarialMethod):
 
 
 class StructuredKD(AdversarialMethod):
-    """Structured KD: pixel-wise + pair-wise + holistic (see the module docstring).
+    """Structured KD (Liu et al., CVPR 2019): λ_pi ℓ_pi + λ_pa ℓ_pa − λ_d E D(Q_s) for the student,
+    the WGAN-GP loss for the discriminator (formulas in the module docstring).
+
+    Defaults (10, 1.0, 0.1, λ_gp = 10) are the official ones, tuned on Cityscapes with PSPNet
+    R101 → R18, batch 8, 19-class score maps at 64 × 64. The pixel term is a sum over the batch
+    (it grows linearly with the per-process batch); the pair-wise and holistic terms are means.
 
     Returns ``{"pixel_wise": λ_pi ℓ_pi, "pair_wise": λ_pa ℓ_pa, "adversarial": −λ_d E D(Q_s)}``
     (a part with weight 0 is left out; with ``holistic_weight=0`` there is no discriminator and
