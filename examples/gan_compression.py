@@ -41,6 +41,7 @@ from kdkernels.distill.discriminators import PatchDiscriminator
 from kdkernels.distill.methods.gan_compression import discriminator_gan_loss, generator_gan_loss
 
 CLASS_COLOURS = torch.tensor([[0.55, 0.75, 0.45], [0.85, 0.25, 0.2], [0.2, 0.35, 0.8], [0.95, 0.75, 0.15]])
+LABEL_PALETTE = torch.tensor([[0.15, 0.15, 0.15], [0.95, 0.95, 0.95], [0.6, 0.6, 0.6], [0.35, 0.35, 0.35]])  # grid display only
 BLOCKS = 6
 MAPPING_LAYERS = ["model.9", "model.12", "model.15"]  # last downsampling ReLU, residual blocks 3 and 6
 
@@ -203,7 +204,7 @@ def save_grid(path: Path, x, y, outputs: dict[str, torch.Tensor], count: int = 6
     columns = ["input (labels)", "target"] + list(outputs)
     fig, axes = plt.subplots(count, len(columns), figsize=(1.7 * len(columns), 1.7 * count), squeeze=False)
     for row in range(count):
-        panels = [torch.einsum("chw,cd->hwd", x[row], CLASS_COLOURS * 0 + torch.eye(4, 3) * 0.9 + 0.05)]
+        panels = [torch.einsum("chw,cd->hwd", x[row], LABEL_PALETTE)]
         panels += [((img[row] + 1) / 2).permute(1, 2, 0) for img in [y] + list(outputs.values())]
         for col, panel in enumerate(panels):
             ax = axes[row][col]
