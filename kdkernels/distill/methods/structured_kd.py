@@ -32,7 +32,6 @@ holistic terms are means over the batch and the discriminator's output positions
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
