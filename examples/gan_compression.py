@@ -229,7 +229,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--teacher-ngf", type=int, default=32)
     parser.add_argument("--student-ngf", type=int, default=8)
     parser.add_argument("--d-channels", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: on a busy shared machine, more threads stall at OpenMP barriers)")
     parser.add_argument("--out", type=Path, default=Path("examples/out/gan_compression"))
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)

@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--teacher-steps", type=int, default=500)
     parser.add_argument("--student-steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: on a busy shared machine, more threads stall at OpenMP barriers)")
     parser.add_argument("--out", type=Path, default=Path("examples/out/segmentation_kd"))
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
