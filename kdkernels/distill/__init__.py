@@ -14,7 +14,14 @@ Pieces: :class:`FeatureCapture` (forward hooks by dotted path), connectors, :cla
 born-again).
 """
 
-from kdkernels.distill import connectors
+from kdkernels.distill import connectors, discriminators
+from kdkernels.distill.adversarial import (
+    AdversarialMethod,
+    AdversarialTrainer,
+    discriminator_parameters,
+    generator_parameters,
+    gradient_penalty,
+)
 from kdkernels.distill.capture import FeatureCapture, FeatureSpec, find_module, unwrap
 from kdkernels.distill.detection import ChenDetectionKD, LocalizationDistillation
 from kdkernels.distill.distiller import Distiller, DistillOutput
@@ -28,11 +35,16 @@ from kdkernels.distill.methods import (
     CrossEntropy,
     FeatureMapTransfer,
     FitNets,
+    GANCompressionDistillation,
     HintonKD,
     LayerwiseTransferSchedule,
     MeanVarianceTransfer,
     PretrainingDistillation,
+    HolisticDistillation,
+    PairWiseDistillation,
+    PixelWiseDistillation,
     SimilarityPreserving,
+    StructuredKD,
     hint_parameters,
     progressive_transfer_losses,
 )
@@ -49,6 +61,8 @@ __all__ = [
     "FSP",
     "OFD",
     "RKD",
+    "AdversarialMethod",
+    "AdversarialTrainer",
     "AttentionDistributionTransfer",
     "AttentionTransfer",
     "BornAgainEnsemble",
@@ -60,6 +74,7 @@ __all__ = [
     "FeatureMapTransfer",
     "FeatureSpec",
     "FitNets",
+    "GANCompressionDistillation",
     "HintonKD",
     "LayerwiseTransferSchedule",
     "LocalizationDistillation",
@@ -70,9 +85,17 @@ __all__ = [
     "PretrainingDistillation",
     "SimilarityPreserving",
     "Supernet",
+    "HolisticDistillation",
+    "PairWiseDistillation",
+    "PixelWiseDistillation",
+    "StructuredKD",
     "born_again",
     "connectors",
+    "discriminator_parameters",
+    "discriminators",
     "find_module",
+    "generator_parameters",
+    "gradient_penalty",
     "hint_parameters",
     "progressive_transfer_losses",
     "unwrap",

@@ -4,6 +4,7 @@ from kdkernels.distill.methods.attention_transfer import AttentionTransfer
 from kdkernels.distill.methods.cross_entropy import CrossEntropy
 from kdkernels.distill.methods.fitnets import FitNets, hint_parameters
 from kdkernels.distill.methods.fsp import FSP
+from kdkernels.distill.methods.gan_compression import GANCompressionDistillation
 from kdkernels.distill.methods.hinton_kd import HintonKD
 from kdkernels.distill.methods.mobilebert import (
     AttentionDistributionTransfer,
@@ -15,6 +16,12 @@ from kdkernels.distill.methods.mobilebert_progressive import LayerwiseTransferSc
 from kdkernels.distill.methods.ofd import OFD
 from kdkernels.distill.methods.rkd import RKD
 from kdkernels.distill.methods.similarity_preserving import SimilarityPreserving
+from kdkernels.distill.methods.structured_kd import (
+    HolisticDistillation,
+    PairWiseDistillation,
+    PixelWiseDistillation,
+    StructuredKD,
+)
 
 __all__ = [
     "AttentionDistributionTransfer",
@@ -23,13 +30,18 @@ __all__ = [
     "FSP",
     "FeatureMapTransfer",
     "FitNets",
+    "GANCompressionDistillation",
+    "HolisticDistillation",
     "HintonKD",
     "LayerwiseTransferSchedule",
     "MeanVarianceTransfer",
     "OFD",
     "PretrainingDistillation",
+    "PairWiseDistillation",
+    "PixelWiseDistillation",
     "RKD",
     "SimilarityPreserving",
+    "StructuredKD",
     "hint_parameters",
     "progressive_transfer_losses",
 ]

@@ -1,0 +1,125 @@
+"""Under DDP (gloo, 2 CPU processes, as torchrun would start them), the adversarial trainer gives
+the same losses and the same student, connector and discriminator gradients as one process on
+the same global batch.
+
+Every loss compared is a mean over the batch (the structured-KD pixel term, a sum over the
+batch, is off here), the halves are equal in size, and no model has BatchNorm (per-rank batch
+statistics differ by design). The gradient penalty draws its mixing weights per rank, so it is
+run under DDP (it must work there) but left out of the exact comparison.
+"""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from kdkernels.distill import AdversarialTrainer, Distiller, GANCompressionDistillation, StructuredKD, generator_parameters
+from kdkernels.distill.discriminators import PatchDiscriminator, SAGANDiscriminator
+
+WORLD = 2
+TIMEOUT_S = 120
+
+
+class Seg(nn.Module):
+    def __init__(self, width, classes=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Conv2d(width, classes, 1)
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+class Gen(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.model = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 3, 3, padding=1), nn.Tanh())
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def make_structured(gradient_penalty_weight=0.0):
+    torch.manual_seed(0)
+    method = StructuredKD(
+        "classifier", "classifier", "body", "body", pixel_wise_weight=0.0,
+        discriminator=SAGANDiscriminator(4, conv_dim=8, depth=2, input_norm=None), gradient_penalty_weight=gradient_penalty_weight,
+    )
+    return Distiller(Seg(4), Seg(8), [method])
+
+
+def make_gan_compression():
+    torch.manual_seed(0)
+    method = GANCompressionDistillation(
+        "model.1", "model.1", student_channels=4, teacher_channels=8, discriminator=PatchDiscriminator(4, base_channels=8, layers=2, norm=None)
+    )
+    return Distiller(Gen(4), Gen(8), [method])
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 1, 16, 16, generator=g), torch.rand(8, 3, 16, 16, generator=g) * 2 - 1
+
+
+def run(distiller, x, y, ddp=None):
+    trainer = AdversarialTrainer(distiller, torch.optim.SGD(generator_parameters(distiller), lr=0.01), ddp=ddp)
+    step = trainer.step(x, y)
+    return step.losses, {n: p.grad.clone() for n, p in distiller.named_parameters() if p.grad is not None}
+
+
+def _worker(rank, port, path):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        seg_x, gen_x, gen_y = (t.chunk(WORLD)[rank] for t in data())
+        result = {}
+        for key, distiller, x, y in (("structured", make_structured(), seg_x, None), ("gan_compression", make_gan_compression(), gen_x, gen_y)):
+            losses, grads = run(distiller, x, y, ddp={})
+            for value in losses.values():
+                dist.all_reduce(value)
+            result[key] = ({k: v / WORLD for k, v in losses.items()}, grads)
+        losses, _ = run(make_structured(gradient_penalty_weight=10.0), seg_x, None, ddp={})
+        result["with_penalty"] = {k: bool(torch.isfinite(v)) for k, v in losses.items()}
+        if rank == 0:
+            torch.save(result, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_adversarial_trainer_under_ddp_matches_single_process(tmp_path):
+    path = str(tmp_path / "rank0.pt")
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, port, path)) for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join()
+    assert [p.exitcode for p in procs] == [0] * WORLD, "a DDP worker failed or timed out"
+    result = torch.load(path)
+
+    seg_x, gen_x, gen_y = data()
+    for key, distiller, x, y in (("structured", make_structured(), seg_x, None), ("gan_compression", make_gan_compression(), gen_x, gen_y)):
+        losses, grads = run(distiller, x, y)
+        ddp_losses, ddp_grads = result[key]
+        assert set(losses) == set(ddp_losses) and any("discriminator" in k for k in losses)
+        for name, value in losses.items():
+            torch.testing.assert_close(ddp_losses[name], value, rtol=1e-5, atol=1e-6)
+        assert set(grads) == set(ddp_grads) and any(".discriminator." in n for n in grads)
+        for name, grad in grads.items():
+            torch.testing.assert_close(ddp_grads[name], grad, rtol=1e-4, atol=1e-6)
+    assert result["with_penalty"] and all(result["with_penalty"].values()) and "structured_kd/gradient_penalty" in result["with_penalty"]
