@@ -10,11 +10,12 @@
     out.total.backward()
 
 Pieces: :class:`FeatureCapture` (forward hooks by dotted path), connectors, :class:`Distiller`
-(offline, frozen teacher), methods (one file each), and schemes (mutual learning, BYOT,
-born-again).
+(offline, frozen teacher), methods (one file each), schemes (mutual learning, BYOT,
+born-again), and :func:`calibrate_weights` (each method's loss set to the task loss's size).
 """
 
 from kdkernels.distill import connectors
+from kdkernels.distill.calibration import LossScaleWarning, calibrate_weights
 from kdkernels.distill.capture import FeatureCapture, FeatureSpec, find_module, unwrap
 from kdkernels.distill.distiller import Distiller, DistillOutput
 from kdkernels.distill.method import Method
@@ -54,10 +55,12 @@ __all__ = [
     "FeatureSpec",
     "FitNets",
     "HintonKD",
+    "LossScaleWarning",
     "Method",
     "MutualLearning",
     "SimilarityPreserving",
     "born_again",
+    "calibrate_weights",
     "connectors",
     "find_module",
     "hint_parameters",
