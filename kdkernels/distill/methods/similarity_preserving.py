@@ -10,9 +10,9 @@ student and teacher: only the B×B similarities are compared.
 Scale: γ = 3000 was tuned on CIFAR-100 (32×32 images, batch 64 in RepDistiller / 128 in the
 paper, an 8×8 last map). Each row of G̃ is a unit vector, so ‖G̃_T − G̃_S‖² is at most 4B and
 the loss is about (mismatch per row)²/B: it does not grow with the feature size or the widths,
-and it shrinks as the batch grows, but with γ = 3000 it starts at ~γ·c²/B, far above the CE
-(on 16×16 digits with batch 100, ~17× the CE at the first step): calibrate it
-(``calibrate_weights``) outside the paper's setting.
+and it shrinks as the batch grows (measured on random features: ×0.15 from batch 16 to 64,
+×0.18 from 64 to 256). Away from batch 64 the default can be far from the CE in either
+direction: calibrate it (``calibrate_weights``).
 """
 
 from __future__ import annotations

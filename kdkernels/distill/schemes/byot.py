@@ -56,7 +56,7 @@ class BYOT(nn.Module):
         stage_channels: their channel counts.
         feature_layer: the deepest feature F_C (e.g. ``"avgpool"``), flattened to (B, feature_dim).
         feature_dim, num_classes: sizes of F_C and of the logits.
-        temperature, alpha, feature_weight: T (3), α (0.1), λ (10⁻⁶).
+        temperature, alpha, feature_weight: T (3), α (0.1), λ (10⁻⁶); keyword-only, as ``logits_layer``.
         logits_layer: where the deepest logits are (default ``""``: the model's output).
     """
 
@@ -68,6 +68,7 @@ class BYOT(nn.Module):
         feature_layer: SpecLike,
         feature_dim: int,
         num_classes: int,
+        *,
         temperature: float = 3.0,
         alpha: float = 0.1,
         feature_weight: float = 1e-6,

@@ -1,0 +1,34 @@
+"""bench/bench_methods.py --quick (every method and scheme on digits, 2 seeds, short training):
+only what is robust at that size — Hinton KD helps on average, no loss goes non-finite — and that
+calibration sets every method's first-step loss to the CE."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("scipy")
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_methods.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_methods", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_study(tmp_path):
+    summary = load_bench().main(["--quick", "--out", str(tmp_path)])
+    keys = [k for k in summary if "/" in k]
+    assert len(keys) == 18  # 8 methods × (default, calibrated) + mutual learning + BYOT
+    assert all(summary[k]["finite"] for k in keys), [k for k in keys if not summary[k]["finite"]]
+    assert summary["hinton_kd/default"]["mean_diff_pp"] > 0, summary["hinton_kd/default"]
+    for key in keys:
+        if key.endswith("/calibrated"):
+            assert summary[key]["first_ratio"] == pytest.approx(1.0, rel=1e-3), key
+    assert summary["attention_transfer/default"]["warned"] == 2  # β = 1000 on 16×16 maps: far above the CE
+    for suffix in ("json", "md", "png"):
+        assert (tmp_path / f"methods_digits_quick.{suffix}").stat().st_size > 0
