@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.steps, args.teacher_steps, args.unlabelled = 2, 60, 80, 100
+        args.seeds, args.steps, args.teacher_steps, args.unlabelled = 2, 100, 100, 100
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
 

@@ -150,3 +150,30 @@ def test_custom_task_loss():
     weights = calibrate_weights(distiller, x, y, task_loss=lambda output, target: torch.tensor(2.0), methods=["fitnets"], verbose=False)
     assert list(weights) == ["fitnets"]
     torch.testing.assert_close(method_losses(distiller(x, y))["fitnets"], torch.tensor(2.0), rtol=1e-5, atol=0)
+
+
+def test_scale_check_waits_for_its_event_instead_of_syncing():
+    """The CUDA path in CPU form: until the copy's event has passed, poll() neither reads nor warns."""
+    from kdkernels.distill.calibration import LossScaleCheck
+
+    class Event:
+        done = False
+
+        def query(self):
+            return self.done
+
+    check = LossScaleCheck(["sp"], [torch.tensor(50.0)], torch.tensor(2.0))
+    check.event = Event()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check.poll() is False
+    check.event.done = True
+    with pytest.warns(LossScaleWarning, match="sp 50 is more than 10x the task loss 2"):
+        assert check.poll() is True
+
+
+def test_scale_check_on_meta_tensors_checks_nothing():
+    from kdkernels.distill.calibration import LossScaleCheck
+
+    check = LossScaleCheck(["sp"], [torch.tensor(50.0, device="meta")], torch.tensor(2.0, device="meta"))
+    assert check.poll() is True
