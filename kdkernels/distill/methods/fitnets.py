@@ -19,8 +19,8 @@ regressor on the hint alone, then the whole student with KD::
     ...                                     # train on stage1(x).total
     stage2 = Distiller(student, teacher, [HintonKD()])
 
-Scale: RepDistiller's weight 100 was tuned on CIFAR-100 (32×32 images, batch 64, hint features
-of 8×8 to 16×16 maps). With ``reduction="mean"`` the loss is a mean over elements: it does not
+Scale: RepDistiller's weight 100 is its CIFAR-100 value (32×32 images, batch 64, the hint at a
+middle stage). With ``reduction="mean"`` the loss is a mean over elements: it does not
 grow with the feature-map size, the channel count or the batch, but with the square of the
 teacher feature's magnitude (post-ReLU ResNet features of size ~1 there). ``"paper"`` sums over
 C·H·W per sample, so it grows with the feature size.

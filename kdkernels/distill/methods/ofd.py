@@ -20,7 +20,7 @@ side effect kept only behind ``update_teacher_statistics=True``.
 
 Scale: weight 10⁻³ was tuned on CIFAR-100 (WRN / ResNet teachers, 32×32 images, batch 128).
 The loss is summed over every feature element and divided by the batch only, so it grows with
-C·H·W of the distilled stages (hence 10⁻⁴ on ImageNet's larger maps, with batch 256); it does
+C·H·W of the distilled stages (hence the official 10⁻⁴ on ImageNet's larger maps); it does
 not grow with the batch.
 
 Example, torchvision ResNets (the ReLU of a block runs last after the residual add, so its input

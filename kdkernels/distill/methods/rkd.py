@@ -9,8 +9,8 @@ included — lenscloth/RKD ``metric/loss.py`` (``RkdDistance``, ``RKdAngle``) an
 L2-normalised, flattened embeddings (``normalize=True``); the metric-learning examples use 1 and
 2 without normalisation, RepDistiller 25 and 50 without.
 
-Scale: 25 / 50 were tuned on CIFAR-100 (batch 64–128, the penultimate embedding). Both terms are
-scale-free (distances over their mean, cosines of angles) and averaged over the N² / N³ entries:
+Scale: 25 / 50 are the official CIFAR run's (``run_distill_classification.py``, with KD). Both
+terms are scale-free (distances over their mean, cosines of angles) and averaged over the N² / N³ entries:
 they do not grow with the embedding width, the feature size or the batch, and stay below ~1 per
 entry, so the defaults keep RKD at or below a few times the CE.
 """

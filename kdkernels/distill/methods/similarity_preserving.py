@@ -7,9 +7,8 @@ as RepDistiller ``SP.py`` ("verified by original author"); γ = 3000 (``-b 3000`
 weight; the paper's feature is the last conv map before pooling. Shapes may differ between
 student and teacher: only the B×B similarities are compared.
 
-Scale: γ = 3000 was tuned on CIFAR-100 (32×32 images, batch 64 in RepDistiller / 128 in the
-paper, an 8×8 last map). Each row of G̃ is a unit vector, so ‖G̃_T − G̃_S‖² is at most 4B and
-the loss is about (mismatch per row)²/B: it does not grow with the feature size or the widths,
+Scale: γ = 3000 is RepDistiller's CIFAR-100 value (32×32 images, batch 64, an 8×8 last map).
+Each row of G̃ is a unit vector, so ‖G̃_T − G̃_S‖² is at most 4B and the loss is about (mismatch per row)²/B: it does not grow with the feature size or the widths,
 and it shrinks as the batch grows (measured on random features: ×0.15 from batch 16 to 64,
 ×0.18 from 64 to 256). Away from batch 64 the default can be far from the CE in either
 direction: calibrate it (``calibrate_weights``).

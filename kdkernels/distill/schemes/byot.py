@@ -14,7 +14,7 @@ masks it by (F_i > 0) ∨ (F_C > 0), which changes nothing for non-negative (pos
 The heads are 1×1 conv + BN + ReLU + global average pooling (the paper's bottlenecks are strided
 convs) and an FC layer; they belong to this module, the model is not edited.
 
-Scale: the defaults are the unofficial code's CIFAR-100 run (batch 128, ResNet feature width 512).
+Scale: the defaults come from the unofficial code's CIFAR-100 ResNets (512-wide final features).
 The KD terms are per-sample means (T² keeps them near the CE's size); the feature term is a plain
 sum over batch × feature_dim, so it grows with both (λ = 10⁻⁶ keeps it small at that size).
 """
