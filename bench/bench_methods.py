@@ -367,15 +367,15 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_digits_16()
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
+    stem = "methods_digits_quick" if args.quick else "methods_digits"
+    partial = args.out / f"{stem}_partial.json"
     per_seed = []
     for seed in tqdm(range(args.seeds), desc="seeds", disable=args.quick):
         per_seed.append(run_seed(data, seed, args))
-        (args.out / "methods_digits_partial.json").write_text(json.dumps(per_seed))  # progress of a long run
-    (args.out / "methods_digits_partial.json").unlink()
+        partial.write_text(json.dumps(per_seed))  # progress of a long run
+    partial.unlink()
     seconds = time.perf_counter() - t0
     summary = summarise(per_seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "methods_digits_quick" if args.quick else "methods_digits"
     (args.out / f"{stem}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "per_seed": per_seed}, indent=1))
     table = markdown(summary, args, args.seeds, seconds)
     (args.out / f"{stem}.md").write_text(table)

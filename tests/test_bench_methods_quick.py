@@ -7,6 +7,7 @@ import importlib.util
 import pathlib
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
@@ -22,7 +23,11 @@ def load_bench():
 
 
 def test_quick_study(tmp_path):
-    summary = load_bench().main(["--quick", "--out", str(tmp_path)])
+    threads = torch.get_num_threads()
+    try:
+        summary = load_bench().main(["--quick", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
     keys = [k for k in summary if "/" in k]
     assert len(keys) == 18  # 8 methods × (default, calibrated) + mutual learning + BYOT
     assert all(summary[k]["finite"] for k in keys), [k for k in keys if not summary[k]["finite"]]
