@@ -91,6 +91,13 @@ def test_fsp_connector_maps_student_widths():
     assert all(p.grad is not None for p in fsp.parameters()) and len(list(fsp.parameters())) == 2
 
 
+def test_fsp_connector_with_wrong_student_channels_names_the_argument():
+    fsp = FSP([("relu1", "relu2")], [("relu1", "relu2")], connector="conv", student_channels=[(4, 6)], teacher_channels=[(8, 16)])
+    distiller = Distiller(SmallCNN(4), SmallCNN(8), [fsp])
+    with pytest.raises(ValueError, match=r"fsp: the student feature relu2 has shape \(6, 8, 4, 4\).*6 channels: fix student_channels\[0\]\[1\]"):
+        distiller(images(), None)
+
+
 def ofd_teacher(gamma, beta):
     teacher = SmallCNN(8)
     with torch.no_grad():

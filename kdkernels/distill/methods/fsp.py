@@ -145,6 +145,13 @@ class FSP(Method):
 
     def forward(self, student, teacher, target):
         if self.connectors is not None:
+            for i, (connector, s) in enumerate(zip(self.connectors, student)):
+                expected = getattr(connector, "in_channels", None)
+                if expected is not None and (s.dim() != 4 or s.shape[1] != expected):
+                    raise ValueError(
+                        f"{self.name}: the student feature {self.student_features[i]} has shape {tuple(s.shape)}, but its connector "
+                        f"was built for {expected} channels: fix student_channels[{i // 2}][{i % 2}]"
+                    )
             student = [connector(s) for connector, s in zip(self.connectors, student)]
         loss = 0.0
         for k in range(0, len(student), 2):
