@@ -10,8 +10,8 @@
     out.total.backward()
 
 Pieces: :class:`FeatureCapture` (forward hooks by dotted path), connectors, :class:`Distiller`
-(offline, frozen teacher), methods (one file each), and schemes (mutual learning, BYOT,
-born-again).
+(offline, frozen teacher), methods (one file each), schemes (mutual learning, BYOT,
+born-again), and :func:`calibrate_weights` (each method's loss set to the task loss's size).
 """
 
 from kdkernels.distill import connectors, discriminators
@@ -22,6 +22,8 @@ from kdkernels.distill.adversarial import (
     generator_parameters,
     gradient_penalty,
 )
+from kdkernels.distill import connectors
+from kdkernels.distill.calibration import LossScaleWarning, calibrate_weights
 from kdkernels.distill.capture import FeatureCapture, FeatureSpec, find_module, unwrap
 from kdkernels.distill.detection import ChenDetectionKD, LocalizationDistillation
 from kdkernels.distill.distiller import Distiller, DistillOutput
@@ -79,6 +81,7 @@ __all__ = [
     "LayerwiseTransferSchedule",
     "LocalizationDistillation",
     "MeanVarianceTransfer",
+    "LossScaleWarning",
     "Method",
     "MutualLearning",
     "NetAug",
@@ -90,6 +93,7 @@ __all__ = [
     "PixelWiseDistillation",
     "StructuredKD",
     "born_again",
+    "calibrate_weights",
     "connectors",
     "discriminator_parameters",
     "discriminators",

@@ -19,7 +19,9 @@ A module called more than once in one forward pass (torchvision's ResNet blocks 
 keeps its last call: for ``layerN.M.relu`` that is the block output after the residual add.
 The input of an in-place module (``ReLU(inplace=True)``) is cloned before the module overwrites
 it; any other feature changed in place after its capture (``out += identity`` on a captured BN
-output) is an error when read, unless its spec asks for ``clone=True``.
+output) is an error when read, unless its spec asks for ``clone=True``. A hook that fires on an
+``nn.DataParallel`` replica while armed raises: one record per feature cannot hold the replicas'
+features (use DDP).
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ import torch
 from torch import nn
 
 _ON = ("output", "input")
+DATA_PARALLEL_MESSAGE = (
+    "nn.DataParallel over several devices is not supported: its replicas run in threads that would overwrite one "
+    "another's captured features; use DistributedDataParallel (torchrun), wrapping the distiller: "
+    "DistributedDataParallel(Distiller(student, teacher, methods))"
+)
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,7 @@ class FeatureCapture:
 
             def hook(module, args, output):
                 if self._armed:
+                    self._check_not_replica(module)
                     self._record(spec, output, spec.clone)
 
             return module.register_forward_hook(hook)
@@ -117,9 +125,14 @@ class FeatureCapture:
 
         def pre_hook(module, args):  # before the module runs: its input is still unchanged
             if self._armed:
+                self._check_not_replica(module)
                 self._record(spec, args[0] if args else None, clone)
 
         return module.register_forward_pre_hook(pre_hook)
+
+    def _check_not_replica(self, module: nn.Module) -> None:
+        if getattr(module, "_is_replica", False):
+            raise RuntimeError(f"{self.role}: {DATA_PARALLEL_MESSAGE}")
 
     def _record(self, spec: FeatureSpec, value, clone: bool) -> None:
         if isinstance(value, torch.Tensor):

@@ -21,6 +21,7 @@ from torch import nn
 from kdkernels.distill.capture import FeatureSpec, SpecLike, as_spec
 
 TEACHER_MODES = ("eval", "bn_train", "train")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def check_weight(weight, name: str = "weight") -> float:
@@ -52,13 +53,15 @@ class Method(nn.Module):
         teacher_mode: str = "eval",
     ) -> None:
         super().__init__()
-        self.student_features: tuple[FeatureSpec, ...] = tuple(as_spec(s) for s in student_features)
-        self.teacher_features: tuple[FeatureSpec, ...] = tuple(as_spec(s) for s in teacher_features)
-        self.weight = check_weight(weight)
         if name is not None:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"name: expected a non-empty str, got {name!r}")
             self.name = name
+        self.student_features: tuple[FeatureSpec, ...] = tuple(layer_spec(self.name, s) for s in student_features)
+        self.teacher_features: tuple[FeatureSpec, ...] = tuple(layer_spec(self.name, s) for s in teacher_features)
+        self.weight = check_weight(weight)
+        # What calibrate_weights measured (None until then); saved with the weight in state_dict.
+        self.calibration: dict | None = None
         if teacher_mode not in TEACHER_MODES:
             raise ValueError(f"teacher_mode: expected one of {TEACHER_MODES}, got {teacher_mode!r}")
         self.teacher_mode = teacher_mode
@@ -72,10 +75,30 @@ class Method(nn.Module):
     ) -> torch.Tensor | Mapping[str, torch.Tensor]:
         raise NotImplementedError
 
+    def get_extra_state(self) -> dict:
+        """The weight (it may have been calibrated) and the calibration record travel with the
+        connectors in ``state_dict``."""
+        return {"weight": self.weight, "calibration": self.calibration}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.weight = check_weight(state["weight"])
+        self.calibration = state.get("calibration")
+
     def extra_repr(self) -> str:
         s = ", ".join(map(str, self.student_features))
         t = ", ".join(map(str, self.teacher_features))
         return f"name={self.name!r}, weight={self.weight:g}, student=[{s}], teacher=[{t}]"
+
+
+def layer_spec(method: str, spec: SpecLike) -> FeatureSpec:
+    """A layer argument as a FeatureSpec; a number here is a number passed where a layer path is
+    expected (``HintonKD(4.0)``), which is said in those words."""
+    if isinstance(spec, Real) and not isinstance(spec, bool):
+        raise TypeError(
+            f"{method}: got the number {spec!r} where a layer path is expected; the layer paths come first and "
+            "every number is a keyword argument, e.g. HintonKD(temperature=4.0), FitNets('layer2', 'layer2', student_channels=64, teacher_channels=256)"
+        )
+    return as_spec(spec)
 
 
 def paired(name: str, student_layers: Sequence[SpecLike] | SpecLike, teacher_layers: Sequence[SpecLike] | SpecLike):
@@ -84,10 +107,13 @@ def paired(name: str, student_layers: Sequence[SpecLike] | SpecLike, teacher_lay
     def as_list(layers):
         return [layers] if isinstance(layers, (str, FeatureSpec)) else list(layers)
 
+    for layers in (student_layers, teacher_layers):
+        if isinstance(layers, Real) and not isinstance(layers, bool):
+            layer_spec(name, layers)  # raises: a number where the layer paths go
     s, t = as_list(student_layers), as_list(teacher_layers)
     if len(s) != len(t) or not s:
         raise ValueError(f"{name}: expected as many student layers as teacher layers (at least one), got {len(s)} and {len(t)}")
-    return tuple(map(as_spec, s)), tuple(map(as_spec, t))
+    return tuple(layer_spec(name, x) for x in s), tuple(layer_spec(name, x) for x in t)
 
 
 def check_same_shape(method: str, what: str, student: torch.Tensor, teacher: torch.Tensor, hint: str = "") -> None:
@@ -97,6 +123,21 @@ def check_same_shape(method: str, what: str, student: torch.Tensor, teacher: tor
             f"{method}: {what}: student shape {tuple(student.shape)} does not match teacher shape {tuple(teacher.shape)}"
             + (f"; {hint}" if hint else "")
         )
+
+
+def loss_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype loss math runs in: float32 for half inputs (autocast's rule for losses), float64
+    when any input is float64, otherwise the inputs' promoted floating dtype."""
+    dtype = torch.float32
+    for tensor in tensors:
+        if tensor.dtype not in HALF_DTYPES and tensor.is_floating_point():
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def upcast(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor`` in ``dtype`` (default :func:`loss_dtype` of itself): half → float32, float64 kept."""
+    return tensor.to(loss_dtype(tensor) if dtype is None else dtype)
 
 
 def full_precision(tensor: torch.Tensor):

@@ -27,7 +27,7 @@ def make_models():
 
 
 def make_methods():
-    return [HintonKD(temperature=4.0, alpha=0.9), FitNets("relu1", "relu1", 4, 8, weight=10.0), AttentionTransfer("relu2", "relu2")]
+    return [HintonKD(temperature=4.0, alpha=0.9), FitNets("relu1", "relu1", student_channels=4, teacher_channels=8, weight=10.0), AttentionTransfer("relu2", "relu2")]
 
 
 def global_batch():

@@ -142,7 +142,7 @@ def test_ofd_keeps_teacher_bn_in_train_mode():
     assert all(bn.training for bn in bns) and not teacher[1].training
     stats = bns[0].running_mean.clone()
     distiller(images(), torch.zeros(6, dtype=torch.long))
-    assert not torch.equal(bns[0].running_mean, stats)  # batch statistics, as t_net.train()
+    assert torch.equal(bns[0].running_mean, stats)  # batch statistics used, running ones untouched (test_teacher_unchanged.py)
     assert all(p.grad is None for p in teacher.parameters())
     distiller.eval()
     assert not any(m.training for m in teacher.modules())
@@ -165,7 +165,7 @@ def test_to_moves_the_teacher_too():
 
 def test_unknown_path_is_an_error_with_close_matches():
     with pytest.raises(ValueError, match=r"student: no module at path 'relu_1'.*'relu1'"):
-        Distiller(SmallCNN(4), SmallCNN(8), [FitNets("relu_1", "relu1", 4, 8)])
+        Distiller(SmallCNN(4), SmallCNN(8), [FitNets("relu_1", "relu1", student_channels=4, teacher_channels=8)])
     with pytest.raises(ValueError, match=r"teacher: no module at path 'layer3'.*'layer1'"):
         Distiller(SmallCNN(4), SmallCNN(8), [AttentionTransfer("layer1", "layer3")])
 
@@ -237,7 +237,7 @@ def test_host_sync_detector_detects():
 
 def test_compiled_student_and_teacher_give_the_same_losses():
     student, teacher, x, y = SmallCNN(4), SmallCNN(8), images(), torch.randint(0, 5, (6,))
-    methods = lambda: [HintonKD(), FitNets(FeatureSpec("relu1", on="input"), "relu1", 4, 8)]  # noqa: E731
+    methods = lambda: [HintonKD(), FitNets(FeatureSpec("relu1", on="input"), "relu1", student_channels=4, teacher_channels=8)]  # noqa: E731
     plain = Distiller(student, teacher, methods())
     expected = plain(x, y).losses
     plain.remove_hooks()
@@ -253,7 +253,7 @@ def test_fitnets_two_stages():
     assert {id(p) for p in params} == {id(p) for m in (student.stem, student.layer1) for p in m.parameters()}
     assert not any(m._forward_hooks for m in student.modules()) and student.training
     # Stage 1: guided layer + regressor on the hint alone; the rest of the student is untouched.
-    stage1 = Distiller(student, teacher, [FitNets("relu1", "relu1", 4, 8)])
+    stage1 = Distiller(student, teacher, [FitNets("relu1", "relu1", student_channels=4, teacher_channels=8)])
     optimizer = torch.optim.SGD(params + list(stage1.methods.parameters()), lr=0.05, weight_decay=5e-4)
     fc_before, first = student.fc.weight.detach().clone(), stage1(x).total.detach()
     for _ in range(5):

@@ -69,7 +69,7 @@ def test_fitnets_matches_formula():
     w = method.connector[0].weight.reshape(6, 4)
     regressed = torch.einsum("oc,bchw->bohw", w, s)
     close(method([s], [t], None), ((regressed - t) ** 2).mean())
-    paper = FitNets("a", "b", 4, 6, reduction="paper")
+    paper = FitNets("a", "b", student_channels=4, teacher_channels=6, reduction="paper")
     paper.load_state_dict(method.state_dict())
     close(paper([s], [t], None), 0.5 * ((regressed - t) ** 2).sum() / 3)
 
@@ -120,7 +120,7 @@ def test_fsp_matches_formula():
 
 
 def test_fsp_channel_mismatch_is_an_error():
-    with pytest.raises(ValueError, match="channels must match"):
+    with pytest.raises(ValueError, match=r"widths \(3, 3\) and the teacher's \(c, d\) \(6, 3\).*pairs layers of equal width"):
         FSP([("a", "b")], [("c", "d")])([torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)], [torch.randn(2, 6, 4, 4), torch.randn(2, 3, 4, 4)], None)
 
 
@@ -258,7 +258,7 @@ def test_ofd_missing_teacher_bn_is_an_error():
 def test_ofd_wrong_student_channels_is_an_error():
     method = OFD(["s"], ["t"], teacher_bns=["bn0"], student_channels=[3])
     method.bind(None, ofd_teacher((4,)))
-    with pytest.raises(ValueError, match=r"expected \(B, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"ofd: the student feature s has shape \(2, 5, 4, 4\).*student_channels\[0\]=3"):
         method([torch.randn(2, 5, 4, 4)], [torch.randn(2, 4, 4, 4)], None)
 
 
@@ -319,4 +319,4 @@ def test_fitnets_linear_connector_on_tokens():
 
 def test_unknown_connector_is_an_error():
     with pytest.raises(ValueError, match="connector: expected None, an nn.Module or one of"):
-        FitNets("a", "b", 4, 6, connector="mlp")
+        FitNets("a", "b", student_channels=4, teacher_channels=6, connector="mlp")

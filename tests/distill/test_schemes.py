@@ -18,7 +18,7 @@ def kl(p_logits, q_logits):
 def test_mutual_learning_matches_formula(peer_reduction, scale):
     peers = [SmallCNN(4, bn=False), SmallCNN(4, bn=False), SmallCNN(6, bn=False)]
     x, y = images(), torch.randint(0, 5, (6,))
-    out = MutualLearning(peers, peer_reduction)(x, y)
+    out = MutualLearning(peers, peer_reduction=peer_reduction)(x, y)
     z = [p(x) for p in peers]
     for k in range(3):
         torch.testing.assert_close(out.losses[f"peer{k}/ce"], F.cross_entropy(z[k], y))

@@ -8,6 +8,11 @@ included — lenscloth/RKD ``metric/loss.py`` (``RkdDistance``, ``RKdAngle``) an
 (d² clamped at 10⁻¹², zero diagonal). Defaults are the official CIFAR run: w_D = 25, w_A = 50 on
 L2-normalised, flattened embeddings (``normalize=True``); the metric-learning examples use 1 and
 2 without normalisation, RepDistiller 25 and 50 without.
+
+Scale: 25 / 50 are the official CIFAR run's (``run_distill_classification.py``, with KD). Both
+terms are scale-free (distances over their mean, cosines of angles) and averaged over the N² / N³ entries:
+they do not grow with the embedding width, the feature size or the batch, and stay below ~1 per
+entry, so the defaults keep RKD at or below a few times the CE.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kdkernels.distill.capture import SpecLike
-from kdkernels.distill.method import Method, check_weight, full_precision
+from kdkernels.distill.method import Method, check_weight, full_precision, loss_dtype
 from kdkernels.functional.rkd_angle import rkd_angle_loss  # tiled: no N³ tensor
 
 
@@ -41,9 +46,9 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 
 class RKD(Method):
     """``{"distance": w_D·L_D, "angle": w_A·L_A}`` on one embedding layer (a part with weight 0
-    is skipped; the angle part costs N³·D memory).
+    is skipped; the angle part runs in the tiled ``rkd_angle_loss``: O(N·D) memory, no N³ tensor).
 
-    Args:
+    Args (numbers keyword-only):
         student_layer, teacher_layer: the embeddings (flattened to (N, D); D may differ).
         distance_weight, angle_weight: w_D (25), w_A (50).
         normalize: L2-normalise both embeddings first (default True, the official CIFAR run).
@@ -56,6 +61,7 @@ class RKD(Method):
         self,
         student_layer: SpecLike,
         teacher_layer: SpecLike,
+        *,
         distance_weight: float = 25.0,
         angle_weight: float = 50.0,
         normalize: bool = True,
@@ -70,12 +76,16 @@ class RKD(Method):
         self.normalize = bool(normalize)
 
     def forward(self, student, teacher, target):
+        dtype = loss_dtype(student[0], teacher[0])
         with full_precision(student[0]):
-            return self._losses(student[0].float().flatten(1), teacher[0].detach().float().flatten(1))
+            return self._losses(student[0].to(dtype).flatten(1), teacher[0].detach().to(dtype).flatten(1))
 
     def _losses(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         if s.shape[0] != t.shape[0]:
-            raise ValueError(f"{self.name}: student batch {s.shape[0]} != teacher batch {t.shape[0]}")
+            raise ValueError(
+                f"{self.name}: {self.student_features[0]} vs {self.teacher_features[0]}: the student's embeddings are "
+                f"{tuple(s.shape)} and the teacher's {tuple(t.shape)} (flattened); the batch sizes must match"
+            )
         if self.normalize:
             s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
         losses = {}

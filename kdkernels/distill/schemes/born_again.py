@@ -24,6 +24,7 @@ def born_again(
     teacher: nn.Module,
     make_student: Callable[[], nn.Module],
     train: Callable[[Distiller], None],
+    *,
     generations: int = 2,
     with_labels: bool = True,
 ) -> list[nn.Module]:

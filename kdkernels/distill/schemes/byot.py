@@ -13,6 +13,10 @@ value is lower by α·T²·H(p_C^T). The feature term is the plain squared L2; t
 masks it by (F_i > 0) ∨ (F_C > 0), which changes nothing for non-negative (post-ReLU) features.
 The heads are 1×1 conv + BN + ReLU + global average pooling (the paper's bottlenecks are strided
 convs) and an FC layer; they belong to this module, the model is not edited.
+
+Scale: the defaults come from the unofficial code's CIFAR-100 ResNets (512-wide final features).
+The KD terms are per-sample means (T² keeps them near the CE's size); the feature term is a plain
+sum over batch × feature_dim, so it grows with both (λ = 10⁻⁶ keeps it small at that size).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ class BYOT(nn.Module):
         stage_channels: their channel counts.
         feature_layer: the deepest feature F_C (e.g. ``"avgpool"``), flattened to (B, feature_dim).
         feature_dim, num_classes: sizes of F_C and of the logits.
-        temperature, alpha, feature_weight: T (3), α (0.1), λ (10⁻⁶).
+        temperature, alpha, feature_weight: T (3), α (0.1), λ (10⁻⁶); keyword-only, as ``logits_layer``.
         logits_layer: where the deepest logits are (default ``""``: the model's output).
     """
 
@@ -68,6 +72,7 @@ class BYOT(nn.Module):
         feature_layer: SpecLike,
         feature_dim: int,
         num_classes: int,
+        *,
         temperature: float = 3.0,
         alpha: float = 0.1,
         feature_weight: float = 1e-6,

@@ -50,11 +50,11 @@ class MutualLearning(nn.Module):
 
     Args:
         peers: the models; each returns (B, C) logits.
-        peer_reduction: ``"sum"`` (official code, default) or ``"mean"`` (paper, 1/(K−1)).
+        peer_reduction (keyword-only, as the rest): ``"sum"`` (official code, default) or ``"mean"`` (paper, 1/(K−1)).
         label_smoothing: of the CE (the official code's flag, default 0).
     """
 
-    def __init__(self, peers: Sequence[nn.Module], peer_reduction: str = "sum", label_smoothing: float = 0.0) -> None:
+    def __init__(self, peers: Sequence[nn.Module], *, peer_reduction: str = "sum", label_smoothing: float = 0.0) -> None:
         super().__init__()
         if len(peers) < 2:
             raise ValueError(f"peers: mutual learning needs at least 2 peers, got {len(peers)}")

@@ -1,0 +1,388 @@
+"""What each distillation method gives a weak student on real data, offline: scikit-learn's digits.
+
+The study (issue 19): a small CNN student (4/8/16 channels, 16×16 inputs: the 8×8 digits
+upsampled) is trained on 10 labelled images per class, plus 150 unlabelled training images that
+only the distillation terms use (label -100, ignored by every cross-entropy), with every method and
+scheme of ``kdkernels.distill`` — with the published default weights and with calibrated weights
+(``calibrate_weights``: each method's initial loss set equal to the CE) — and compared, seed by
+seed, with the same student (same images, same initial weights) trained on the CE alone. The
+teacher (8/16/32 channels) is trained once per seed on the whole labelled training split. Per method:
+the mean paired difference in test accuracy, the seeds better / worse, a Wilcoxon signed-rank
+test, and the method's weighted loss over the CE at the first step.
+
+    python bench/bench_methods.py                     # the full study (10 seeds; minutes on 2 cores)
+    python bench/bench_methods.py --quick             # a smoke run (CI: tests/test_bench_methods_quick.py)
+
+Writes ``<out>/methods_digits.{json,md,png}`` (default ``--out bench/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdkernels.distill import (
+    BYOT,
+    FSP,
+    OFD,
+    RKD,
+    AttentionTransfer,
+    CrossEntropy,
+    Distiller,
+    FeatureSpec,
+    FitNets,
+    HintonKD,
+    MutualLearning,
+    SimilarityPreserving,
+)
+from kdkernels.distill.calibration import LossScaleWarning, calibrate_weights
+
+STUDENT_WIDTHS = (4, 8, 16)
+TEACHER_WIDTHS = (8, 16, 32)
+PRE_RELU = [FeatureSpec(f"relu{i}", on="input") for i in (1, 2, 3)]
+
+
+class CNN(nn.Module):
+    """Three conv-BN stages (the 2nd and 3rd with stride 2), separate ReLU modules (their inputs
+    are the pre-ReLU stage outputs), global pooling, a linear classifier."""
+
+    def __init__(self, widths=STUDENT_WIDTHS, num_classes: int = 10) -> None:
+        super().__init__()
+        c1, c2, c3 = widths
+        self.stage1 = nn.Sequential(nn.Conv2d(1, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1))
+        self.relu1 = nn.ReLU()
+        self.stage2 = nn.Sequential(nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c2))
+        self.relu2 = nn.ReLU()
+        self.stage3 = nn.Sequential(nn.Conv2d(c2, c3, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c3))
+        self.relu3 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.stage1(x))
+        x = self.relu2(self.stage2(x))
+        x = self.relu3(self.stage3(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+@dataclass
+class Data:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_digits_16(test_fraction: float = 0.4) -> Data:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    n_test = int(len(x) * test_fraction)
+    return Data(x[order[n_test:]], y[order[n_test:]], x[order[:n_test]], y[order[:n_test]])
+
+
+def labelled_subset(y: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    picks = [torch.nonzero(y == c).flatten() for c in range(10)]
+    return torch.cat([p[torch.randperm(len(p), generator=g)[:per_class]] for p in picks])
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Data) -> float:
+    was = model.training
+    model.eval()
+    acc = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    model.train(was)
+    return acc
+
+
+def train_teacher(data: Data, seed: int, steps: int, batch: int = 256) -> nn.Module:
+    """Adam on random minibatches of the whole training split."""
+    torch.manual_seed(seed)
+    teacher = CNN(TEACHER_WIDTHS)
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-2, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(data.x_train), (batch,), generator=g)
+        optimizer.zero_grad()
+        F.cross_entropy(teacher(data.x_train[idx]), data.y_train[idx]).backward()
+        optimizer.step()
+    return teacher.eval()
+
+
+def transfer_batch(data: Data, per_class: int, unlabelled: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` labelled images per class plus ``unlabelled`` other training images whose
+    label is -100 (ignored by every cross-entropy): the CE learns from the labelled ones, the
+    distillation terms from all."""
+    idx = labelled_subset(data.y_train, per_class, seed)
+    mask = torch.ones(len(data.y_train), dtype=torch.bool)
+    mask[idx] = False
+    rest = torch.nonzero(mask).flatten()
+    rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(10_000 + seed))[:unlabelled]]
+    x = torch.cat([data.x_train[idx], data.x_train[rest]])
+    y = torch.cat([data.y_train[idx], torch.full((len(rest),), -100, dtype=torch.long)])
+    return x, y
+
+
+# Each method: the losses beside the student, with the published weights (see each class's
+# docstring). Every method but Hinton KD (which carries its own (1 − α)·CE) adds the CE.
+METHODS: dict[str, Callable[[], list]] = {
+    "hinton_kd": lambda: [HintonKD()],
+    "fitnets": lambda: [CrossEntropy(), FitNets("relu2", "relu2", student_channels=8, teacher_channels=16, weight=100.0)],
+    "attention_transfer": lambda: [CrossEntropy(), AttentionTransfer(["relu1", "relu2", "relu3"], ["relu1", "relu2", "relu3"])],
+    "fsp": lambda: [
+        CrossEntropy(),
+        FSP([("relu1", "relu2"), ("relu2", "relu3")], [("relu1", "relu2"), ("relu2", "relu3")], connector="conv",
+            student_channels=[(4, 8), (8, 16)], teacher_channels=[(8, 16), (16, 32)]),
+    ],
+    "rkd": lambda: [CrossEntropy(), RKD("pool", "pool")],
+    "similarity_preserving": lambda: [CrossEntropy(), SimilarityPreserving("relu3", "relu3")],
+    "ofd": lambda: [
+        CrossEntropy(),
+        OFD(PRE_RELU, PRE_RELU, teacher_bns=["stage1.1", "stage2.1", "stage3.1"], student_channels=list(STUDENT_WIDTHS)),
+    ],
+}
+LABELS = {
+    "hinton_kd": "Hinton KD (T=4, α=0.9)",
+    "fitnets": "FitNets (CE + 100·hint)",
+    "attention_transfer": "attention transfer (β=1000)",
+    "fsp": "FSP (1, 1×1 connector)",
+    "rkd": "RKD (25 / 50)",
+    "similarity_preserving": "similarity-preserving (γ=3000)",
+    "ofd": "OFD (1e-3)",
+    "born_again": "born-again (KL at T=1 + CE)",
+    "mutual_learning": "deep mutual learning (2 peers)",
+    "byot": "BYOT (T=3, α=0.1, λ=1e-6)",
+}
+SCHEMES_WITHOUT_WEIGHTS = ("mutual_learning", "byot")
+
+
+def fit(module: nn.Module, step: Callable[[], object], steps: int, lr: float) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Adam, full batch. Returns the total loss before each step and the first step's losses
+    (both read after training, so the loop has no host sync)."""
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=5e-4)
+    module.train()
+    totals, first = [], None
+    for _ in range(steps):
+        optimizer.zero_grad()
+        out = step()
+        first = first or {"output": out.student_output, **{k: v.detach() for k, v in out.losses.items()}}
+        totals.append(out.total.detach())
+        out.total.backward()
+        optimizer.step()
+    return torch.stack(totals).tolist(), first
+
+
+def first_step_ratio(first: dict, y: torch.Tensor) -> float:
+    """The distilling methods' weighted loss (every loss but the separate CE) over the CE of the
+    student's logits, at the first step."""
+    task = F.cross_entropy(first["output"].detach(), y)
+    method = sum(v for k, v in first.items() if k not in ("output", "ce"))
+    return float(method / task)
+
+
+def run_distiller(student: nn.Module, teacher: nn.Module, methods: list, x, y, data: Data, steps: int, lr: float, calibrated: bool) -> dict:
+    distiller = Distiller(student, teacher, methods)
+    weights = calibrate_weights(distiller, x, y, verbose=False) if calibrated else {m.name: m.weight for m in distiller.methods}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LossScaleWarning)
+        totals, first = fit(distiller, lambda: distiller(x, y), steps, lr)
+    distiller.remove_hooks()
+    return {
+        "accuracy": accuracy(student, data),
+        "first_ratio": first_step_ratio(first, y),
+        "weights": weights,
+        "finite": all(map(math.isfinite, totals)),
+        "warned": any(issubclass(w.category, LossScaleWarning) for w in caught),
+    }
+
+
+def run_seed(data: Data, seed: int, args) -> dict:
+    t0 = time.perf_counter()
+    teacher = train_teacher(data, seed, args.teacher_steps)
+    x, y = transfer_batch(data, args.per_class, args.unlabelled, seed)
+    init = 1000 + seed
+
+    def fresh_student() -> nn.Module:
+        torch.manual_seed(init)  # the same initial student in every run of this seed
+        return CNN()
+
+    results = {"teacher": accuracy(teacher, data)}
+    student = fresh_student()
+    distiller = Distiller(student, teacher, [CrossEntropy()])
+    totals, _ = fit(distiller, lambda: distiller(x, y), args.steps, args.lr)
+    distiller.remove_hooks()
+    results["ce"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals))}
+    ce_student = student
+
+    for name, factory in METHODS.items():
+        for weighting in ("default", "calibrated"):
+            student = fresh_student()
+            results[f"{name}/{weighting}"] = run_distiller(student, teacher, factory(), x, y, data, args.steps, args.lr, weighting == "calibrated")
+
+    # Born-again: the CE-trained student of this seed is generation 0; generation 1 has its
+    # architecture and learns from it (KL at T = 1 plus the CE), as schemes.born_again builds it.
+    for weighting in ("default", "calibrated"):
+        student = fresh_student()
+        methods = [HintonKD(temperature=1.0, alpha=1.0, name="born_again"), CrossEntropy()]
+        results[f"born_again/{weighting}"] = run_distiller(student, ce_student, methods, x, y, data, args.steps, args.lr, weighting == "calibrated")
+
+    student = fresh_student()
+    torch.manual_seed(2000 + seed)
+    dml = MutualLearning([student, CNN()])
+    totals, _ = fit(dml, lambda: dml(x, y), args.steps, args.lr)
+    results["mutual_learning/default"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals))}
+
+    student = fresh_student()
+    byot = BYOT(student, stage_layers=["relu1", "relu2"], stage_channels=[4, 8], feature_layer="pool", feature_dim=16, num_classes=10)
+    totals, _ = fit(byot, lambda: byot(x, y), args.steps, args.lr)
+    results["byot/default"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals))}
+    results["seconds"] = time.perf_counter() - t0
+    return results
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    from scipy.stats import wilcoxon
+
+    keys = [k for k in per_seed[0] if "/" in k]
+    summary = {"ce": statistics.mean(r["ce"]["accuracy"] for r in per_seed), "teacher": statistics.mean(r["teacher"] for r in per_seed)}
+    for key in keys:
+        diffs = [100 * (r[key]["accuracy"] - r["ce"]["accuracy"]) for r in per_seed]
+        nonzero = [d for d in diffs if d != 0]
+        p = float(wilcoxon(diffs).pvalue) if len(nonzero) >= 1 and len(diffs) >= 2 else float("nan")
+        entry = {
+            "mean_diff_pp": statistics.mean(diffs),
+            "sd_diff_pp": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            "better": sum(d > 0 for d in diffs),
+            "worse": sum(d < 0 for d in diffs),
+            "wilcoxon_p": p,
+            "accuracy": statistics.mean(r[key]["accuracy"] for r in per_seed),
+            "finite": all(r[key]["finite"] for r in per_seed),
+            "diffs_pp": diffs,
+        }
+        if "first_ratio" in per_seed[0][key]:
+            entry["first_ratio"] = statistics.median(r[key]["first_ratio"] for r in per_seed)
+            entry["warned"] = sum(r[key]["warned"] for r in per_seed)
+            entry["weights"] = {n: statistics.median(r[key]["weights"][n] for r in per_seed) for n in per_seed[0][key]["weights"]}
+        summary[key] = entry
+    return summary
+
+
+def markdown(summary: dict, args, seeds: int, seconds: float) -> str:
+    lines = [
+        "# Distillation methods on scikit-learn's digits (issue 19)",
+        "",
+        f"Student CNN {'/'.join(map(str, STUDENT_WIDTHS))} channels, 16×16 inputs, {args.per_class} labelled images per class "
+        f"plus {args.unlabelled} unlabelled training images (the distillation terms see all, the CE only the labelled), "
+        f"{args.steps} full-batch Adam steps (lr {args.lr}); teacher CNN {'/'.join(map(str, TEACHER_WIDTHS))} trained once per seed "
+        f"on the whole training split ({args.teacher_steps} minibatch steps). {seeds} seeds; every run of a seed starts from the same student "
+        f"and the same labelled images. Test accuracy: teacher {100 * summary['teacher']:.1f} %, CE alone {100 * summary['ce']:.1f} %.",
+        "",
+        "Δ = accuracy with the method − accuracy with CE alone, in percentage points, mean ± sd over seeds; "
+        "better / worse = seeds; p = Wilcoxon signed-rank test of the paired differences; "
+        "loss/CE = the method's weighted loss over the CE at the first step (median over seeds); "
+        "warned = seeds on which the distiller's first-step warning (> 10× the CE) fired.",
+        "",
+        "| method | weights | Δ pp | better / worse | p | loss/CE at step 1 | warned | weight (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = list(LABELS)
+    for name in names:
+        for weighting in ("default", "calibrated"):
+            key = f"{name}/{weighting}"
+            if key not in summary:
+                continue
+            e = summary[key]
+            ratio = f"{e['first_ratio']:.2f}" if "first_ratio" in e else "–"
+            warned = str(e.get("warned", "–"))
+            weights = ", ".join(f"{n} {w:.3g}" for n, w in e.get("weights", {}).items() if n != "ce") or "–"
+            p = "–" if math.isnan(e["wilcoxon_p"]) else f"{e['wilcoxon_p']:.3f}"
+            label = LABELS[name] if weighting == "default" else ""
+            finite = "" if e["finite"] else " (non-finite loss!)"
+            lines.append(
+                f"| {label} | {weighting} | {e['mean_diff_pp']:+.1f} ± {e['sd_diff_pp']:.1f}{finite} | {e['better']} / {e['worse']} | {p} | {ratio} | {warned} | {weights} |"
+            )
+    lines += ["", f"Command: `{' '.join(['python'] + sys.argv)}` ({seconds / 60:.1f} min, torch {torch.__version__}, {torch.get_num_threads()} threads)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(name, w) for name in LABELS for w in ("default", "calibrated") if f"{name}/{w}" in summary]
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.2))
+    for i, (name, weighting) in enumerate(rows):
+        e = summary[f"{name}/{weighting}"]
+        colour = "tab:red" if weighting == "default" else "tab:blue"
+        y = len(rows) - 1 - i
+        ax.scatter(e["diffs_pp"], [y] * len(e["diffs_pp"]), s=12, color=colour, alpha=0.5)
+        ax.plot([e["mean_diff_pp"]], [y], marker="D", color=colour, markersize=7)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{LABELS[n]} [{w}]" for n, w in reversed(rows)], fontsize=8)
+    ax.set_xlabel("test accuracy − CE alone (pp), per seed (dots) and mean (diamond)")
+    ax.set_title(f"digits, student {'/'.join(map(str, STUDENT_WIDTHS))} ch: red = published weights, blue = calibrated", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--per-class", type=int, default=10)
+    parser.add_argument("--unlabelled", type=int, default=150, help="unlabelled training images in the transfer batch")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--teacher-steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="2 seeds of the same study: a smoke run (about a minute of CPU)")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds = 2  # the same study on 2 seeds: shorter training would not show what the methods do
+    torch.set_num_threads(args.threads)
+    from tqdm import tqdm
+
+    data = load_digits_16()
+    t0 = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "methods_digits_quick" if args.quick else "methods_digits"
+    partial = args.out / f"{stem}_partial.json"
+    per_seed = []
+    for seed in tqdm(range(args.seeds), desc="seeds", disable=args.quick):
+        per_seed.append(run_seed(data, seed, args))
+        partial.write_text(json.dumps(per_seed))  # progress of a long run
+    partial.unlink()
+    seconds = time.perf_counter() - t0
+    summary = summarise(per_seed)
+    (args.out / f"{stem}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "per_seed": per_seed}, indent=1))
+    table = markdown(summary, args, args.seeds, seconds)
+    (args.out / f"{stem}.md").write_text(table)
+    plot(summary, args.out / f"{stem}.png")
+    print(table)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

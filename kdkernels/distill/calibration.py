@@ -1,0 +1,208 @@
+"""Loss-scale calibration: set each method's weight so that its loss starts at ``ratio`` × the task loss.
+
+The methods' default weights are the values their papers tuned on CIFAR or ImageNet; several
+losses grow or shrink with the feature-map size, the batch or the number of feature elements
+(each method's docstring says how), so on other data a default can make a method's loss tens of
+times the task loss, and the student then learns the method's target instead of its labels.
+Calibration is opt-in and explicit::
+
+    distiller = Distiller(student, teacher, [AttentionTransfer(...), CrossEntropy()])
+    calibrate_weights(distiller, x, y)            # one no-grad forward; prints the new weights
+    # or: Distiller(..., calibrate="init") does the same on the first training batch
+
+For every method that reads the teacher it measures the method's unweighted loss L_m and the
+task loss L_task on one batch (student in train mode, a fixed seed for dropout, every buffer —
+BatchNorm statistics of student, connectors and teacher — put back afterwards) and sets
+
+    weight_m = ratio · L_task / L_m
+
+so the weighted loss equals ``ratio`` × the task loss on that batch. The task loss is a
+:class:`~kdkernels.distill.CrossEntropy` method of the distiller if it has one (its weighted
+value), else the cross-entropy of the student's output with the labels, else ``task_loss``.
+Under ``torch.distributed`` the measured losses are averaged over ranks, so every rank gets the
+same weights. The new weights and what was measured are kept on the methods and saved in
+``state_dict``. The host reads the losses once, here, never inside a training step.
+
+Independently of calibration the distiller warns once (:class:`LossScaleCheck`) when a method's
+weighted loss at the first training step is more than 10× the task loss.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdkernels.distill.methods.cross_entropy import CrossEntropy
+
+WARN_RATIO = 10.0
+
+
+class LossScaleWarning(UserWarning):
+    """A method's loss dwarfs the task loss at the first step."""
+
+
+def method_total(result) -> torch.Tensor:
+    """A method's loss as one tensor: the tensor, or the sum of its parts."""
+    if isinstance(result, torch.Tensor):
+        return result
+    values = list(result.values())
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total
+
+
+def default_task_loss(methods: Sequence[nn.Module], results: Sequence, output: Any, target: torch.Tensor | None) -> torch.Tensor | None:
+    """The weighted loss of a CrossEntropy method if there is one; else the CE of logits
+    ``output`` (classes on the last dim) with integer labels ``target``; else None."""
+    for method, result in zip(methods, results):
+        if isinstance(method, CrossEntropy):
+            return method.weight * method_total(result).detach()
+    if target is None or not isinstance(output, torch.Tensor) or not output.is_floating_point() or output.dim() < 1:
+        return None
+    if target.is_floating_point() or output.shape[:-1] != target.shape:
+        return None
+    with torch.no_grad():
+        return F.cross_entropy(output.detach().float().reshape(-1, output.shape[-1]), target.reshape(-1))
+
+
+def calibrated_methods(methods: Sequence[nn.Module], names: Sequence[str] | None = None) -> list[nn.Module]:
+    """The methods ``names`` (default: every method that reads the teacher, so not the task loss)."""
+    if names is None:
+        return [m for m in methods if m.teacher_features and not isinstance(m, CrossEntropy)]
+    by_name = {m.name: m for m in methods}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"methods: no method named {', '.join(map(repr, unknown))}; the distiller has {', '.join(map(repr, by_name))}")
+    return [by_name[n] for n in names]
+
+
+def _inner(distiller: nn.Module) -> nn.Module:
+    while isinstance(distiller, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        distiller = distiller.module
+    return distiller
+
+
+def calibrate_weights(
+    distiller: nn.Module,
+    x: Any,
+    target: torch.Tensor | None = None,
+    *,
+    ratio: float = 1.0,
+    methods: Sequence[str] | None = None,
+    task_loss: Callable[[Any, torch.Tensor | None], torch.Tensor] | None = None,
+    seed: int = 0,
+    verbose: bool = True,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """Set each method's weight so that its loss on ``(x, target)`` is ``ratio`` × the task loss.
+
+    Args:
+        distiller: a :class:`~kdkernels.distill.Distiller` (or DDP of one).
+        x, target, kwargs: one training batch, as passed to the distiller.
+        ratio: the method's weighted loss over the task loss after calibration (default 1).
+        methods: names of the methods to calibrate (default: every method that reads the teacher).
+        task_loss: ``task_loss(student_output, target) -> tensor``, when the task loss is not a
+            cross-entropy on logits.
+        seed: the RNG seed of the measuring forward (dropout); the caller's RNG state is kept.
+        verbose: print the measured losses and the new weights.
+
+    Returns:
+        ``{method name: new weight}``. A method whose loss is 0 or not finite keeps its weight
+        (with a warning).
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        raise ValueError(f"ratio: expected a finite number > 0, got {ratio!r}")
+    inner = _inner(distiller)
+    chosen = calibrated_methods(inner.methods, methods)
+    if not chosen:
+        raise ValueError("calibrate_weights: no method to calibrate (only the task loss reads no teacher)")
+    modules = [inner, inner.teacher]
+    saved = [{name: b.detach().clone() for name, b in m.named_buffers()} for m in modules]
+    was_training = inner.training
+    device = next((p.device for p in inner.parameters()), torch.device("cpu"))
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    try:
+        inner.train()
+        with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+            torch.manual_seed(seed)
+            output, results = inner.run_methods(x, target, kwargs)
+            task = task_loss(output, target) if task_loss is not None else default_task_loss(inner.methods, results, output, target)
+    finally:
+        inner.train(was_training)
+        for module, buffers in zip(modules, saved):
+            for name, buffer in module.named_buffers():
+                buffer.copy_(buffers[name])
+    if task is None:
+        raise ValueError(
+            "calibrate_weights: no task loss to calibrate against: pass the labels (target) with a student that returns "
+            "logits, add a CrossEntropy method, or pass task_loss=lambda output, target: ..."
+        )
+    by_method = dict(zip([m.name for m in inner.methods], results))
+    measured = torch.stack([task.detach().float().reshape(())] + [method_total(by_method[m.name]).detach().float().reshape(()) for m in chosen])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(measured)
+        measured /= torch.distributed.get_world_size()
+    task_value, *losses = measured.tolist()  # the one host read, before training
+    weights = {}
+    lines = [f"calibrate_weights: task loss {task_value:.4g}; each method's loss set to {ratio:g} x that"]
+    for method, loss in zip(chosen, losses):
+        before = method.weight
+        if not math.isfinite(loss) or loss <= 0 or not math.isfinite(task_value) or task_value <= 0:
+            warnings.warn(f"calibrate_weights: {method.name}: loss {loss:.4g} (task loss {task_value:.4g}); weight left at {before:g}", LossScaleWarning, stacklevel=2)
+            weights[method.name] = before
+            continue
+        method.weight = ratio * task_value / loss
+        method.calibration = {"loss": loss, "task_loss": task_value, "ratio": float(ratio), "weight_before": before}
+        weights[method.name] = method.weight
+        lines.append(f"  {method.name}: loss {loss:.4g} -> weight {before:g} becomes {method.weight:.4g}")
+    if verbose:
+        print("\n".join(lines))
+    return weights
+
+
+class LossScaleCheck:
+    """Compares the methods' weighted losses of the first training step with the task loss and
+    warns once about any more than 10× larger — without a host sync: on CUDA the values are
+    copied to pinned memory with an event and read at a later step, once the event has passed;
+    on CPU they are read at once; on meta tensors (no data) nothing is checked."""
+
+    def __init__(self, names: Sequence[str], losses: Sequence[torch.Tensor], task: torch.Tensor) -> None:
+        self.names = list(names)
+        self.event = None
+        with torch.no_grad():
+            values = torch.stack([task.detach().float().reshape(())] + [v.detach().float().reshape(()) for v in losses])
+        if values.device.type == "meta":
+            self.host = None
+        elif values.device.type == "cuda":
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = values.cpu()
+
+    def poll(self) -> bool:
+        """Warns if the values are there and too large; True once done (values read or none)."""
+        if self.host is None:
+            return True
+        if self.event is not None and not self.event.query():
+            return False
+        task, *losses = self.host.tolist()
+        too_large = [(n, v) for n, v in zip(self.names, losses) if not math.isfinite(v) or v > WARN_RATIO * task]
+        if too_large and task > 0:
+            listed = ", ".join(f"{n} {v:.4g}" for n, v in too_large)
+            warnings.warn(
+                f"at the first step, the weighted loss of {listed} is more than {WARN_RATIO:g}x the task loss {task:.4g}: "
+                "the default weights were tuned at another scale (see each method's docstring); the student may learn the "
+                "method's target instead of its labels. Calibrate with calibrate_weights(distiller, x, y) or "
+                "Distiller(..., calibrate='init'), or set weight= yourself.",
+                LossScaleWarning,
+                stacklevel=3,
+            )
+        return True

@@ -1,0 +1,41 @@
+"""bench/bench_methods.py --quick (every method and scheme on digits, the full study's settings on
+2 seeds; about a minute of CPU): only what is robust at that size — Hinton KD helps on average, no
+loss goes non-finite — plus that calibration sets every method's first-step loss to the CE and
+that the first-step warning fires where the default weight is far off (FitNets' 100 here)."""
+
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("scipy")
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_methods.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_methods", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_study(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        summary = load_bench().main(["--quick", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    keys = [k for k in summary if "/" in k]
+    assert len(keys) == 18  # 8 methods × (default, calibrated) + mutual learning + BYOT
+    assert all(summary[k]["finite"] for k in keys), [k for k in keys if not summary[k]["finite"]]
+    assert summary["hinton_kd/default"]["mean_diff_pp"] > 0, summary["hinton_kd/default"]
+    for key in keys:
+        if key.endswith("/calibrated"):
+            assert summary[key]["first_ratio"] == pytest.approx(1.0, rel=1e-3), key
+    assert summary["fitnets/default"]["warned"] == 2  # 100 × hint starts at ~17× the CE here
+    assert summary["fitnets/calibrated"]["warned"] == 0
+    for suffix in ("json", "md", "png"):
+        assert (tmp_path / f"methods_digits_quick.{suffix}").stat().st_size > 0
