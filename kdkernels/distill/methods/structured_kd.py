@@ -40,6 +40,7 @@ from kdkernels.distill.adversarial import AdversarialMethod, at_least_fp32, grad
 from kdkernels.distill.capture import FeatureSpec, SpecLike
 from kdkernels.distill.discriminators import SAGANDiscriminator
 from kdkernels.distill.method import Method, check_same_shape, check_weight, full_precision
+from kdkernels.functional.pairwise_similarity import pairwise_similarity_loss
 from kdkernels.functional.weighted_soft_ce import weighted_soft_ce
 
 MODEL_INPUT = FeatureSpec("", on="input")  # the image: the first positional input of the model
@@ -68,29 +69,10 @@ def pool_to_grid(feature: torch.Tensor, scale: float) -> torch.Tensor:
     return F.max_pool2d(feature, kernel_size=kernel, stride=kernel, ceil_mode=True)
 
 
-def cosine_similarity_map(feature: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) → (B, N, N) with a_ij = f_iᵀ f_j / ((‖f_i‖ + 1e-8)(‖f_j‖ + 1e-8)), norms detached
-    (so no gradient flows through the normalisation, as in the released code)."""
-    norm = torch.linalg.vector_norm(feature, dim=1, keepdim=True).detach() + 1e-8
-    unit = (feature / norm).flatten(2)
-    return unit.transpose(1, 2) @ unit
-
-
-def pairwise_similarity_eager(student_grid: torch.Tensor, teacher_grid: torch.Tensor) -> torch.Tensor:
-    """ℓ_pa on pooled (B, C_s, H', W') and (B, C_t, H', W') features (channels may differ): the
-    mean over pairs of (a^s − a^t)², averaged over the batch."""
-    a_s = cosine_similarity_map(student_grid)
-    a_t = cosine_similarity_map(teacher_grid.detach())
-    return (a_s - a_t).pow(2).mean(dim=(1, 2)).mean()
-
-
 def _pairwise_similarity(student_grid: torch.Tensor, teacher_grid: torch.Tensor) -> torch.Tensor:
-    # A tiled kernel with this call shape (kdkernels.functional.pairwise_similarity_loss) replaces
-    # the eager formula once it exists; until then the eager one runs.
-    import kdkernels.functional as KF
-
-    tiled = getattr(KF, "pairwise_similarity_loss", None)
-    return tiled(student_grid, teacher_grid) if tiled is not None else pairwise_similarity_eager(student_grid, teacher_grid)
+    # The tiled fused loss: the mean over node pairs of (a^s − a^t)² with detached norms, averaged
+    # over the batch, without the (H'W')² similarity matrices.
+    return pairwise_similarity_loss(student_grid, teacher_grid.detach())
 
 
 def pair_wise_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, pool_scale: float = 0.5) -> torch.Tensor:
@@ -389,6 +371,5 @@ __all__ = [
     "PixelWiseDistillation",
     "StructuredKD",
     "pair_wise_loss",
-    "pairwise_similarity_eager",
     "pixel_wise_loss",
 ]
