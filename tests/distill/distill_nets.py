@@ -61,3 +61,28 @@ class TinyEncoder(nn.Module):
 
 def images(batch: int = 6, size: int = 8) -> torch.Tensor:
     return torch.randn(batch, 3, size, size)
+
+
+class TinySegmenter(nn.Module):
+    """conv + ReLU ("body") → 1×1 conv ("classifier"): per-pixel class scores at the input size, for
+    the structured-KD and adversarial tests."""
+
+    def __init__(self, width: int, classes: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Conv2d(width, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x))
+
+
+class TinyGenerator(nn.Module):
+    """A 1-channel label map → a 3-channel image in [-1, 1] ("model.1" is the hidden ReLU), for the
+    GAN Compression and adversarial tests."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 3, 3, padding=1), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from distill_nets import TinyGenerator, TinySegmenter
 from kdkernels.distill import (
     AdversarialTrainer,
     Distiller,
@@ -19,23 +20,13 @@ from kdkernels.distill.adversarial import call_with_frozen_parameters, gradient_
 from kdkernels.distill.discriminators import SAGANDiscriminator
 
 
-class Seg(nn.Module):
-    def __init__(self, width, classes=4):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
-        self.classifier = nn.Conv2d(width, classes, 1)
-
-    def forward(self, x):
-        return self.classifier(self.body(x))
-
-
 def structured(order="generator_first", steps=1, **kwargs):
     torch.manual_seed(0)
     method = StructuredKD(
         "classifier", "classifier", "body", "body", num_classes=4, discriminator_conv_dim=8, discriminator_depth=2,
         order=order, discriminator_steps=steps, **kwargs,
     )
-    return Distiller(Seg(4), Seg(8), [method]), method
+    return Distiller(TinySegmenter(4), TinySegmenter(8), [method]), method
 
 
 def batch():
@@ -127,17 +118,9 @@ def test_gradient_penalty_checks_shapes():
 
 
 def test_gan_compression_step_trains_both_sides():
-    class Gen(nn.Module):
-        def __init__(self, width):
-            super().__init__()
-            self.model = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 3, 3, padding=1), nn.Tanh())
-
-        def forward(self, x):
-            return self.model(x)
-
     torch.manual_seed(0)
     method = GANCompressionDistillation("model.1", "model.1", student_channels=4, teacher_channels=8, input_channels=1, output_channels=3)
-    distiller = Distiller(Gen(4), Gen(8), [method])
+    distiller = Distiller(TinyGenerator(4), TinyGenerator(8), [method])
     trainer = AdversarialTrainer(distiller, torch.optim.Adam(generator_parameters(distiller), lr=2e-4, betas=(0.5, 0.999)))
     recorder = Recorder(trainer, distiller, method)
     x, y = torch.randn(2, 1, 32, 32), torch.rand(2, 3, 32, 32) * 2 - 1
@@ -193,7 +176,7 @@ def test_bad_configurations():
     with pytest.raises(ValueError, match="not its discriminator"):
         AdversarialTrainer(distiller, good, {"structured_kd": torch.optim.SGD(distiller.student.parameters(), lr=0.1)})
     with pytest.raises(ValueError, match="no method owns a discriminator"):
-        plain = Distiller(Seg(4), Seg(8), [HintonKD("classifier", "classifier", alpha=1.0)])
+        plain = Distiller(TinySegmenter(4), TinySegmenter(8), [HintonKD("classifier", "classifier", alpha=1.0)])
         AdversarialTrainer(plain, torch.optim.SGD(plain.parameters(), lr=0.01))
     with pytest.raises(ValueError, match="unwrapped Distiller"):
         AdversarialTrainer(nn.DataParallel(distiller), good)

@@ -8,38 +8,16 @@ statistics differ by design). The gradient penalty draws its mixing weights per 
 run under DDP (it must work there) but left out of the exact comparison.
 """
 
-import os
-import socket
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import nn
 
+from ddp_harness import run_ddp
+from distill_nets import TinyGenerator, TinySegmenter
 from kdkernels.distill import AdversarialTrainer, Distiller, GANCompressionDistillation, StructuredKD, generator_parameters
 from kdkernels.distill.discriminators import PatchDiscriminator, SAGANDiscriminator
 
 WORLD = 2
 TIMEOUT_S = 120
-
-
-class Seg(nn.Module):
-    def __init__(self, width, classes=4):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
-        self.classifier = nn.Conv2d(width, classes, 1)
-
-    def forward(self, x):
-        return self.classifier(self.body(x))
-
-
-class Gen(nn.Module):
-    def __init__(self, width):
-        super().__init__()
-        self.model = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 3, 3, padding=1), nn.Tanh())
-
-    def forward(self, x):
-        return self.model(x)
 
 
 def make_structured(gradient_penalty_weight=0.0):
@@ -48,7 +26,7 @@ def make_structured(gradient_penalty_weight=0.0):
         "classifier", "classifier", "body", "body", pixel_wise_weight=0.0,
         discriminator=SAGANDiscriminator(4, conv_dim=8, depth=2, input_norm=None), gradient_penalty_weight=gradient_penalty_weight,
     )
-    return Distiller(Seg(4), Seg(8), [method])
+    return Distiller(TinySegmenter(4), TinySegmenter(8), [method])
 
 
 def make_gan_compression():
@@ -56,7 +34,7 @@ def make_gan_compression():
     method = GANCompressionDistillation(
         "model.1", "model.1", student_channels=4, teacher_channels=8, discriminator=PatchDiscriminator(4, base_channels=8, layers=2, norm=None)
     )
-    return Distiller(Gen(4), Gen(8), [method])
+    return Distiller(TinyGenerator(4), TinyGenerator(8), [method])
 
 
 def data():
@@ -70,47 +48,21 @@ def run(distiller, x, y, ddp=None):
     return step.losses, {n: p.grad.clone() for n, p in distiller.named_parameters() if p.grad is not None}
 
 
-def _worker(rank, port, path):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        seg_x, gen_x, gen_y = (t.chunk(WORLD)[rank] for t in data())
-        result = {}
-        for key, distiller, x, y in (("structured", make_structured(), seg_x, None), ("gan_compression", make_gan_compression(), gen_x, gen_y)):
-            losses, grads = run(distiller, x, y, ddp={})
-            for value in losses.values():
-                dist.all_reduce(value)
-            result[key] = ({k: v / WORLD for k, v in losses.items()}, grads)
-        losses, _ = run(make_structured(gradient_penalty_weight=10.0), seg_x, None, ddp={})
-        result["with_penalty"] = {k: bool(torch.isfinite(v)) for k, v in losses.items()}
-        if rank == 0:
-            torch.save(result, path)
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank):
+    seg_x, gen_x, gen_y = (t.chunk(WORLD)[rank] for t in data())
+    result = {}
+    for key, distiller, x, y in (("structured", make_structured(), seg_x, None), ("gan_compression", make_gan_compression(), gen_x, gen_y)):
+        losses, grads = run(distiller, x, y, ddp={})
+        for value in losses.values():
+            dist.all_reduce(value)
+        result[key] = ({k: v / WORLD for k, v in losses.items()}, grads)
+    losses, _ = run(make_structured(gradient_penalty_weight=10.0), seg_x, None, ddp={})
+    result["with_penalty"] = {k: bool(torch.isfinite(v)) for k, v in losses.items()}
+    return result
 
 
 def test_adversarial_trainer_under_ddp_matches_single_process(tmp_path):
-    path = str(tmp_path / "rank0.pt")
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, path)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-            p.join()
-    assert [p.exitcode for p in procs] == [0] * WORLD, "a DDP worker failed or timed out"
-    result = torch.load(path)
+    result = run_ddp(_worker, tmp_path, WORLD, TIMEOUT_S)
 
     seg_x, gen_x, gen_y = data()
     for key, distiller, x, y in (("structured", make_structured(), seg_x, None), ("gan_compression", make_gan_compression(), gen_x, gen_y)):

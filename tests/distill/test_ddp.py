@@ -6,14 +6,11 @@ DDP-averaged gradients equal the single-process ones. The student has no BatchNo
 batch statistics would differ by design); the teacher's BN runs in eval mode.
 """
 
-import os
-import socket
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp_harness import run_ddp
 from distill_nets import SmallCNN
 from kdkernels.distill import AttentionTransfer, Distiller, FitNets, HintonKD
 
@@ -41,61 +38,35 @@ def run_step(distiller, x, y):
     return {k: v.detach() for k, v in out.losses.items()}
 
 
-def _worker(rank, port, path):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank):
+    student, teacher, student_b = make_models()
+    x, y = global_batch()
+    x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+    result = {}
+    # The distiller wrapped: connectors are synchronised with the student; the teacher is not in DDP.
+    distiller = DDP(Distiller(student, teacher, make_methods()))
+    losses = run_step(distiller, x, y)
+    for value in losses.values():
+        dist.all_reduce(value)
+    result["losses"] = {k: v / WORLD for k, v in losses.items()}
+    result["grads"] = {n: p.grad for n, p in distiller.module.named_parameters()}
+    # The student wrapped (no connectors): features are captured through DDP.
+    wrapped = Distiller(DDP(student_b), teacher, [HintonKD()])
+    losses_b = run_step(wrapped, x, y)
+    for value in losses_b.values():
+        dist.all_reduce(value)
+    result["losses_b"] = {k: v / WORLD for k, v in losses_b.items()}
+    result["grads_b"] = {n: p.grad for n, p in student_b.named_parameters()}
     try:
-        student, teacher, student_b = make_models()
-        x, y = global_batch()
-        x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        result = {}
-        # The distiller wrapped: connectors are synchronised with the student; the teacher is not in DDP.
-        distiller = DDP(Distiller(student, teacher, make_methods()))
-        losses = run_step(distiller, x, y)
-        for value in losses.values():
-            dist.all_reduce(value)
-        result["losses"] = {k: v / WORLD for k, v in losses.items()}
-        result["grads"] = {n: p.grad for n, p in distiller.module.named_parameters()}
-        # The student wrapped (no connectors): features are captured through DDP.
-        wrapped = Distiller(DDP(student_b), teacher, [HintonKD()])
-        losses_b = run_step(wrapped, x, y)
-        for value in losses_b.values():
-            dist.all_reduce(value)
-        result["losses_b"] = {k: v / WORLD for k, v in losses_b.items()}
-        result["grads_b"] = {n: p.grad for n, p in student_b.named_parameters()}
-        try:
-            Distiller(DDP(SmallCNN(4, bn=False)), teacher, make_methods())
-            result["error"] = None
-        except ValueError as exc:
-            result["error"] = str(exc)
-        if rank == 0:
-            torch.save(result, path)
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        Distiller(DDP(SmallCNN(4, bn=False)), teacher, make_methods())
+        result["error"] = None
+    except ValueError as exc:
+        result["error"] = str(exc)
+    return result
 
 
 def test_ddp_matches_single_process(tmp_path):
-    path = str(tmp_path / "rank0.pt")
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, path)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-            p.join()
-    assert [p.exitcode for p in procs] == [0] * WORLD, "a DDP worker failed or timed out"
-    result = torch.load(path)
+    result = run_ddp(_worker, tmp_path, WORLD, TIMEOUT_S)
 
     student, teacher, student_b = make_models()
     x, y = global_batch()

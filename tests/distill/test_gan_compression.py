@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from distill_nets import TinyGenerator
 from kdkernels.distill import Distiller, GANCompressionDistillation
 from kdkernels.distill.discriminators import PatchDiscriminator
 
@@ -135,17 +136,9 @@ def test_patch_discriminator_is_pix2pix():
 
 
 def test_in_a_distiller_with_hooked_generators():
-    class Gen(nn.Module):
-        def __init__(self, width):
-            super().__init__()
-            self.model = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 3, 3, padding=1), nn.Tanh())
-
-        def forward(self, x):
-            return self.model(x)
-
     torch.manual_seed(0)
     method = GANCompressionDistillation("model.1", "model.1", student_channels=4, teacher_channels=8, input_channels=1, output_channels=3)
-    distiller = Distiller(Gen(4), Gen(8), [method])
+    distiller = Distiller(TinyGenerator(4), TinyGenerator(8), [method])
     out = distiller(torch.randn(2, 1, 32, 32), torch.rand(2, 3, 32, 32) * 2 - 1)
     assert set(out.losses) == {"gan_compression/distill", "gan_compression/recon", "gan_compression/adversarial"}
     out.total.backward()

@@ -2,14 +2,10 @@
 the mean over ranks of the single-process step's gradients (base + augmented), with every rank
 sampling the same subnet from a generator seeded alike."""
 
-import os
-import socket
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp_harness import run_ddp
 from kdkernels.distill import NetAug
 from test_netaug import tiny_mobilenet
 
@@ -26,42 +22,16 @@ def global_batch():
     return torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 5, (8,), generator=g)
 
 
-def _worker(rank, port, path):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        netaug = make_netaug()
-        ddp = DDP(netaug)
-        x, y = global_batch()
-        step = netaug.train_step(x.chunk(WORLD)[rank], y.chunk(WORLD)[rank], torch.optim.SGD(ddp.parameters(), lr=0.0), ddp=ddp)
-        if rank == 0:
-            torch.save({"grads": {n: p.grad for n, p in netaug.named_parameters()}, "widths": step.widths}, path)
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank):
+    netaug = make_netaug()
+    ddp = DDP(netaug)
+    x, y = global_batch()
+    step = netaug.train_step(x.chunk(WORLD)[rank], y.chunk(WORLD)[rank], torch.optim.SGD(ddp.parameters(), lr=0.0), ddp=ddp)
+    return {"grads": {n: p.grad for n, p in netaug.named_parameters()}, "widths": step.widths}
 
 
 def test_netaug_step_under_ddp_averages_the_ranks_gradients(tmp_path):
-    path = str(tmp_path / "rank0.pt")
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, path)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-            p.join()
-    assert [p.exitcode for p in procs] == [0] * WORLD, "a DDP worker failed or timed out"
-    result = torch.load(path)
+    result = run_ddp(_worker, tmp_path, WORLD, TIMEOUT_S)
 
     x, y = global_batch()
     per_rank = []
