@@ -1,22 +1,15 @@
 """examples/digits_kd.py --synthetic (a short run on scikit-learn's digits) runs offline on CPU."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .synthetic_run import run_synthetic
 
 
 def test_synthetic_run():
     pytest.importorskip("sklearn")
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
-    env.pop("KDKERNELS_BACKEND", None)
-    cmd = [sys.executable, os.path.join(REPO, "examples", "digits_kd.py"), "--synthetic"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_synthetic("digits_kd", timeout=300, default_backend=True)
     mean = re.search(r"^\s+mean\s+([\d.]+)%\s+([\d.]+)%", result.stdout, re.M)
     assert mean, result.stdout
     assert all(0.0 <= float(v) <= 100.0 for v in mean.groups()), result.stdout

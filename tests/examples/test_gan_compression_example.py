@@ -2,26 +2,17 @@
 results and image grid."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
+
+from .synthetic_run import run_synthetic
 
 pytest.importorskip("torchmetrics")
 pytest.importorskip("matplotlib")
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
 
 def test_gan_compression_synthetic(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "gan_compression.py"), "--synthetic", "--quiet", "--threads", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_synthetic("gan_compression", "--quiet", "--threads", "1", out=tmp_path, timeout=300)
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["students"]) == {"without distillation", "with distillation"}
     for runs in results["students"].values():

@@ -2,26 +2,17 @@
 results and mask plot."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
+
+from .synthetic_run import run_synthetic
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
 
 def test_segmentation_kd_synthetic(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "segmentation_kd.py"), "--synthetic", "--quiet", "--threads", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_synthetic("segmentation_kd", "--quiet", "--threads", "1", out=tmp_path, timeout=300)
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["students"]) == {"no KD", "pixel", "pixel + pair", "all three"}
     assert all(0.0 <= v <= 1.0 for runs in results["students"].values() for v in runs)
