@@ -26,7 +26,6 @@ under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _common import add_run_flags, json_args, save_figure, spread, write_results
 from kdkernels.distill import AdversarialTrainer, Distiller, GANCompressionDistillation, generator_parameters
 from kdkernels.distill.discriminators import PatchDiscriminator
 from kdkernels.distill.methods.gan_compression import discriminator_gan_loss, generator_gan_loss
@@ -211,15 +211,12 @@ def save_grid(path: Path, x, y, outputs: dict[str, torch.Tensor], count: int = 6
             ax.set_xticks([]), ax.set_yticks([])
             if row == 0:
                 ax.set_title(columns[col], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--synthetic", action="store_true", help="tiny sizes: a smoke run in seconds")
-    parser.add_argument("--seeds", type=int, default=2)
+    add_run_flags(parser, seeds=2, out="examples/out/gan_compression")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--train-pairs", type=int, default=600)
     parser.add_argument("--test-pairs", type=int, default=100)
@@ -229,9 +226,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--teacher-ngf", type=int, default=32)
     parser.add_argument("--student-ngf", type=int, default=8)
     parser.add_argument("--d-channels", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: on a busy shared machine, more threads stall at OpenMP barriers)")
-    parser.add_argument("--out", type=Path, default=Path("examples/out/gan_compression"))
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.synthetic:
         args.seeds, args.size, args.train_pairs, args.test_pairs = 1, 16, 8, 6
@@ -258,21 +252,17 @@ def main(argv=None) -> dict:
         "teacher": sum(p.numel() for p in teacher.parameters()),
         "student": sum(p.numel() for p in ResnetGenerator(ngf=args.student_ngf).parameters()),
     }
-    results["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    results["args"] = json_args(args)
 
     def cell(runs: list[dict], key: str, fmt: str) -> str:
         values = [r[key] for r in runs]
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{format(statistics.mean(values), fmt)} ± {format(spread, fmt)}"
+        return f"{format(statistics.mean(values), fmt)} ± {format(spread(values), fmt)}"
 
     rows = [f"| teacher (ngf {args.teacher_ngf}, {results['parameters']['teacher'] / 1e6:.2f} M) | {results['teacher']['l1']:.4f} | {results['teacher']['psnr']:.2f} | {results['teacher']['ssim']:.3f} |"]
     for key, runs in results["students"].items():
         rows.append(f"| student (ngf {args.student_ngf}, {results['parameters']['student'] / 1e6:.3f} M) {key} | {cell(runs, 'l1', '.4f')} | {cell(runs, 'psnr', '.2f')} | {cell(runs, 'ssim', '.3f')} |")
     table = "| generator | test L1 ↓ | PSNR dB ↑ | SSIM ↑ |\n|---|---|---|---|\n" + "\n".join(rows)
-    print(table)
-    print(f"{results['seconds']:.0f} s")
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    (args.out / "table.md").write_text(table + "\n")
+    write_results(args.out, results, table)
     save_grid(args.out / "grid.png", test_x, test_y, shown, count=min(6, len(test_x)))
     return results
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from _common import spread
 from kdkernels.distill import NetAug
 from kdkernels.distill.netaug import make_divisible
 
@@ -186,9 +187,8 @@ def main(argv=None) -> dict:
         "|---|---|---|---|",
     ]
     for method, accs in results.items():
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         per_seed = ", ".join(f"{a:.4f}" for a in accs)
-        lines.append(f"| {method} | {statistics.mean(accs):.4f} ± {std:.4f} | {per_seed} | {seconds[method]:.0f} s |")
+        lines.append(f"| {method} | {statistics.mean(accs):.4f} ± {spread(accs):.4f} | {per_seed} | {seconds[method]:.0f} s |")
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

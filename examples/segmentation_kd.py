@@ -23,7 +23,6 @@ truth, teacher and each student) under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _common import add_run_flags, json_args, save_figure, spread, write_results
 from kdkernels.distill import AdversarialTrainer, Distiller, Method, StructuredKD, generator_parameters
 
 CLASSES = ("background", "disc", "square", "triangle")
@@ -217,15 +217,12 @@ def save_masks(path: Path, images, labels, predictions: dict[str, torch.Tensor],
             ax.set_xticks([]), ax.set_yticks([])
             if row == 0:
                 ax.set_title(columns[col], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--synthetic", action="store_true", help="tiny sizes: a smoke run in seconds")
-    parser.add_argument("--seeds", type=int, default=3)
+    add_run_flags(parser, seeds=3, out="examples/out/segmentation_kd")
     parser.add_argument("--size", type=int, default=48, help="image side (score maps are size/4)")
     parser.add_argument("--teacher-images", type=int, default=1000)
     parser.add_argument("--student-images", type=int, default=128, help="the student's small labelled set")
@@ -233,9 +230,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--teacher-steps", type=int, default=500)
     parser.add_argument("--student-steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: on a busy shared machine, more threads stall at OpenMP barriers)")
-    parser.add_argument("--out", type=Path, default=Path("examples/out/segmentation_kd"))
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.synthetic:
         args.seeds, args.size, args.teacher_images, args.student_images, args.test_images = 1, 32, 16, 8, 8
@@ -259,17 +253,13 @@ def main(argv=None) -> dict:
             if seed == 0:
                 shown[variant] = prediction
     results["seconds"] = time.time() - start
-    results["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    results["args"] = json_args(args)
 
     rows = [f"| teacher (SegFormer 0.51 M, {args.teacher_images} images) | {100 * results['teacher']:.1f} | – |"]
     for variant, scores in results["students"].items():
-        spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        rows.append(f"| student (0.08 M, {args.student_images} images): {variant} | {100 * statistics.mean(scores):.1f} ± {100 * spread:.1f} | {' '.join(f'{100 * s:.1f}' for s in scores)} |")
+        rows.append(f"| student (0.08 M, {args.student_images} images): {variant} | {100 * statistics.mean(scores):.1f} ± {100 * spread(scores):.1f} | {' '.join(f'{100 * s:.1f}' for s in scores)} |")
     table = "| model | test mIoU % (mean ± std) | per seed |\n|---|---|---|\n" + "\n".join(rows)
-    print(table)
-    print(f"{results['seconds']:.0f} s")
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    (args.out / "table.md").write_text(table + "\n")
+    write_results(args.out, results, table)
     save_masks(args.out / "masks.png", test_x, test_y, shown, count=min(4, len(test_x)))
     return results
 

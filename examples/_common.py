@@ -1,0 +1,51 @@
+"""What several examples do alike at the end of a run: the spread over seeds, the arguments as
+JSON, and the table and results written to ``--out``.
+
+Not an example itself. An example imports it as a sibling module: ``python examples/<name>.py``
+puts ``examples/`` first on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def add_run_flags(parser: argparse.ArgumentParser, *, seeds: int, out: str) -> None:
+    """The flags of a seeded comparison run: ``--synthetic``, ``--seeds``, ``--threads``, ``--out``
+    and ``--quiet``, with this example's number of seeds and output folder as defaults."""
+    parser.add_argument("--synthetic", action="store_true", help="tiny sizes: a smoke run in seconds")
+    parser.add_argument("--seeds", type=int, default=seeds)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: on a busy shared machine, more threads stall at OpenMP barriers)")
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lays the figure out, writes it at 120 dpi and closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def spread(values: list[float]) -> float:
+    """The sample standard deviation over seeds; 0.0 for a single seed (e.g. a ``--synthetic`` run)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def json_args(args: argparse.Namespace) -> dict:
+    """The parsed arguments as JSON values (paths as strings, everything else as parsed)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def write_results(out: Path, results: dict, table: str) -> None:
+    """Prints the Markdown ``table`` and ``results["seconds"]``; writes ``results.json`` and
+    ``table.md`` into ``out``."""
+    print(table)
+    print(f"{results['seconds']:.0f} s")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "table.md").write_text(table + "\n")
