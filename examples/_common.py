@@ -42,6 +42,20 @@ def json_args(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
+def str_args(args: argparse.Namespace) -> dict:
+    """The parsed arguments, every value as a string."""
+    return {k: str(v) for k, v in vars(args).items()}
+
+
+def write_table_and_json(out: Path, stem: str, table: str, payload: dict) -> None:
+    """Prints the Markdown ``table``; writes it to ``<stem>.md`` and ``payload`` to ``<stem>.json``
+    in ``out`` (created if missing)."""
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(table + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+
+
 def write_results(out: Path, results: dict, table: str) -> None:
     """Prints the Markdown ``table`` and ``results["seconds"]``; writes ``results.json`` and
     ``table.md`` into ``out``."""

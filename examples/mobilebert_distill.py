@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import pathlib
 import sysconfig
 import time
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from _common import str_args, write_table_and_json
 from kdkernels.distill import LayerwiseTransferSchedule, progressive_transfer_losses
 from kdkernels.distill.adapters import BertFeatures
 from kdkernels.distill.methods.mobilebert_pretraining import pretraining_distillation_loss
@@ -315,10 +315,7 @@ def main(argv=None) -> dict:
     ]
     lines += [f"| {name} | {r['accuracy']:.4f} | {r['mlm_loss']:.3f} |" for name, r in results.items()]
     table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mobilebert_results.md").write_text(table + "\n")
-    (args.out / "mobilebert_results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "parameters": params}, indent=2))
+    write_table_and_json(args.out, "mobilebert_results", table, {"args": str_args(args), "results": results, "parameters": params})
     return results
 
 

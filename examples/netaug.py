@@ -15,7 +15,6 @@ is evaluated as the exported plain base network. Prints and writes a table of te
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import statistics
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from _common import spread
+from _common import spread, str_args, write_table_and_json
 from kdkernels.distill import NetAug
 from kdkernels.distill.netaug import make_divisible
 
@@ -190,10 +189,7 @@ def main(argv=None) -> dict:
         per_seed = ", ".join(f"{a:.4f}" for a in accs)
         lines.append(f"| {method} | {statistics.mean(accs):.4f} ± {spread(accs):.4f} | {per_seed} | {seconds[method]:.0f} s |")
     table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "netaug_results.md").write_text(table + "\n")
-    (args.out / "netaug_results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "accuracy": results, "seconds": seconds}, indent=2))
+    write_table_and_json(args.out, "netaug_results", table, {"args": str_args(args), "accuracy": results, "seconds": seconds})
     return results
 
 
