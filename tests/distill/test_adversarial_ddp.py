@@ -17,7 +17,7 @@ from kdkernels.distill import AdversarialTrainer, Distiller, GANCompressionDisti
 from kdkernels.distill.discriminators import PatchDiscriminator, SAGANDiscriminator
 
 WORLD = 2
-TIMEOUT_S = 120
+TIMEOUT_S = 300
 
 
 def make_structured(gradient_penalty_weight=0.0):

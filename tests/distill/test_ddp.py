@@ -15,7 +15,7 @@ from distill_nets import SmallCNN
 from kdkernels.distill import AttentionTransfer, Distiller, FitNets, HintonKD
 
 WORLD = 2
-TIMEOUT_S = 90
+TIMEOUT_S = 300
 
 
 def make_models():

@@ -10,7 +10,7 @@ from kdkernels.distill import NetAug
 from test_netaug import tiny_mobilenet
 
 WORLD = 2
-TIMEOUT_S = 120
+TIMEOUT_S = 300
 
 
 def make_netaug():
