@@ -664,6 +664,27 @@ def markdown_table(entry: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ROOFLINE = "roofline: torch.add(s, t, out=g)"
+
+
+def roofline_fn(inputs: Sequence[torch.Tensor]) -> Callable[..., torch.Tensor] | None:
+    """The least a fused two-input loss must move, as a timed run: ``torch.add(s, t, out=g)`` on
+    the benchmark's first two inputs (read both, write one tensor of their size), into a buffer
+    made once. The "forward" does the add and returns a 0-d leaf that requires grad, whose backward
+    is free, so its fwd+bwd time is the add's. None when the first two inputs differ in shape."""
+    if len(inputs) < 2 or inputs[0].shape != inputs[1].shape:
+        return None
+    out = torch.empty_like(inputs[0], requires_grad=False)
+    done = torch.zeros((), device=inputs[0].device, requires_grad=True)
+
+    def add(s, t, *_):
+        torch.add(s.detach(), t.detach(), out=out)
+        done.grad = None
+        return done
+
+    return add
+
+
 def _compute_ratios(cands: list[dict]) -> dict[str, Any]:
     """Baseline over kdkernels, fwd+bwd median time and peak memory, e.g. 'eager / kdkernels[cpu]'."""
     ok = [c for c in cands if c["status"] == "ok"]
@@ -761,7 +782,16 @@ def run_config(spec: BenchSpec, config: Config, device: torch.device, args, peak
         free_memory(device)
     entry["input_sets"] = len(input_sets)
 
-    timings = time_interleaved({cand.name: cand.fn for cand, _ in runnable}, input_sets, device, args.warmup, args.repeats)
+    timed = {cand.name: cand.fn for cand, _ in runnable}
+    roofline = roofline_fn(inputs) if device.type == "cpu" else None
+    if roofline is not None:  # timed in turn with the candidates, like them
+        timed[ROOFLINE] = roofline
+    timings = time_interleaved(timed, input_sets, device, args.warmup, args.repeats)
+    roofline_ms = None
+    if roofline is not None and not isinstance(timings[ROOFLINE], BaseException):
+        roofline_ms = timings[ROOFLINE]["fwd_bwd"]["median_ms"]
+        entry["roofline"] = {"what": ROOFLINE, "fwd_bwd_median_ms": roofline_ms}
+        print(f"  {ROOFLINE}: {roofline_ms:.3f} ms", flush=True)
     for cand, res in runnable:
         timing = timings[cand.name]
         if isinstance(timing, BaseException):
@@ -775,9 +805,11 @@ def run_config(spec: BenchSpec, config: Config, device: torch.device, args, peak
         res["frac_datasheet_bw"] = (
             res["achieved_GBps"] * 1e9 / peaks["datasheet_Bps"] if peaks.get("datasheet_Bps") else None
         )
+        # The copy's time over the candidate's: the candidate's share of the copy's bandwidth.
+        res["frac_roofline"] = roofline_ms / med if roofline_ms else None
         print(
             f"  {cand.name}: fwd {res['time']['fwd']['median_ms']:.3f} ms, bwd {res['time']['bwd']['median_ms']:.3f} ms, "
-            f"fwd+bwd {med:.3f} ms",
+            f"fwd+bwd {med:.3f} ms" + (f" ({res['frac_roofline']:.0%} of the roofline)" if roofline_ms else ""),
             flush=True,
         )
     del input_sets, inputs

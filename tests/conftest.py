@@ -47,11 +47,32 @@ def device_backends():
 
 FUSED = device_backends()
 
+# Every fused backend of each device, runnable here or not.
+_FUSED_BY_DEVICE = {"cuda": ("triton", "cuda"), "cpu": ("cpu", "triton")}
 
-@pytest.fixture(params=FUSED, ids=[f"{d}-{b}" for d, b in FUSED])
+
+def _skip_unless_runnable(device: str, backend: str) -> list:
+    reason = kdkernels.backends.why_unavailable(backend, device)
+    return [] if reason is None else [pytest.mark.skip(reason=f"backend {backend!r} on {device}: {reason}")]
+
+
+def backend_params(device: str, backends) -> list:
+    """``backends`` as pytest params for ``device``: one that cannot run here is a skip that says
+    why (shown by ``pytest -rs``), not silently left out."""
+    return [pytest.param(b, marks=_skip_unless_runnable(device, b), id=b) for b in backends]
+
+
+FUSED_PARAMS = [
+    pytest.param((device, backend), marks=_skip_unless_runnable(device, backend), id=f"{device}-{backend}")
+    for device, backends in _FUSED_BY_DEVICE.items()
+    for backend in backends
+]
+
+
+@pytest.fixture(params=FUSED_PARAMS)
 def device_backend(request):
-    """Parametrises a test over every fused backend that can run here; yields (device, backend)
-    with that backend active."""
+    """Parametrises a test over every fused backend (those that cannot run here are skips with
+    the reason); yields (device, backend) with that backend active."""
     device, backend = request.param
     with kdkernels.use_backend(backend):
         yield torch.device(device), backend

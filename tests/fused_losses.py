@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 import kdkernels
+from tests.conftest import backend_params
 import kdkernels.functional as KF
 from kdkernels.ops.reference.bounded_regression import bounded_regression_reference
 from kdkernels.ops.reference.kd_loss import kd_loss_reference
@@ -24,6 +25,9 @@ from kdkernels.ops.reference.weighted_soft_ce import weighted_soft_ce_reference
 
 # Backends to run on this machine (Triton through the interpreter without a GPU).
 BACKENDS = [b for b in ("cpu", "triton", "torch") if b in kdkernels.backends.available("cpu")]
+# The same as pytest params, with the backends that cannot run here as skips that say why.
+BACKEND_PARAMS = backend_params("cpu", ("cpu", "triton", "torch"))
+FUSED_BACKEND_PARAMS = backend_params("cpu", ("cpu", "triton"))
 # Long rows: more classes than the kernels' class block (CPU 2048, Triton's resident rows 4096).
 LONG = 4100
 

@@ -21,8 +21,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kdkernels
 import kdkernels.functional as KF
 import kdkernels.nn as kdnn
+from tests.conftest import backend_params
 
 BACKENDS = [name for name in ("cpu", "torch") if name in kdkernels.backends.available("cpu")]
+BACKEND_PARAMS = backend_params("cpu", ("cpu", "torch"))  # one that cannot run: a skip with the reason
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,7 @@ def _arguments(loss: Loss, overrides: dict) -> dict:
 
 
 @pytest.mark.parametrize("form", ["functional", "module"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("loss,overrides,error,argument", BAD)
 def test_bad_input_names_the_argument_before_any_kernel(loss, overrides, error, argument, backend, form):
     spec = LOSSES[loss]
@@ -270,7 +272,7 @@ def test_empty_batch_is_not_a_mistake(loss):
 HOST_SYNC_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::item"}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("loss", ["kd_loss", "kl_div", "bounded_regression"])
 def test_forward_reads_no_tensor_value_on_the_host(loss, backend):
     # (weighted_soft_ce and margin_partial_l2 check their CPU weights' values, which is free on a

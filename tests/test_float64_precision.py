@@ -7,13 +7,12 @@ import torch
 
 import kdkernels
 from kdkernels.ops._reduction import MEAN, grad_scale_and_divisor
-from tests.fused_losses import BACKENDS, BY_NAME, LOSSES, loss_and_grads, make_case
+from tests.fused_losses import BACKEND_PARAMS, BY_NAME, FUSED_BACKEND_PARAMS, LOSSES, loss_and_grads, make_case
 
 NAMES = [loss.name for loss in LOSSES]
-FUSED = [b for b in BACKENDS if b != "torch"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("reduction", ["mean", "batchmean"])
 @pytest.mark.parametrize("name", NAMES)
 def test_float64_gradients_are_float64_accurate(name, reduction, backend):
@@ -42,7 +41,7 @@ def test_mask_counts_are_exact_beyond_2_to_the_24(dtype):
     assert abs(grad_scale.double().item() * count - 1) < (1e-15 if dtype == torch.float64 else 1e-7)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", FUSED_BACKEND_PARAMS)
 @pytest.mark.parametrize("which", [0, 1], ids=["student", "teacher"])
 @pytest.mark.parametrize("name", NAMES)
 def test_second_backward_after_an_in_place_change_raises_like_torch(name, which, backend):
@@ -60,7 +59,7 @@ def test_second_backward_after_an_in_place_change_raises_like_torch(name, which,
         out.backward()
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", FUSED_BACKEND_PARAMS)
 @pytest.mark.parametrize("name", NAMES)
 def test_second_backward_without_changes_repeats_the_gradient(name, backend):
     loss = BY_NAME[name]

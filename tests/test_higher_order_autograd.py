@@ -7,7 +7,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import kdkernels
-from tests.fused_losses import BACKENDS, BY_NAME, LOSSES, make_case
+from tests.fused_losses import BACKEND_PARAMS, BY_NAME, LOSSES, make_case
 
 LAYOUTS = {"kd_loss": "nchw", "weighted_soft_ce": "rows", "kl_div": "rows", "margin_partial_l2": "channels_last",
            "bounded_regression": "rows"}
@@ -39,7 +39,7 @@ def _diff_inputs(case):
     return [x.detach().double().requires_grad_() for x in case.inputs[: case.n_diff]]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("name", NAMES)
 def test_gradgradcheck(name, reduction, backend):
@@ -48,7 +48,7 @@ def test_gradgradcheck(name, reduction, backend):
     assert torch.autograd.gradgradcheck(f, _diff_inputs(case), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("name", NAMES)
 def test_gradient_penalty_matches_the_reference(name, backend):
     """The reproducer of the issue: a penalty on the gradient must reach the inputs."""
@@ -71,7 +71,7 @@ def _reference_jvp(loss, case, reduction, primals, tangents):
     return torch.func.jvp(_function(loss, case, reduction, "torch"), primals, tangents)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("name", NAMES)
 def test_forward_mode_ad(name, backend):
     loss, case = _small_case(name)
@@ -90,7 +90,7 @@ def test_forward_mode_ad(name, backend):
     torch.testing.assert_close(out.tangent, want_tangent, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("name", NAMES)
 def test_torch_func_grad_and_vmap(name, backend):
     loss, case = _small_case(name)

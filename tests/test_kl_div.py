@@ -132,12 +132,6 @@ def test_module_is_a_drop_in(device_backend):
     torch.testing.assert_close(ours(x, y), theirs(x, y))
 
 
-def test_deterministic(device_backend):
-    device, _ = device_backend
-    x, y = _inputs((50, 4000), False, device)
-    assert torch.equal(kl_div(x, y, reduction="sum"), kl_div(x, y, reduction="sum"))
-
-
 def test_gradcheck_float64():
     x, y = _inputs((3, 5), True, "cpu", torch.float64)
     x.requires_grad_(), y.requires_grad_()

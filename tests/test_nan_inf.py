@@ -4,9 +4,9 @@ on every backend that runs here, in every layout (table in ``tests/fused_losses.
 import pytest
 import torch
 
-from tests.fused_losses import BACKENDS, BY_NAME, LONG, LOSSES, element_at_position, first_masked_out, loss_and_grads, make_case
+from tests.fused_losses import BACKEND_PARAMS, BY_NAME, LONG, LOSSES, element_at_position, first_masked_out, loss_and_grads, make_case
 
-ALL = BACKENDS
+ALL = BACKEND_PARAMS
 GRID = [(loss.name, layout) for loss in LOSSES for layout in loss.layouts]
 SOFTMAX_GRID = [(name, layout) for name, layout in GRID if BY_NAME[name].softmax]
 

@@ -12,8 +12,10 @@
 // the maximum's rounding error, up to +128 at 1e10/3, in the exponent), V = 1 gives exactly 0, and
 // identical inputs give W = 0, Z_a = Z_b: exactly 0. Maxima propagate NaN, so a NaN logit makes
 // its position NaN through the arithmetic (kdkernels/ops/reference/__init__.py has the rules).
-// Pass 2, only when a gradient is asked for, re-reads the position (from cache) and writes
-//   grad_s = gs·T·(p_s - p_t),  grad_t = gs·T·p_t·(log p_t - log p_s - L').
+// Pass 2, only when a gradient is asked for, writes
+//   grad_s = gs·T·(p_s - p_t),  grad_t = gs·T·p_t·(log p_t - log p_s - L'):
+// for the student gradient alone in the rows layout from pass 1's exponentials, kept in a per-thread
+// scratch (ExpCache: one exp per element and input in all), otherwise re-reading the position.
 //
 // Three layouts: "rows" (class stride 1: vectorised along the classes), "channels" (inner stride
 // 1: vectorised across Vec::size() neighbouring positions, looping over the classes), and a scalar
@@ -26,9 +28,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "../kdkernels.h"
 #include "dispatch.h"
+#include "gradient_buffer.h"
 #include "vec_utils.h"
 
 namespace kdkernels {
@@ -36,6 +40,7 @@ namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
 namespace {
 
 using cpu::acc_type_t;
+using cpu::fast_exp;
 using cpu::hmax;
 using cpu::hsum;
 using cpu::load_vec;
@@ -91,6 +96,10 @@ inline Stats<acc_t> finish(acc_t ma, acc_t mb, acc_t sa, acc_t sb, acc_t za, acc
     r.kl = 0;
   } else if (ma == ninf) {
     r.kl = std::numeric_limits<acc_t>::infinity();  // student gives 0 where the teacher does not
+  } else if (!std::isfinite(ma) || !std::isfinite(mb)) {
+    // A NaN or +inf logit: the position is NaN. Said here because the rows walker's fast_exp does
+    // not carry NaN through the sums (pass 2 then recomputes with exp, which does).
+    r.kl = std::numeric_limits<acc_t>::quiet_NaN();
   } else {
     r.kl = w / zb - r.log_zb + r.log_za;
   }
@@ -125,11 +134,34 @@ inline Rescale<acc_t> rescale(acc_t ma, acc_t mb, acc_t sa, acc_t sb, acc_t nma,
 // ---------------------------------------------------------------------------------------------
 // Rows layout: classes contiguous.
 
+constexpr int64_t kRowBlock = 2048;  // classes per block: 2 inputs x 8 KiB in fp32 stay in L1
+
+// Pass 1's exponentials, kept for pass 2 so that each is evaluated once: e^{x_a} and e^{x_b} of
+// every class, each shifted by its block's running maximum, and those shifts. Pass 2 rescales a
+// block by e^{(shift_block - shift_final)/T} / Z instead of recomputing the exponentials and
+// re-reading the logits. Scratch of one thread, reused row after row (2·C values: in L2 at
+// C = 32000), so the only memory traffic is one read of each input and one write of the gradient.
+template <typename acc_t>
+struct ExpCache {
+  std::vector<acc_t> ea, eb;            // C each
+  std::vector<acc_t> shift_a, shift_b;  // one per block
+  std::vector<uint8_t> live_a, live_b;  // the block's running maximum is > -inf (else its e^x are 0)
+  void resize(int64_t C) {
+    const int64_t blocks = (C + kRowBlock - 1) / kRowBlock;
+    ea.resize(C);
+    eb.resize(C);
+    shift_a.resize(blocks);
+    shift_b.resize(blocks);
+    live_a.resize(blocks);
+    live_b.resize(blocks);
+  }
+};
+
 template <typename acc_t, typename s_t, typename t_t>
-Stats<acc_t> rows_pass1(const s_t* s, const t_t* t, int64_t C, acc_t inv_t) {
+Stats<acc_t> rows_pass1(const s_t* s, const t_t* t, int64_t C, acc_t inv_t, ExpCache<acc_t>* cache) {
   using V = Vec<acc_t>;
   constexpr int64_t L = V::size();
-  constexpr int64_t kBlock = 2048;  // classes per block: 2 inputs x 8 KiB in fp32 stay in L1
+  constexpr int64_t kBlock = kRowBlock;
   constexpr acc_t ninf = neg_inf<acc_t>();
   const V vinv(inv_t), vzero(0);
   V za(0), zb(0), w(0);
@@ -164,19 +196,41 @@ Stats<acc_t> rows_pass1(const s_t* s, const t_t* t, int64_t C, acc_t inv_t) {
       sa = r.new_sa;
       sb = r.new_sb;
     }
+    acc_t* ea_out = nullptr;
+    acc_t* eb_out = nullptr;
+    if (cache != nullptr) {
+      const int64_t k = c0 / kBlock;
+      cache->shift_a[k] = sa;
+      cache->shift_b[k] = sb;
+      cache->live_a[k] = !(ma == ninf);
+      cache->live_b[k] = !(mb == ninf);
+      ea_out = cache->ea.data();
+      eb_out = cache->eb.data();
+    }
     const V vsa(sa), vsb(sb);
-    auto step = [&](const V& sv, const V& tv) {
+    auto step = [&](const V& sv, const V& tv, int64_t c, int64_t n) {
       const V xa = (sv - vsa) * vinv;
       const V xb = (tv - vsb) * vinv;
-      const V ea = xa.exp();
-      const V eb = xb.exp();
+      const V ea = fast_exp(xa);
+      const V eb = fast_exp(xb);
       za = za + ea;
       zb = zb + eb;
       // Classes with p_t = 0 contribute 0, whatever the student (never 0 * inf = NaN).
       w = w + V::blendv(vzero, eb * (xb - xa), eb != vzero);
+      if (ea_out != nullptr) {
+        if (n == L) {
+          ea.store(ea_out + c);
+          eb.store(eb_out + c);
+        } else {
+          ea.store(ea_out + c, n);
+          eb.store(eb_out + c, n);
+        }
+      }
     };
-    for (int64_t c = c0; c < cv; c += L) step(load_vec<acc_t>(s + c), load_vec<acc_t>(t + c));
-    if (cv < c1) step(load_vec_n<acc_t>(s + cv, c1 - cv, ninf), load_vec_n<acc_t>(t + cv, c1 - cv, ninf));
+    for (int64_t c = c0; c < cv; c += L) step(load_vec<acc_t>(s + c), load_vec<acc_t>(t + c), c, L);
+    if (cv < c1) {
+      step(load_vec_n<acc_t>(s + cv, c1 - cv, ninf), load_vec_n<acc_t>(t + cv, c1 - cv, ninf), cv, c1 - cv);
+    }
   }
   return finish(ma, mb, sa, sb, hsum(za), hsum(zb), hsum(w));
 }
@@ -207,6 +261,37 @@ void rows_pass2(const s_t* s, const t_t* t, s_t* gs, t_t* gt, int64_t C, acc_t i
     if (gs != nullptr) store_vec_n(g_s, gs + cv, C - cv);
     if (gt != nullptr) store_vec_n(g_t, gt + cv, C - cv);
   }
+}
+
+// Pass 2 of the student gradient from pass 1's exponentials (ExpCache), when every shift and
+// normaliser is finite (otherwise rows_pass2 recomputes, with the NaN/inf rules of the arithmetic):
+//   grad_s = gs·T·(e^{x_a}·e^{(m_a,k - m_a)/T}/Z_a - e^{x_b}·e^{(m_b,k - m_b)/T}/Z_b)  over block k.
+// Equal inputs still give exactly 0: both sides then round the same way.
+template <typename acc_t, typename s_t>
+void rows_pass2_cached(s_t* gs, int64_t C, acc_t inv_t, const Stats<acc_t>& st, acc_t scale,
+                       const ExpCache<acc_t>& cache) {
+  using V = Vec<acc_t>;
+  constexpr int64_t L = V::size();
+  const acc_t* ea = cache.ea.data();
+  const acc_t* eb = cache.eb.data();
+  for (int64_t c0 = 0, k = 0; c0 < C; c0 += kRowBlock, ++k) {
+    const int64_t c1 = std::min(C, c0 + kRowBlock);
+    const int64_t cv = c0 + (c1 - c0) / L * L;
+    const acc_t fa = cache.live_a[k] ? scale * std::exp((cache.shift_a[k] - st.shift_a) * inv_t - st.log_za) : acc_t(0);
+    const acc_t fb = cache.live_b[k] ? scale * std::exp((cache.shift_b[k] - st.shift_b) * inv_t - st.log_zb) : acc_t(0);
+    const V vfa(fa), vfb(fb), vzero(0);
+    // Both products rounded before the subtraction: the compiler may not contract one of them into
+    // an FMA with it (x·a − round(x·b) ≠ 0 for a = b), which would lose the exact 0 of equal inputs.
+    auto grad = [&](const V& xa, const V& xb) { return at::vec::fmadd(xa, vfa, vzero) - at::vec::fmadd(xb, vfb, vzero); };
+    for (int64_t c = c0; c < cv; c += L) store_vec(grad(V::loadu(ea + c), V::loadu(eb + c)), gs + c);
+    if (cv < c1) store_vec_n(grad(V::loadu(ea + cv, c1 - cv), V::loadu(eb + cv, c1 - cv)), gs + cv, c1 - cv);
+  }
+}
+
+template <typename acc_t>
+inline bool all_finite(const Stats<acc_t>& st) {
+  return std::isfinite(st.shift_a) && std::isfinite(st.shift_b) && std::isfinite(st.log_za) &&
+         std::isfinite(st.log_zb);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -416,8 +501,13 @@ void kd_loss_rows_impl(const at::Tensor& student, const at::Tensor& teacher, con
     return;
   }
 
+  // The student-gradient pass reuses pass 1's exponentials (rows layout; a teacher gradient
+  // needs log p_s and log p_t of every class, so it re-reads the logits in rows_pass2).
+  const bool reuse_exps = rows_ok && student_grad && !teacher_grad;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1));
   at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
+    ExpCache<acc_t> cache;
+    if (reuse_exps) cache.resize(C);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t o = p / I, i = p % I;
       const s_t* s = S.at(o, i);
@@ -427,7 +517,7 @@ void kd_loss_rows_impl(const at::Tensor& student, const at::Tensor& teacher, con
       const bool keep = mask == nullptr || mask[p];
       if (rows_ok) {
         Stats<acc_t> st{};
-        if (keep) st = rows_pass1<acc_t>(s, t, C, inv_t);
+        if (keep) st = rows_pass1<acc_t>(s, t, C, inv_t, reuse_exps ? &cache : nullptr);
         if (!keep || !st.has_dist) {
           loss_p[p] = acc_t(0);
           zero_strided(gs, GS.sc, C);
@@ -435,7 +525,11 @@ void kd_loss_rows_impl(const at::Tensor& student, const at::Tensor& teacher, con
           continue;
         }
         loss_p[p] = t2 * st.kl;
-        if (gs != nullptr || gt != nullptr) rows_pass2<acc_t>(s, t, gs, gt, C, inv_t, st, scale);
+        if (reuse_exps && all_finite(st)) {
+          rows_pass2_cached<acc_t>(gs, C, inv_t, st, scale, cache);
+        } else if (gs != nullptr || gt != nullptr) {
+          rows_pass2<acc_t>(s, t, gs, gt, C, inv_t, st, scale);
+        }
       } else {
         // The scalar fallback sums one term at a time: in double, whatever acc_t, to keep fp32
         // accuracy over long rows.
@@ -481,8 +575,8 @@ TensorTriple kd_loss_rows_cpu(const at::Tensor& student, const at::Tensor& teach
   }
   const bool use_double = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
   at::Tensor loss = at::empty({O, I}, student.options().dtype(use_double ? at::kDouble : at::kFloat));
-  at::Tensor grad_student = student_grad ? at::empty_like(student) : at::empty({0}, student.options());
-  at::Tensor grad_teacher = teacher_grad ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  at::Tensor grad_student = cpu::gradient_buffer(student, student_grad);
+  at::Tensor grad_teacher = cpu::gradient_buffer(teacher, teacher_grad);
   if (O * I == 0) return {loss, grad_student, grad_teacher};
   if (C == 0) {
     loss.zero_();

@@ -17,6 +17,7 @@
 
 #include "../kdkernels.h"
 #include "dispatch.h"
+#include "gradient_buffer.h"
 #include "vec_utils.h"
 
 namespace kdkernels {
@@ -130,8 +131,8 @@ TensorTriple kl_div_pointwise_cpu(const at::Tensor& input_, const at::Tensor& ta
   const int64_t N = input.numel();
   const int64_t chunks = (N + kChunk - 1) / kChunk;
   at::Tensor loss = reduce ? at::empty({std::max<int64_t>(chunks, 1)}, acc_options) : at::empty(input.sizes(), acc_options);
-  at::Tensor grad_input = input_grad ? at::empty_like(input) : at::empty({0}, input.options());
-  at::Tensor grad_target = target_grad ? at::empty_like(target) : at::empty({0}, target.options());
+  at::Tensor grad_input = cpu::gradient_buffer(input, input_grad);
+  at::Tensor grad_target = cpu::gradient_buffer(target, target_grad);
   if (N == 0) {
     loss.zero_();
     return {loss, grad_input, grad_target};

@@ -23,6 +23,7 @@
 
 #include "../kdkernels.h"
 #include "dispatch.h"
+#include "gradient_buffer.h"
 #include "vec_utils.h"
 
 namespace kdkernels {
@@ -187,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cpu(const at::Tens
   const auto acc_options = student.options().dtype(acc_dtype);
   const int64_t chunks = (N + kChunk - 1) / kChunk;
   at::Tensor loss = reduce ? at::empty({std::max<int64_t>(chunks, 1)}, acc_options) : at::empty_like(student, acc_options);
-  at::Tensor grad = student_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor grad = cpu::gradient_buffer(student, student_grad);
   if (N == 0) {
     loss.zero_();
     return {loss, grad};

@@ -32,6 +32,20 @@ constexpr acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
+// exp in the accumulation type: the polynomial exp_u20 (≤ 20 ulp, ~1e-6 relative: far below the
+// fp32 accumulation error of a row sum) for float, where exp is most of a softmax kernel's work;
+// libm-grade exp for double, which gradcheck relies on. Both give exactly 0 for −inf; exp_u20 also
+// gives 0 below log(FLT_MIN) (no subnormals) and does NOT propagate NaN (it clamps): callers that
+// may see NaN arguments make their results NaN some other way.
+template <typename acc_t>
+inline Vec<acc_t> fast_exp(const Vec<acc_t>& x) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
 // Vec<acc_t>::size() elements of scalar_t at p, converted to acc_t.
 template <typename acc_t, typename scalar_t>
 inline Vec<acc_t> load_vec(const scalar_t* p) {

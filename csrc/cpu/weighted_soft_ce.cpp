@@ -29,12 +29,14 @@
 
 #include "../kdkernels.h"
 #include "dispatch.h"
+#include "gradient_buffer.h"
 #include "vec_utils.h"
 
 namespace kdkernels {
 namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
 namespace {
 
+using cpu::fast_exp;
 using cpu::hmax;
 using cpu::hsum;
 using cpu::load_vec;
@@ -65,18 +67,6 @@ struct Problem {
   acc_t inv_temperature;
   acc_t grad_coef;  // grad_scale / T
 };
-
-// exp in the accumulation type: the polynomial exp_u20 (≤ 20 ulp, ~1e-6 relative: far below the
-// fp32 accumulation error of a row sum) for float, where exp is most of the kernel's work; libm-grade
-// exp for double, which gradcheck relies on. Both give exactly 0 for −inf.
-template <typename acc_t>
-inline Vec<acc_t> fast_exp(const Vec<acc_t>& x) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
-  }
-}
 
 template <typename scalar_t>
 void zero_strided(scalar_t* p, int64_t n, int64_t stride) {
@@ -327,8 +317,8 @@ TensorTriple weighted_soft_ce_rows_cpu(const at::Tensor& student, const at::Tens
   }
 
   at::Tensor loss = at::empty({outer, inner}, student.options().dtype(acc_dtype));
-  at::Tensor grad_student = student_grad ? at::empty_like(student) : at::empty({0}, student.options());
-  at::Tensor grad_teacher = teacher_grad ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  at::Tensor grad_student = cpu::gradient_buffer(student, student_grad);
+  at::Tensor grad_teacher = cpu::gradient_buffer(teacher, teacher_grad);
   if (outer * inner == 0) return {loss, grad_student, grad_teacher};
   if (classes == 0) {
     loss.zero_();
