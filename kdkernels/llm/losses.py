@@ -60,8 +60,10 @@ def _pair(value, name: str) -> tuple[float | None, float | None]:
     return out[0], out[1]
 
 
-def _check_indices(indices: torch.Tensor, limit: int, how: str) -> None:
-    """Ids in [0, limit) and no id twice in a row of k.
+def _check_indices(indices: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, limit: int, how: str) -> None:
+    """Ids in [0, limit) and no id twice in a row of k, at the positions that count (in ``mask``
+    and with some teacher value above −inf: padding rows, e.g. a :class:`TopKBatch`'s, hold
+    anything).
 
     Repeats are found by sorting each row of k and comparing neighbours (O(k log k) per position,
     no (…, V) tensor). On CPU the checks read the data directly (no synchronisation exists).
@@ -72,9 +74,13 @@ def _check_indices(indices: torch.Tensor, limit: int, how: str) -> None:
     """
     if how == "off" or indices.numel() == 0:
         return
-    out_of_range = (indices < 0) | (indices >= limit)
+    rows = values.amax(-1) != float("-inf")
+    if mask is not None:
+        rows = rows & mask
+    rows = rows.unsqueeze(-1)
+    out_of_range = ((indices < 0) | (indices >= limit)) & rows
     sorted_ids = indices.sort(-1).values
-    repeated = sorted_ids[..., 1:] == sorted_ids[..., :-1]
+    repeated = (sorted_ids[..., 1:] == sorted_ids[..., :-1]) & rows
     if indices.device.type != "cpu" and how == "async":
         torch._assert_async(~(out_of_range.any() | repeated.any()), "teacher_topk: indices out of range or repeated")
         return
@@ -192,7 +198,6 @@ def _validate(
                 "tail: 'tail_bucket' needs teacher_values='logprobs' (log-probabilities over the full vocabulary); "
                 "the missing mass of top-k logits is unknown"
             )
-        _check_indices(indices, compared, check_indices)
         topk = (indices.long(), values)
 
     if labels is not None:
@@ -206,6 +211,9 @@ def _validate(
     counted = mask
     if labels is not None:
         counted = labels != ignore_index if counted is None else counted & (labels != ignore_index)
+
+    if teacher_topk is not None:
+        _check_indices(topk[0], topk[1], counted, compared, check_indices)
 
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):

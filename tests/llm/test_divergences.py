@@ -354,6 +354,13 @@ def test_bad_inputs_name_the_argument():
     rep[1, 2, 3] = rep[1, 2, 0]
     _bad(r"repeat a class id .*\(1, 2\)", s, teacher_topk=(rep, val))
     distill_loss(s, teacher_topk=(rep, val), check_indices="off")  # opting out skips the check
+    # rows that do not count (masked out, or padding with all values −inf) are not checked
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 2] = False
+    distill_loss(s, teacher_topk=(rep, val), mask=mask)
+    padded = val.clone()
+    padded[1, 2] = float("-inf")
+    distill_loss(s, teacher_topk=(rep, padded))
     _bad("beta", s, t, divergence="jsd", beta=1.5)
     _bad("beta", s, t, beta=-0.1)
     _bad("beta", s, t, beta=float("nan"))
