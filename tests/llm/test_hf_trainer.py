@@ -54,6 +54,7 @@ def train_one_step(tmp_path, batch, accumulation, **trainer_kwargs):
 
 @pytest.mark.parametrize("source", ["dense", "store"])
 def test_gradient_accumulation_equals_one_batch(tmp_path, source):
+    pytest.importorskip("accelerate")  # transformers.Trainer needs it
     torch.set_num_threads(1)
     teacher = tiny_llama(2, hidden=48, layers=2)
     kwargs = dict(kd_weight=1.0, ce_weight=0.5, distill_kwargs=dict(divergence="jsd", beta=0.3, temperature=2.0))
@@ -90,8 +91,33 @@ def test_causal_lm_distill_loss_shifts_and_normalises():
 
 
 def test_trainer_needs_exactly_one_teacher(tmp_path):
+    pytest.importorskip("accelerate")
     from kdkernels.llm.hf import DistillTrainer
 
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="teacher_model / teacher_store"):
         DistillTrainer(model=tiny_llama(0), args=args)
+
+
+def test_bf16_autocast_student_and_teacher():
+    """Under CPU bf16 autocast the logits are bf16; the loss is accumulated in float32 and stays
+    within bf16 rounding of the float32 loss; the student gets finite gradients."""
+    student, teacher = tiny_llama(4), tiny_llama(5, hidden=48)
+    rows = dataset()
+    ids = torch.stack([r["input_ids"] for r in rows])
+    labels = torch.stack([r["labels"] for r in rows])
+    losses = {}
+    for autocast in (False, True):
+        student.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = student(input_ids=ids).logits
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=ids).logits
+            loss = causal_lm_distill_loss(logits, labels, teacher_logits=teacher_logits, ce_weight=1.0, divergence="jsd", temperature=2.0)
+        assert loss.dtype == torch.float32
+        if autocast:
+            assert logits.dtype == torch.bfloat16
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+        losses[autocast] = loss.item()
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
