@@ -36,7 +36,7 @@ def dataset():
     return rows
 
 
-def train_one_step(tmp_path, batch, accumulation, **trainer_kwargs):
+def train_one_step(tmp_path, batch, accumulation, ddp_backend=None, **trainer_kwargs):
     from kdkernels.llm.hf import DistillTrainer
 
     student = tiny_llama(1)
@@ -44,7 +44,7 @@ def train_one_step(tmp_path, batch, accumulation, **trainer_kwargs):
         output_dir=str(tmp_path / f"run{batch}x{accumulation}"), per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to=[], save_strategy="no",
-        logging_steps=1, use_cpu=True, seed=0, dataloader_num_workers=0,
+        logging_steps=1, use_cpu=True, seed=0, dataloader_num_workers=0, ddp_backend=ddp_backend,
     )
     trainer = DistillTrainer(model=student, args=args, train_dataset=dataset(), **trainer_kwargs)
     trainer.train()
@@ -121,3 +121,25 @@ def test_bf16_autocast_student_and_teacher():
         assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
         losses[autocast] = loss.item()
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+
+
+def test_ddp_two_ranks_equal_one_process(tmp_path):
+    """torchrun with 2 CPU ranks (gloo) × 4 examples gives the parameters of 1 process × 8 examples
+    (num_items_in_batch gathered over ranks, loss × world size against DDP's gradient average)."""
+    pytest.importorskip("accelerate")
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
+           os.path.join(repo, "tests", "llm", "_ddp_trainer_step.py"), str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ddp = torch.load(tmp_path / "ddp.pt")
+    teacher = tiny_llama(2, hidden=48, layers=2)
+    loss, params = train_one_step(tmp_path, EXAMPLES, 1, teacher_model=teacher, kd_weight=1.0, ce_weight=0.5,
+                                  distill_kwargs=dict(divergence="jsd", beta=0.3, temperature=2.0))
+    for a, b in zip(ddp["params"], params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
