@@ -392,3 +392,23 @@ def test_module_forwards_its_configuration():
     module = DistillLoss("skew_reverse_kl", beta=0.2, temperature=1.5, reduction="sum")
     assert_close(module(s, t), distill_loss(s, t, divergence="skew_reverse_kl", beta=0.2, temperature=1.5, reduction="sum"))
     assert "skew_reverse_kl" in repr(module)
+
+
+def test_device_mismatch_is_named():
+    s = torch.randn(2, 5)
+    _bad("teacher_logits: expected device", s, torch.randn(2, 5, device="meta"))
+    idx = torch.zeros(2, 1, dtype=torch.long)
+    _bad("teacher_topk: values on meta", s, teacher_topk=(idx, torch.randn(2, 1, device="meta")))
+    _bad("labels: expected device", s, torch.randn(2, 5), labels=torch.zeros(2, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the accelerator paths of check_indices)")
+def test_index_checks_on_cuda():
+    s = torch.randn(2, 8, device="cuda")
+    idx = torch.tensor([[0, 9], [1, 2]], device="cuda")
+    val = torch.randn(2, 2, device="cuda")
+    _bad(r"indices must lie in \[0, 8\)", s, teacher_topk=(idx, val))  # "sync": one host read, a ValueError
+    good = torch.tensor([[0, 3], [1, 2]], device="cuda")
+    want = distill_loss(s.cpu(), teacher_topk=(good.cpu(), val.cpu()))
+    got = distill_loss(s, teacher_topk=(good, val), check_indices="async")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
