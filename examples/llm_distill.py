@@ -46,12 +46,15 @@ def parse_args(argv=None):
     p.add_argument("--student-steps", type=int, default=100)
     p.add_argument("--max-files", type=int, default=120, help="stdlib files read (sorted by name)")
     p.add_argument("--val-seqs", type=int, default=64)
+    p.add_argument("--student-seqs", type=int, default=1600,
+                   help="the students train on (and the stores cover) the first N training sequences")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.synthetic:
         args.vocab, args.seq_len, args.batch = 300, 32, 8
         args.teacher_minutes, args.student_steps, args.max_files, args.val_seqs = 0.0, 4, 6, 8
+        args.student_seqs = 64
     return args
 
 
@@ -188,6 +191,8 @@ def main(argv=None):
 
     start = time.time()
     teacher, teacher_steps = train_teacher(args, train, val)
+    # The teacher saw every training sequence; the students (and so the stores) use the first N.
+    train = train[: args.student_seqs]
     rows = [{"run": "teacher", "val_ppl": perplexity(teacher, val, args.batch), "bytes_per_token": "",
              "note": f"{teacher_steps} steps, {time.time() - start:.0f} s"}]
     print(f"teacher: {teacher_steps} steps, val ppl {rows[0]['val_ppl']:.2f}")
