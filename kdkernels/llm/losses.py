@@ -330,7 +330,9 @@ def distill_loss(
     return distill_loss_reference(student_logits, teacher_logits, **kwargs)
 
 
-def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0, reduction="batchmean"):
+def generalized_jsd_loss(
+    student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0, reduction="batchmean", num_items_in_batch=None
+):
     r"""Drop-in for TRL's ``GKDTrainer.generalized_jsd_loss`` (same signature, β convention and reductions).
 
     β KL(p_t ‖ m) + (1−β) KL(p_s ‖ m), m = β p_t + (1−β) p_s, p = softmax(z / T), no T² factor;
@@ -338,8 +340,9 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
     TRL (trl 1.16.0): ``batchmean`` = sum ÷ counted positions (with labels; clamped ≥ 1) or ÷ size(0)
     (without); ``sum``; ``mean`` = mean over the *elements* (counted positions × V) of the pointwise
     terms; anything else returns the pointwise (…, V) terms, of the counted positions only when
-    labels are given (TRL's ``jsd[mask]``). The pointwise terms are the reference's
-    per-class summands (computed here in float32 / float64).
+    labels are given (TRL's ``jsd[mask]``). ``num_items_in_batch`` (added in TRL 1.x): when given,
+    the loss is the sum ÷ it, whatever ``reduction`` says (TRL's gradient-accumulation fix). The
+    pointwise terms are the reference's per-class summands (computed here in float32 / float64).
     """
     check_tensor(student_logits, "student_logits")
     check_tensor(teacher_logits, "teacher_logits")
@@ -353,6 +356,14 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
         if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
             raise ValueError(f"labels: expected shape {tuple(student_logits.shape[:-1])}, got {tuple(labels.shape)}")
         mask = labels != IGNORE_INDEX
+    if num_items_in_batch is not None:
+        total = distill_loss(
+            student_logits, teacher_logits, divergence="jsd", beta=beta, temperature=temperature,
+            scale_by_t2=False, mask=mask, reduction="sum",
+        )
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
     if reduction in ("batchmean", "sum"):
         per_position = distill_loss(
             student_logits, teacher_logits, divergence="jsd", beta=beta, temperature=temperature,

@@ -71,5 +71,5 @@ class GeneralizedJSDLoss(nn.Module):
         super().__init__()
         self.beta, self.temperature, self.reduction = beta, temperature, reduction
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None):
-        return generalized_jsd_loss(student_logits, teacher_logits, labels, self.beta, self.temperature, self.reduction)
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None, num_items_in_batch=None):
+        return generalized_jsd_loss(student_logits, teacher_logits, labels, self.beta, self.temperature, self.reduction, num_items_in_batch)

@@ -119,3 +119,14 @@ def test_module_and_bad_beta():
     torch.testing.assert_close(GeneralizedJSDLoss(beta=0.3)(s, t, labels), generalized_jsd_loss(s, t, labels, beta=0.3))
     with pytest.raises(ValueError, match="beta"):
         generalized_jsd_loss(s, t, beta=2.0)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+def test_num_items_in_batch(beta):
+    s, t, labels = _inputs(4)
+    ours = generalized_jsd_loss(s, t, labels, beta=beta, reduction="mean", num_items_in_batch=torch.tensor(7))
+    want = trl_formula(s, t, labels, beta=beta, reduction="sum") / 7
+    torch.testing.assert_close(ours, want, rtol=1e-10, atol=1e-12)
+    trl_loss = _trl_function()
+    if trl_loss is not None:
+        torch.testing.assert_close(ours, trl_loss(s, t, labels, beta=beta, reduction="mean", num_items_in_batch=torch.tensor(7)))
