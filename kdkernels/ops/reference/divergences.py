@@ -289,6 +289,67 @@ def reduce_distill(
     return total / counted.sum(dtype=torch.int64).clamp_min(1).to(total.dtype)
 
 
+def bucket_gradient(log_p_t: torch.Tensor, log_p_s: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
+    """g = ∂D/∂(log p_s) per bucket, in closed form: what a fused kernel accumulates per element.
+
+    With u = log p_s, v = log p_t, p = p_s, q = p_t and m the mixture of each divergence:
+
+    * forward_kl: g = −q;  reverse_kl: g = p (u − v + 1);
+    * jsd (0 < β < 1): g = (1−β) p (u − log m)   (the mixture terms cancel);
+    * skew_forward_kl: g = −(1−β) q p / m;  skew_reverse_kl: g = p (u − log m + 1) − β p² / m;
+    * tvd: g = ½ p sign(p − q);
+    * the endpoints: β = 0 of jsd / skew_forward_kl is forward_kl's, β = 0 of skew_reverse_kl and
+      β = 1 of jsd are reverse_kl's, β = 1 of the skew divergences is 0.
+
+    The student's logit gradient follows from it (:func:`student_logit_gradient`). Rows and
+    entries are assumed counted and finite (the edge cases are the reference's, above).
+    """
+    p, q = log_p_s.exp(), log_p_t.exp()
+    if divergence in ("skew_forward_kl", "skew_reverse_kl") and beta == 1:
+        return torch.zeros_like(p)  # KL(x ‖ x) = 0 whatever the student
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0) or (divergence == "skew_forward_kl" and beta == 0):
+        return -q
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1) or (divergence == "skew_reverse_kl" and beta == 0):
+        return p * (log_p_s - log_p_t + 1)
+    if divergence == "jsd":
+        return (1 - beta) * p * (log_p_s - log_mixture(log_p_t, log_p_s, beta))
+    if divergence == "skew_forward_kl":
+        return -(1 - beta) * q * p / log_mixture(log_p_t, log_p_s, beta).exp()
+    if divergence == "skew_reverse_kl":
+        log_m = log_mixture(log_p_s, log_p_t, beta)
+        return p * (log_p_s - log_m + 1) - beta * p * p / log_m.exp()
+    if divergence == "tvd":
+        return 0.5 * p * torch.sign(p - q)
+    raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {divergence!r}")
+
+
+def student_logit_gradient(
+    student_logits: torch.Tensor, g: torch.Tensor, temperature: float, indices: torch.Tensor | None = None, tail: str = "renormalize"
+) -> torch.Tensor:
+    """∂D/∂z_s (…, V) from the bucket gradient ``g`` (:func:`bucket_gradient`), before T² and the
+    reduction's scale; ``student_logits`` already transformed (cap/scale, vocab slice).
+
+    * dense (V buckets), u = log softmax(z/T): ∂D/∂z_j = (g_j − p_j Σ_i g_i) / T.
+    * renormalize (k buckets, p conditioned on the k ids): the same on the k gathered logits,
+      scattered into zeros (no gradient outside the k ids).
+    * tail_bucket (k + 1 buckets, u_b = z_b/T − lse(z/T) for b in the top-k, u_tail = log Σ_{j∉K} p_j):
+      ∂D/∂z_j = (g_j·[j∈K] + g_tail·p_j/P_tail·[j∉K] − p_j Σ_b g_b) / T, p the full-vocabulary softmax.
+    """
+    z = student_logits / temperature
+    if indices is None:
+        p = torch.softmax(z, -1)
+        return (g - p * g.sum(-1, keepdim=True)) / temperature
+    if tail == "renormalize":
+        p_k = torch.softmax(z.gather(-1, indices), -1)
+        grad_k = (g - p_k * g.sum(-1, keepdim=True)) / temperature
+        return torch.zeros_like(z).scatter(-1, indices, grad_k)
+    p = torch.softmax(z, -1)
+    outside = torch.ones_like(z, dtype=torch.bool).scatter(-1, indices, False)
+    p_tail = (p * outside).sum(-1, keepdim=True)
+    direct = torch.zeros_like(z).scatter(-1, indices, g[..., :-1]) + torch.where(outside, g[..., -1:] * p / p_tail, 0.0)
+    return (direct - p * g.sum(-1, keepdim=True)) / temperature
+
+
 def distill_loss_reference(student_logits, teacher_logits=None, *, reduction="batchmean", num_items_in_batch=None, **kwargs):
     """The reduced loss; keyword arguments as :func:`distill_loss_positions` (already validated)."""
     per_position, counted = distill_loss_positions(student_logits, teacher_logits, **kwargs)
