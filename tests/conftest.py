@@ -78,6 +78,19 @@ def device_backend(request):
         yield torch.device(device), backend
 
 
+# The fused backends that can run here plus the eager reference (the spec, itself checked against
+# each test's independent formula).
+FUSED_AND_REFERENCE = FUSED + [("cpu", "torch")]
+
+
+@pytest.fixture(params=FUSED_AND_REFERENCE, ids=[f"{d}-{b}" for d, b in FUSED_AND_REFERENCE])
+def device_backend_or_reference(request):
+    """Like ``device_backend``, over the fused backends that can run here and the torch reference."""
+    device, backend = request.param
+    with kdkernels.use_backend(backend):
+        yield torch.device(device), backend
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

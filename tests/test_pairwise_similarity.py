@@ -8,21 +8,10 @@ import kdkernels
 from kdkernels.functional.pairwise_similarity import pairwise_similarity_loss
 from kdkernels.nn.pairwise_similarity import PairwiseSimilarityLoss
 from kdkernels.ops.reference.pairwise_similarity import pairwise_similarity_reference
-from tests.conftest import FUSED
 from tests.helpers import assert_close_to_reference
 
 # The fused backends that can run here plus the eager one (the spec itself, checked against the
 # independent formula below).
-CASES = FUSED + [("cpu", "torch")]
-
-
-@pytest.fixture(params=CASES, ids=[f"{d}-{b}" for d, b in CASES])
-def device_backend(request):
-    device, backend = request.param
-    with kdkernels.use_backend(backend):
-        yield torch.device(device), backend
-
-
 def direct_formula(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Per-batch loss of (B, C, H, W) maps in float64, as the official code spells it: channels
     first, ``L2(f) = sqrt(sum_c f²) + 1e-8`` detached, ``bmm(fᵀ, f)``, squared error / N²."""
@@ -55,8 +44,8 @@ SHAPES = [(2, 8, 8, 3, 4), (2, 5, 11, 6, 7), (1, 16, 4, 1, 1), (1, 3, 3, 2, 2), 
 @pytest.mark.parametrize("layout", ["BCHW", "BNC"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_values_and_gradients_match_the_float64_formula(device_backend, shape, reduction, layout):
-    device, backend = device_backend
+def test_values_and_gradients_match_the_float64_formula(device_backend_or_reference, shape, reduction, layout):
+    device, backend = device_backend_or_reference
     if backend == "triton" and shape[3] * shape[4] > 100 and device.type == "cpu":
         pytest.skip("interpreted Triton: the largest node count is covered by the cpu backend")
     s, t = _maps(*shape, device)
@@ -74,8 +63,8 @@ def test_values_and_gradients_match_the_float64_formula(device_backend, shape, r
     assert_close_to_reference(gt.cpu(), rt, torch.float32, "teacher grad")
 
 
-def test_float64_is_exact(device_backend):
-    device, _ = device_backend
+def test_float64_is_exact(device_backend_or_reference):
+    device, _ = device_backend_or_reference
     s, t = _maps(2, 5, 7, 6, 5, device, torch.float64)
     loss = pairwise_similarity_loss(s, t)
     assert loss.dtype == torch.float64
@@ -84,8 +73,8 @@ def test_float64_is_exact(device_backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_inputs(device_backend, dtype):
-    device, _ = device_backend
+def test_low_precision_inputs(device_backend_or_reference, dtype):
+    device, _ = device_backend_or_reference
     s, t = _maps(2, 6, 4, 4, 5, device, dtype)
     loss = pairwise_similarity_loss(s, t)
     (gs,) = torch.autograd.grad(loss, s)
@@ -97,16 +86,16 @@ def test_low_precision_inputs(device_backend, dtype):
     assert_close_to_reference(gs.cpu(), rs, dtype, "student grad")
 
 
-def test_identical_features_give_zero(device_backend):
-    device, _ = device_backend
+def test_identical_features_give_zero(device_backend_or_reference):
+    device, _ = device_backend_or_reference
     s, _ = _maps(2, 6, 6, 3, 3, device)
     loss = pairwise_similarity_loss(s, s.detach().clone())
     (gs,) = torch.autograd.grad(loss, s)
     assert loss.abs().item() < 1e-10 and gs.abs().max().item() < 1e-8
 
 
-def test_detached_teacher_gets_no_gradient_and_strided_student(device_backend):
-    device, _ = device_backend
+def test_detached_teacher_gets_no_gradient_and_strided_student(device_backend_or_reference):
+    device, _ = device_backend_or_reference
     base = torch.randn(2, 4, 6, 10, dtype=torch.float64).to(device, torch.float32)
     s = base[..., ::2].requires_grad_()  # non-contiguous (B, C, H, W)
     t = torch.randn(2, 3, 6, 5, device=device)
@@ -123,8 +112,8 @@ def test_detached_teacher_gets_no_gradient_and_strided_student(device_backend):
 # gradient is by design not the derivative of the loss value (finite differences move the norms
 # too), for the eager formula as for the kernels. The gradients are instead checked against
 # autograd of the float64 formula, at float64 precision:
-def test_float64_gradients_are_exact(device_backend):
-    device, _ = device_backend
+def test_float64_gradients_are_exact(device_backend_or_reference):
+    device, _ = device_backend_or_reference
     s, t = _maps(2, 3, 5, 4, 3, device, torch.float64)
     for reduction in ("mean", "none"):
         loss = pairwise_similarity_loss(s, t, reduction)
@@ -241,8 +230,8 @@ def test_bad_inputs_name_the_argument(case):
         pairwise_similarity_loss(*args, **kwargs)
 
 
-def test_autocast_does_not_lower_the_fused_precision(device_backend):
-    device, backend = device_backend
+def test_autocast_does_not_lower_the_fused_precision(device_backend_or_reference):
+    device, backend = device_backend_or_reference
     if backend == "torch":
         pytest.skip("the eager formula follows autocast (its matmuls run in bf16)")
     s, t = _maps(2, 6, 4, 5, 5, device)
@@ -256,9 +245,9 @@ def test_autocast_does_not_lower_the_fused_precision(device_backend):
     torch.testing.assert_close(cast_grad, plain_grad, rtol=1e-5, atol=1e-7)
 
 
-def test_all_zero_nodes(device_backend):
+def test_all_zero_nodes(device_backend_or_reference):
     # Post-ReLU maps have all-zero pixels: their unit vector is 0 (norm + 1e-8 in the denominator).
-    device, _ = device_backend
+    device, _ = device_backend_or_reference
     s = torch.relu(torch.randn(2, 4, 5, 6, dtype=torch.float64))
     s[:, :, 1, :3] = 0
     t = torch.randn(2, 7, 5, 6, dtype=torch.float64)

@@ -8,17 +8,7 @@ import kdkernels
 from kdkernels.functional.rkd_angle import rkd_angle_loss
 from kdkernels.nn.rkd_angle import RKDAngleLoss
 from kdkernels.ops.reference.rkd_angle import rkd_angle_reference
-from tests.conftest import FUSED
 from tests.helpers import assert_close_to_reference
-
-CASES = FUSED + [("cpu", "torch")]
-
-
-@pytest.fixture(params=CASES, ids=[f"{d}-{b}" for d, b in CASES])
-def device_backend(request):
-    device, backend = request.param
-    with kdkernels.use_backend(backend):
-        yield torch.device(device), backend
 
 
 def direct_formula(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -57,8 +47,8 @@ SHAPES = [(1, 4, 4), (2, 3, 5), (7, 8, 8), (37, 5, 19), (20, 130, 3), (300, 6, 4
 
 @pytest.mark.parametrize("duplicates", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_values_and_gradients_match_the_float64_formula(device_backend, shape, duplicates):
-    device, backend = device_backend
+def test_values_and_gradients_match_the_float64_formula(device_backend_or_reference, shape, duplicates):
+    device, backend = device_backend_or_reference
     if shape[0] > 100 and backend != "cpu":
         pytest.skip("B above the C++ tile: the cpu backend's tiling (eager and interpreted Triton are slow here)")
     s, t = _embeddings(*shape, device, duplicates=duplicates)
@@ -77,8 +67,8 @@ def test_values_and_gradients_match_the_float64_formula(device_backend, shape, d
 
 
 @pytest.mark.parametrize("duplicates", [False, True])
-def test_float64_values_and_gradients(device_backend, duplicates):
-    device, _ = device_backend
+def test_float64_values_and_gradients(device_backend_or_reference, duplicates):
+    device, _ = device_backend_or_reference
     s, t = _embeddings(19, 6, 9, device, torch.float64, duplicates=duplicates)
     loss = rkd_angle_loss(s, t)
     assert loss.dtype == torch.float64
@@ -99,8 +89,8 @@ def test_float64_values_and_gradients(device_backend, duplicates):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_inputs(device_backend, dtype):
-    device, _ = device_backend
+def test_low_precision_inputs(device_backend_or_reference, dtype):
+    device, _ = device_backend_or_reference
     s, t = _embeddings(9, 8, 5, device, dtype)
     loss = rkd_angle_loss(s, t)
     (gs,) = torch.autograd.grad(loss, s)
@@ -125,8 +115,8 @@ def test_huber_both_branches_are_exercised():
     assert (d > 1).any() and (d < 1).any()
 
 
-def test_scale_and_rotation_invariance(device_backend):
-    device, _ = device_backend
+def test_scale_and_rotation_invariance(device_backend_or_reference):
+    device, _ = device_backend_or_reference
     s, t = _embeddings(11, 6, 6, device)
     q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
     moved = (2.5 * t.detach().double().cpu() @ q + 1.0).to(device, torch.float32)
@@ -135,8 +125,8 @@ def test_scale_and_rotation_invariance(device_backend):
     assert zero.abs().item() < 1e-6
 
 
-def test_detached_teacher_gets_no_gradient(device_backend):
-    device, _ = device_backend
+def test_detached_teacher_gets_no_gradient(device_backend_or_reference):
+    device, _ = device_backend_or_reference
     s, t = _embeddings(6, 4, 4, device)
     rkd_angle_loss(s, t.detach()).backward()
     assert t.grad is None and s.grad is not None
@@ -242,8 +232,8 @@ def test_bad_inputs_name_the_argument(case):
         rkd_angle_loss(*args)
 
 
-def test_autocast_does_not_lower_the_fused_precision(device_backend):
-    device, backend = device_backend
+def test_autocast_does_not_lower_the_fused_precision(device_backend_or_reference):
+    device, backend = device_backend_or_reference
     if backend == "torch":
         pytest.skip("the eager formula follows autocast (its bmm runs in bf16)")
     s, t = _embeddings(12, 6, 5, device)
