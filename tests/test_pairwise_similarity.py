@@ -10,8 +10,7 @@ from kdkernels.nn.pairwise_similarity import PairwiseSimilarityLoss
 from kdkernels.ops.reference.pairwise_similarity import pairwise_similarity_reference
 from tests.helpers import assert_close_to_reference
 
-# The fused backends that can run here plus the eager one (the spec itself, checked against the
-# independent formula below).
+
 def direct_formula(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Per-batch loss of (B, C, H, W) maps in float64, as the official code spells it: channels
     first, ``L2(f) = sqrt(sum_c f²) + 1e-8`` detached, ``bmm(fᵀ, f)``, squared error / N²."""
