@@ -1,12 +1,11 @@
-// The one TORCH_LIBRARY of kdkernels._C: schemas of the kernel ops. Implementations register per
-// device in csrc/cpu_dispatch.cpp (the CPU kernels of csrc/cpu, one copy per CPU capability) and
-// csrc/cuda/bindings.cpp (TORCH_LIBRARY_IMPL); fake implementations and autograd live in
-// kdkernels/ops/*.py.
+// The Python module kdkernels._C. Loading it registers the kernels of the extension's ops
+// (TORCH_LIBRARY_IMPL): CPU in csrc/cpu_dispatch.cpp (the kernels of csrc/cpu, one copy per CPU
+// capability), CUDA in csrc/cuda/<loss>_bindings.cpp. The ops' schemas are not here: each comes
+// from its loss's declaration in kdkernels/ops/<loss>.py (kdkernels.ops.fused_loss), which
+// defines the op when kdkernels imports, with its fake implementation.
 #include <Python.h>
-#include <torch/library.h>
 
 #include "cpu/dispatch.h"
-#include "kdkernels.h"
 
 namespace {
 
@@ -58,28 +57,4 @@ PyObject* PyInit__C(void) {
 #endif
   return module;
 }
-}
-
-TORCH_LIBRARY(kdkernels, m) {
-  m.def(
-      "margin_partial_l2_elements(Tensor student, Tensor teacher, Tensor margin, int channel_stride, "
-      "Tensor grad_scale, bool reduce, bool student_grad) -> (Tensor, Tensor)");
-  m.def(
-      "bounded_regression_rows(Tensor student, Tensor teacher, Tensor target, Tensor? mask, float margin, "
-      "Tensor grad_scale, bool reduce, bool student_grad) -> (Tensor, Tensor)");
-  m.def(
-      "kd_loss_rows(Tensor student, Tensor teacher, Tensor? mask, float temperature, Tensor grad_scale, "
-      "bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "kl_div_pointwise(Tensor input, Tensor target, bool log_target, Tensor grad_scale, bool reduce, "
-      "bool input_grad, bool target_grad) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "weighted_soft_ce_rows(Tensor student, Tensor teacher, Tensor? class_weight, Tensor? mask, float temperature, "
-      "Tensor grad_scale, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "pairwise_similarity_batches(Tensor student, Tensor teacher, Tensor grad_scale, bool student_grad, "
-      "bool teacher_grad) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "rkd_angle_anchors(Tensor student, Tensor teacher, Tensor grad_scale, bool student_grad, "
-      "bool teacher_grad) -> (Tensor, Tensor, Tensor)");
 }

@@ -6,10 +6,9 @@ import math
 
 import torch
 
-from kdkernels import _validation, backends
-from kdkernels.ops import bounded_regression as _ops  # noqa: F401  (registers kdkernels::bounded_regression)
+from kdkernels import _validation
 from kdkernels.ops._reduction import reduction_code
-from kdkernels.ops.reference.bounded_regression import bounded_regression_reference
+from kdkernels.ops.bounded_regression import BOUNDED_REGRESSION
 
 BOUNDED_REGRESSION_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
@@ -76,10 +75,6 @@ def bounded_regression(
     rows_shape = tuple(student.shape[:-1])
     _check_row_mask(mask, rows_shape, student.device)
 
-    backend = backends.resolve(student.device)
-    if backend == "torch":
-        return bounded_regression_reference(student, teacher, target, margin, reduction, mask)
-
     dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), target.dtype)
     rows, k = math.prod(rows_shape), student.shape[-1]
     student2 = student.to(dtype).reshape(rows, k)
@@ -87,17 +82,7 @@ def bounded_regression(
     target2 = target.detach().to(dtype).reshape(rows, k)
     mask2 = None if mask is None else mask.reshape(rows).contiguous()
     code, scale = reduction_code(reduction, rows_shape[0] if rows_shape else 1)
-    loss, _ = torch.ops.kdkernels.bounded_regression(
-        student2,
-        teacher2,
-        target2,
-        mask2,
-        margin,
-        code,
-        scale,
-        torch.is_grad_enabled() and student.requires_grad,
-        backend,
-    )
+    loss = BOUNDED_REGRESSION(student2, teacher2, target2, mask2, margin, reduction=code, scale=scale)
     if reduction == "none":
         loss = loss.reshape(rows_shape)
     return loss

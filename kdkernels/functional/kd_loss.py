@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels import _validation, backends
+from kdkernels import _validation
 from kdkernels._layout import class_dim_views
-from kdkernels.ops import kd_loss as _ops  # noqa: F401  (registers kdkernels::kd_loss)
 from kdkernels.ops._reduction import reduction_code
-from kdkernels.ops.reference.kd_loss import kd_loss_reference
+from kdkernels.ops.kd_loss import KD_LOSS
 
 KD_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
@@ -59,24 +58,9 @@ def kd_loss(
     positions_shape = tuple(student_logits.shape[:dim]) + tuple(student_logits.shape[dim + 1 :])
     _validation.check_mask(mask, positions_shape, student_logits.device)
 
-    backend = backends.resolve(student_logits.device)
-    if backend == "torch":
-        return kd_loss_reference(student_logits, teacher_logits, temperature, reduction, dim, mask)
-
     views = class_dim_views(student_logits, teacher_logits, dim, mask)
     code, scale = reduction_code(reduction, student_logits.shape[0])
-    grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = torch.ops.kdkernels.kd_loss(
-        views.student,
-        views.teacher,
-        views.mask,
-        temperature,
-        code,
-        scale,
-        grad_enabled and student_logits.requires_grad,
-        grad_enabled and teacher_logits.requires_grad,
-        backend,
-    )
+    loss = KD_LOSS(views.student, views.teacher, views.mask, temperature, reduction=code, scale=scale)
     if reduction == "none":
         loss = loss.reshape(positions_shape)
     return loss

@@ -6,9 +6,9 @@ import warnings
 
 import torch
 
-from kdkernels import _validation, backends
-from kdkernels.ops import kl_div as _ops  # noqa: F401  (registers kdkernels::kl_div)
+from kdkernels import _validation
 from kdkernels.ops._reduction import CODES
+from kdkernels.ops.kl_div import KL_DIV
 
 KL_DIV_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
@@ -99,31 +99,13 @@ def kl_div(
             raise ValueError(f"target: shape {tuple(target.shape)} does not broadcast with input {tuple(input.shape)}") from exc
         input, target = input.expand(shape), target.expand(shape)
 
-    backend = backends.resolve(input.device)
-    if backend == "torch":
-        from kdkernels.ops.reference.kl_div import kl_div_reference
-
-        loss = kl_div_reference(input, target, base, log_target)
-        if batch_divisor is not None:
-            loss = loss / batch_divisor
-    else:
-        # The batch division is folded into the kernels' gradient scale (no extra pass) unless
-        # the loss is per element (legacy ``reduce=False`` with ``"batchmean"``) or the batch is empty.
-        fold = batch_divisor is not None and batch_divisor > 0 and base != "none"
-        scale = 1.0 / batch_divisor if fold else 1.0
-        grad_enabled = torch.is_grad_enabled()
-        loss, _, _ = torch.ops.kdkernels.kl_div(
-            input.contiguous(),
-            target.contiguous(),
-            log_target,
-            CODES[base],
-            scale,
-            grad_enabled and input.requires_grad,
-            grad_enabled and target.requires_grad,
-            backend,
-        )
-        if batch_divisor is not None and not fold:
-            loss = loss / batch_divisor  # torch: 0 / 0 = NaN for an empty batch
+    # The batch division is folded into the kernels' gradient scale (no extra pass) unless the
+    # loss is per element (legacy ``reduce=False`` with ``"batchmean"``) or the batch is empty.
+    fold = batch_divisor is not None and batch_divisor > 0 and base != "none"
+    scale = 1.0 / batch_divisor if fold else 1.0
+    loss = KL_DIV(input.contiguous(), target.contiguous(), log_target, reduction=CODES[base], scale=scale)
+    if batch_divisor is not None and not fold:
+        loss = loss / batch_divisor  # torch: 0 / 0 = NaN for an empty batch
     if base == "mean" and input.numel() == 0:
         loss = loss * float("nan")  # torch's mean of nothing; the kernels' empty mean is 0
     return loss.to(result_dtype)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels import _validation, backends
+from kdkernels import _validation
 from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops import margin_partial_l2 as _ops
 from kdkernels.ops._reduction import reduction_code
-from kdkernels.ops.reference.margin_partial_l2 import margin_partial_l2_reference
 
 MARGIN_PARTIAL_L2_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
@@ -83,10 +82,6 @@ def margin_partial_l2(
     reduction = _validation.check_reduction(reduction, MARGIN_PARTIAL_L2_REDUCTIONS)
     margin = check_margin(margin, student, channel_dim)
 
-    backend = backends.resolve(student.device)
-    if backend == "torch":
-        return margin_partial_l2_reference(student, teacher, margin, reduction, channel_dim)
-
     # Read both features in their memory order; copy only a layout the kernels cannot walk
     # (overlapping or gapped strides), and the teacher only if its layout differs from the student's.
     channel_stride = _ops.dense_channel_stride(student, channel_dim)
@@ -99,14 +94,4 @@ def margin_partial_l2(
     margin = margin.detach().to(accumulation_dtype(student, teacher)).contiguous()
 
     code, scale = reduction_code(reduction, student.shape[0])
-    loss, _ = torch.ops.kdkernels.margin_partial_l2(
-        student,
-        teacher,
-        margin,
-        channel_stride,
-        code,
-        scale,
-        torch.is_grad_enabled() and student.requires_grad,
-        backend,
-    )
-    return loss
+    return _ops.MARGIN_PARTIAL_L2(student, teacher, margin, channel_stride, reduction=code, scale=scale)

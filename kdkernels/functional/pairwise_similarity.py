@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels import _validation, backends
-from kdkernels.ops import pairwise_similarity as _ops  # noqa: F401  (registers kdkernels::pairwise_similarity)
+from kdkernels import _validation
 from kdkernels.ops._reduction import CODES
-from kdkernels.ops.reference.pairwise_similarity import pairwise_similarity_reference
+from kdkernels.ops.pairwise_similarity import PAIRWISE_SIMILARITY
 
 PAIRWISE_SIMILARITY_REDUCTIONS = ("mean", "sum", "none")
 
@@ -76,22 +75,5 @@ def pairwise_similarity_loss(
     """
     check_pair(student_feat, teacher_feat)
     reduction = _validation.check_reduction(reduction, PAIRWISE_SIMILARITY_REDUCTIONS)
-    backend = backends.resolve(student_feat.device)
     student, teacher = _nodes(student_feat), _nodes(teacher_feat)
-    if backend == "torch":
-        return pairwise_similarity_reference(student, teacher, reduction)
-    if backend == "cuda":
-        raise RuntimeError(
-            "kdkernels backend 'cuda': pairwise_similarity_loss has no CUDA C++ kernel yet; "
-            "use the triton backend (the default on CUDA) or 'torch'"
-        )
-    grad = torch.is_grad_enabled()
-    loss, _, _ = torch.ops.kdkernels.pairwise_similarity(
-        student,
-        teacher,
-        CODES[reduction],
-        grad and student.requires_grad,
-        grad and teacher.requires_grad,
-        backend,
-    )
-    return loss
+    return PAIRWISE_SIMILARITY(student, teacher, reduction=CODES[reduction])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels import _validation, backends
-from kdkernels.ops import rkd_angle as _ops  # noqa: F401  (registers kdkernels::rkd_angle)
-from kdkernels.ops.reference.rkd_angle import rkd_angle_reference
+from kdkernels import _validation
+from kdkernels.ops._reduction import SUM
+from kdkernels.ops.rkd_angle import RKD_ANGLE
 
 
 def _check_embedding(emb, name: str) -> None:
@@ -50,16 +50,6 @@ def rkd_angle_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torc
         raise ValueError(
             f"teacher_emb: expected batch size {student_emb.shape[0]} to match student_emb, got {teacher_emb.shape[0]}"
         )
-    backend = backends.resolve(student_emb.device)
-    if backend == "torch":
-        return rkd_angle_reference(student_emb, teacher_emb)
-    if backend == "cuda":
-        raise RuntimeError(
-            "kdkernels backend 'cuda': rkd_angle_loss has no CUDA C++ kernel yet; "
-            "use the triton backend (the default on CUDA) or 'torch'"
-        )
-    grad = torch.is_grad_enabled()
-    loss, _, _ = torch.ops.kdkernels.rkd_angle(
-        student_emb, teacher_emb, grad and student_emb.requires_grad, grad and teacher_emb.requires_grad, backend
-    )
-    return loss
+    # The mean over the B³ triples (i, j, k): the kernels sum per anchor j.
+    triples = float(max(student_emb.shape[0], 1)) ** 3
+    return RKD_ANGLE(student_emb, teacher_emb, reduction=SUM, scale=1.0 / triples)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels import _validation, backends
+from kdkernels import _validation
 from kdkernels._layout import class_dim_views
-from kdkernels.ops import weighted_soft_ce as _ops  # noqa: F401  (registers kdkernels::weighted_soft_ce)
 from kdkernels.ops._reduction import reduction_code
-from kdkernels.ops.reference.weighted_soft_ce import weighted_soft_ce_reference
+from kdkernels.ops.weighted_soft_ce import WEIGHTED_SOFT_CE
 
 WEIGHTED_SOFT_CE_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
@@ -92,24 +91,10 @@ def weighted_soft_ce(
     positions_shape = tuple(student_logits.shape[:dim]) + tuple(student_logits.shape[dim + 1 :])
     _validation.check_mask(mask, positions_shape, student_logits.device)
 
-    backend = backends.resolve(student_logits.device)
-    if backend == "torch":
-        return weighted_soft_ce_reference(student_logits, teacher_logits, class_weight, temperature, reduction, dim, mask)
-
     views = class_dim_views(student_logits, teacher_logits, dim, mask)
     code, scale = reduction_code(reduction, student_logits.shape[0])
-    grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = torch.ops.kdkernels.weighted_soft_ce(
-        views.student,
-        views.teacher,
-        class_weight,
-        views.mask,
-        temperature,
-        code,
-        scale,
-        grad_enabled and student_logits.requires_grad,
-        grad_enabled and teacher_logits.requires_grad,
-        backend,
+    loss = WEIGHTED_SOFT_CE(
+        views.student, views.teacher, class_weight, views.mask, temperature, reduction=code, scale=scale
     )
     if reduction == "none":
         loss = loss.reshape(positions_shape)

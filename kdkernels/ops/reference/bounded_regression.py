@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from kdkernels._dtypes import accumulation_dtype
+from kdkernels.ops.reference.reduction import reduce_losses
 
 
 def bounded_regression_rows(
@@ -53,15 +54,4 @@ def bounded_regression_reference(
         teacher = torch.where(keep, teacher.detach(), 0)
         target = torch.where(keep, target.detach(), 0)
     loss = bounded_regression_rows(student, teacher, target, margin)
-    if mask is not None:
-        loss = torch.where(mask, loss, torch.zeros_like(loss))
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    if reduction == "sum":
-        return total
-    if reduction == "batchmean":
-        return total / max(student.shape[0] if student.dim() > 1 else 1, 1)
-    if mask is None:
-        return total / max(loss.numel(), 1)
-    return total / mask.sum(dtype=torch.int64).clamp_min(1).to(total.dtype)
+    return reduce_losses(loss, reduction, mask, student.shape[0] if student.dim() > 1 else 1)

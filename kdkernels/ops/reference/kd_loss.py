@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kdkernels._dtypes import accumulation_dtype
+from kdkernels.ops.reference.reduction import reduce_losses
 
 
 def counted_inputs(student, teacher, dim: int, mask: torch.Tensor | None):
@@ -45,21 +46,6 @@ def kd_loss_positions(
     pointwise = p_t * (torch.where(support, log_p_t, 0.0) - torch.where(support, log_p_s, 0.0))
     per_position = pointwise.sum(dim) * temperature**2
     return torch.where(has_distribution.squeeze(dim), per_position, torch.zeros_like(per_position))
-
-
-def reduce_losses(per_position: torch.Tensor, reduction: str, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-    if mask is not None:
-        per_position = torch.where(mask, per_position, torch.zeros_like(per_position))
-    if reduction == "none":
-        return per_position
-    total = per_position.sum()
-    if reduction == "sum":
-        return total
-    if reduction == "batchmean":
-        return total / max(batch_size, 1)
-    if mask is None:
-        return total / max(per_position.numel(), 1)
-    return total / mask.sum(dtype=torch.int64).clamp_min(1).to(total.dtype)
 
 
 def kd_loss_reference(

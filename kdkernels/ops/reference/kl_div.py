@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from kdkernels.ops.reference.reduction import reduce_losses
+
 
 def kl_div_pointwise_reference(input: torch.Tensor, target: torch.Tensor, log_target: bool) -> torch.Tensor:
     if log_target:
@@ -33,11 +35,4 @@ def kl_div_pointwise_reference(input: torch.Tensor, target: torch.Tensor, log_ta
 
 def kl_div_reference(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean", log_target: bool = False) -> torch.Tensor:
     pointwise = kl_div_pointwise_reference(input, target, log_target)
-    if reduction == "none":
-        return pointwise
-    total = pointwise.sum()
-    if reduction == "sum":
-        return total
-    if reduction == "batchmean":
-        return total / input.shape[0] if input.dim() > 0 and input.shape[0] > 0 else total
-    return total / max(pointwise.numel(), 1)
+    return reduce_losses(pointwise, reduction, None, input.shape[0] if input.dim() > 0 else 1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from kdkernels._dtypes import accumulation_dtype
+from kdkernels.ops.reference.reduction import reduce_losses
 
 
 def margin_partial_l2_elements(
@@ -44,11 +45,4 @@ def margin_partial_l2_reference(
     channel_dim: int = 1,
 ) -> torch.Tensor:
     loss = margin_partial_l2_elements(student, teacher, margin, channel_dim % student.dim())
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    if reduction == "sum":
-        return total
-    if reduction == "batchmean":
-        return total / max(student.shape[0], 1)
-    return total / max(loss.numel(), 1)  # mean over every element
+    return reduce_losses(loss, reduction, None, student.shape[0])  # mean: over every element

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kdkernels._dtypes import accumulation_dtype
+from kdkernels.ops.reference.reduction import reduce_losses
 
 NORM_EPS = 1e-8  # added to the norm, not clamped (official L2())
 
@@ -38,7 +39,4 @@ def pairwise_similarity_batches(student: torch.Tensor, teacher: torch.Tensor) ->
 
 def pairwise_similarity_reference(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """``reduction``: ``"mean"`` over the batch (the official loss), ``"sum"`` or ``"none"`` (B,)."""
-    loss = pairwise_similarity_batches(student, teacher)
-    if reduction == "none":
-        return loss
-    return loss.sum() if reduction == "sum" else loss.mean()
+    return reduce_losses(pairwise_similarity_batches(student, teacher), reduction)

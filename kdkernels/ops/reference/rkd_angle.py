@@ -21,8 +21,19 @@ from kdkernels._dtypes import accumulation_dtype
 
 def angle_tensor(embedding: torch.Tensor) -> torch.Tensor:
     """(B, D) -> (B, B, B): ``[j, i, k] = ⟨e^{ij}, e^{kj}⟩``."""
-    e = F.normalize(embedding.unsqueeze(0) - embedding.unsqueeze(1), p=2, dim=2)  # e[j, i] = unit(t_i − t_j)
+    diff = embedding.unsqueeze(0) - embedding.unsqueeze(1)  # diff[j, i] = t_i − t_j
+    # e[j, j] = 0 for any embedding (F.normalize sends the zero vector to 0): set it as a constant
+    # rather than normalise a zero vector, whose second derivative is NaN (double backward).
+    diagonal = torch.eye(embedding.shape[0], dtype=torch.bool, device=embedding.device).unsqueeze(-1)
+    e = torch.where(diagonal, 0.0, F.normalize(torch.where(diagonal, 1.0, diff), p=2, dim=2))  # unit(t_i − t_j)
     return torch.bmm(e, e.transpose(1, 2))
+
+
+def rkd_angle_anchor_sums(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """(B,): per vertex j, the Huber sum over all (i, k); float32 (float64 if an input is)."""
+    dtype = accumulation_dtype(student, teacher)
+    huber = F.smooth_l1_loss(angle_tensor(student.to(dtype)), angle_tensor(teacher.to(dtype)), beta=1.0, reduction="none")
+    return huber.sum(dim=(1, 2))
 
 
 def rkd_angle_reference(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

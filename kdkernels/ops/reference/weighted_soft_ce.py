@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from kdkernels._dtypes import accumulation_dtype
-from kdkernels.ops.reference.kd_loss import counted_inputs, reduce_losses
+from kdkernels.ops.reference.kd_loss import counted_inputs
+from kdkernels.ops.reference.reduction import reduce_losses
 
 
 def weighted_soft_ce_positions(

@@ -1,0 +1,252 @@
+"""One declaration per fused loss; the ops, fakes, autograd and backend dispatch follow from it.
+
+A fused loss is a :class:`FusedLoss`. Its parts:
+
+* **the kernel** (``kernel``): a function with annotations and no body, the contract every backend
+  implements. Parameters, in order: the loss's inputs (tensors and constants; those that can get
+  a gradient first), ``grad_scale`` (a one-element tensor in the accumulation dtype), optionally
+  ``reduce`` (the kernel may then return partial sums over blocks instead of one loss per
+  position), then one ``<input>_grad`` flag per input that can get a gradient, in the inputs'
+  order. It returns ``(loss, *grads)``: the per-position losses (or partial sums) in the
+  accumulation dtype and the gradients of ``grad_scale * sum(loss)`` (empty tensors when not
+  asked). From this one signature come
+
+  - the schema of the extension's op ``kdkernels::<kernel>`` (``csrc/cpu_dispatch.cpp`` and
+    ``csrc/cuda/<name>_bindings.cpp`` register its CPU and CUDA implementations; C++ declares no
+    schema), and its fake implementation;
+  - the name of the Triton launcher, ``kdkernels.ops.triton.<name>.<kernel>``, same parameters.
+
+* **the op** ``kdkernels::<name>(inputs..., int reduction, float scale, bool <input>_grad...,
+  str backend) -> (loss, *grads)``: a ``torch.library.triton_op`` that runs the backend's kernel
+  and reduces. Its body is traceable, so it is its own fake implementation, and under
+  ``torch.compile`` AOTAutograd inlines it: with the Triton backend Inductor sees the Triton
+  kernels themselves (``wrap_triton``), with ``cpu``/``cuda`` the extension's op.
+* **the twin** (``twin``): the per-position loss in differentiable torch operations on the same
+  inputs. It is the ``torch`` backend, and it gives the gradients that the precomputed ones
+  cannot (double backward, forward AD, functorch; see :mod:`kdkernels.ops._gradients`).
+
+:meth:`FusedLoss.__call__` is the only place that turns a backend name into code: ``torch`` runs
+the twin, every other backend the op.
+
+Adding a fused loss: CONTRIBUTING.md lists the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from kdkernels import backends
+from kdkernels._dtypes import accumulation_dtype
+from kdkernels.ops import _gradients
+from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_differentiable, reduce_positions
+
+_GRAD_SUFFIX = "_grad"
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedLoss:
+    """The declaration of one fused loss (see the module docstring).
+
+    Attributes:
+        name: the op is ``kdkernels::<name>``; its Triton kernels live in
+            ``kdkernels/ops/triton/<name>.py``.
+        kernel: the kernel's signature (a function with annotations; its body is never run).
+        twin: ``twin(*inputs)`` -> the per-position loss as differentiable torch operations, in the
+            accumulation dtype (the ``torch`` backend and higher-order autograd).
+        loss_shape: ``loss_shape(*inputs)`` -> the shape of the per-position loss (what the kernel
+            returns without ``reduce``, and the op's loss for ``reduction`` NONE); None for an
+            elementwise loss, which has the first input's shape and strides.
+        counted: ``counted(*inputs)`` -> ``(positions, mask)``: how many positions a ``mean``
+            divides by, and the bool mask that selects them (None: all of them count).
+        expand: turns a per-position ``grad_output`` into one that broadcasts against the
+            gradients (e.g. ``unsqueeze(1)`` across the classes of (outer, classes, inner)).
+        dtype_inputs: names of the inputs whose dtypes set the accumulation dtype.
+        contiguous_grads: the kernels return contiguous gradients (else: the inputs' strides).
+        has_cuda_kernel: the extension has a CUDA implementation.
+    """
+
+    name: str
+    kernel: Callable
+    twin: Callable
+    loss_shape: Callable[..., tuple] | None
+    counted: Callable[..., tuple]
+    expand: Callable[[Tensor], Tensor]
+    dtype_inputs: tuple[str, ...]
+    contiguous_grads: bool = False
+    has_cuda_kernel: bool = True
+
+    # ------------------------------------------------------------------ the signature, parsed
+    @property
+    def kernel_name(self) -> str:
+        return self.kernel.__name__
+
+    @property
+    def _kernel_params(self) -> list[inspect.Parameter]:
+        return list(inspect.signature(self.kernel).parameters.values())
+
+    @property
+    def inputs(self) -> list[inspect.Parameter]:
+        """The loss's inputs: the kernel's parameters before ``grad_scale``."""
+        params = self._kernel_params
+        return params[: [p.name for p in params].index("grad_scale")]
+
+    @property
+    def differentiable(self) -> list[str]:
+        """The inputs that can get a gradient (one ``<input>_grad`` flag each), in order."""
+        return [p.name[: -len(_GRAD_SUFFIX)] for p in self._kernel_params if p.name.endswith(_GRAD_SUFFIX)]
+
+    @property
+    def kernel_reduces(self) -> bool:
+        return "reduce" in inspect.signature(self.kernel).parameters
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.inputs]
+        if names[: len(self.differentiable)] != self.differentiable:
+            raise TypeError(f"{self.name}: the inputs that get gradients must come first, in the order of their flags")
+        # Register everything once, at import (frozen dataclass: bypass __setattr__).
+        object.__setattr__(self, "op", self._define_op())
+        if _extension_present():
+            self._define_kernel_op()
+
+    # ------------------------------------------------------------------ ops
+    def _define_kernel_op(self) -> None:
+        qualname = f"kdkernels::{self.kernel_name}"
+        schema = torch.library.infer_schema(self.kernel, mutates_args=())
+        torch.library.define(qualname, schema)
+        torch.library.register_fake(qualname)(self._kernel_fake)
+
+    def _split_kernel_args(self, args) -> tuple[list, bool, list[bool]]:
+        n = len(self.inputs)
+        inputs = list(args[:n])
+        rest = list(args[n + 1 :])  # after grad_scale
+        reduce = bool(rest.pop(0)) if self.kernel_reduces else False
+        return inputs, reduce, rest
+
+    def accumulation_dtype(self, inputs: list) -> torch.dtype:
+        names = [p.name for p in self.inputs]
+        return accumulation_dtype(*(inputs[names.index(n)] for n in self.dtype_inputs))
+
+    def _kernel_fake(self, *args):
+        inputs, reduce, flags = self._split_kernel_args(args)
+        first = inputs[0]
+        if reduce:  # how many partial sums is a backend detail; callers only sum them
+            shape = (torch.library.get_ctx().new_dynamic_size(),)
+            loss = first.new_empty(shape, dtype=self.accumulation_dtype(inputs))
+        else:
+            loss = self._per_position_buffer(inputs)
+        return (loss, *(self._gradient_buffer(x, wanted) for x, wanted in zip(inputs, flags)))
+
+    def _per_position_buffer(self, inputs: list) -> Tensor:
+        dtype = self.accumulation_dtype(inputs)
+        if self.loss_shape is None:  # elementwise: the first input's shape and strides
+            return torch.empty_like(inputs[0], dtype=dtype)
+        return inputs[0].new_empty(self.loss_shape(*inputs), dtype=dtype)
+
+    def _gradient_buffer(self, x: Tensor, wanted: bool) -> Tensor:
+        if wanted and self.contiguous_grads:
+            return x.new_empty(x.shape)
+        return _gradients.gradient_buffer(x, wanted)
+
+    def _op_fake(self, *args):
+        n = len(self.inputs)
+        inputs, reduction, flags = list(args[:n]), args[n], args[n + 2 : -1]
+        if reduction == NONE:
+            loss = self._per_position_buffer(inputs)
+        else:
+            loss = inputs[0].new_empty((), dtype=self.accumulation_dtype(inputs))
+        return (loss, *(self._gradient_buffer(x, wanted) for x, wanted in zip(inputs, flags)))
+
+    def _op_signature(self) -> inspect.Signature:
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        params = [inspect.Parameter(p.name, kind, annotation=p.annotation) for p in self.inputs]
+        params += [inspect.Parameter("reduction", kind, annotation=int), inspect.Parameter("scale", kind, annotation=float)]
+        params += [inspect.Parameter(f"{n}{_GRAD_SUFFIX}", kind, annotation=bool) for n in self.differentiable]
+        params += [inspect.Parameter("backend", kind, annotation=str)]
+        returns = tuple[(Tensor,) * (1 + len(self.differentiable))]
+        return inspect.Signature(params, return_annotation=returns)
+
+    def _define_op(self):
+        n_inputs = len(self.inputs)
+        spec = self
+
+        def fused(*args):
+            inputs = list(args[:n_inputs])
+            reduction, scale = args[n_inputs], args[n_inputs + 1]
+            flags = list(args[n_inputs + 2 : -1])
+            backend = args[-1]
+            first = inputs[0]
+            positions, mask = spec.counted(*inputs)
+            grad_scale, divisor = grad_scale_and_divisor(
+                reduction, scale, positions, mask, first.device, spec.accumulation_dtype(inputs)
+            )
+            kernel_args = [*inputs, grad_scale]
+            if spec.kernel_reduces:
+                kernel_args.append(reduction != NONE)
+            loss, *grads = spec.kernel_for(backend)(*kernel_args, *flags)
+            return (reduce_positions(loss, reduction, scale, divisor), *grads)
+
+        fused.__name__ = self.name
+        fused.__doc__ = f"The fused op ``kdkernels::{self.name}`` (declared in kdkernels/ops/{self.name}.py)."
+        fused.__signature__ = self._op_signature()
+        op = torch.library.triton_op(f"kdkernels::{self.name}", fused, mutates_args=())
+        # triton_op makes the body the fake; but a kernel that returns partial sums creates an
+        # unbacked size inside it, which an op's fake may not hide. The body still runs in
+        # tracing (AOTAutograd inlines it), where such intermediate sizes are allowed.
+        op.register_fake(self._op_fake)
+        n_grads = len(self.differentiable)
+        n_args = len(fused.__signature__.parameters)
+
+        def backward(ctx, grad_loss, *_grads):
+            grads = _gradients.take_gradients(ctx, op, grad_loss, spec.expand, spec.reduced_twin)
+            return (*grads, *([None] * (n_args - n_grads)))
+
+        _gradients.register_autograd(op, backward, self.reduced_twin)
+        return op
+
+    def kernel_for(self, backend: str) -> Callable:
+        """The kernel of ``backend``: the extension's op or the Triton launcher."""
+        if backend == "triton":
+            module = importlib.import_module(f"kdkernels.ops.triton.{self.name}")
+            return getattr(module, self.kernel_name)
+        if backend in ("cpu", "cuda"):
+            return getattr(torch.ops.kdkernels, self.kernel_name)
+        raise ValueError(f"backend: kdkernels::{self.name} has no kernel for backend {backend!r}")
+
+    # ------------------------------------------------------------------ the twin, reduced
+    def reduced_twin(self, *args):
+        """The op's loss (reduced) from the op's own arguments, in differentiable operations."""
+        n = len(self.inputs)
+        inputs, reduction, scale = args[:n], args[n], args[n + 1]
+        positions, mask = self.counted(*inputs)
+        return reduce_differentiable(self.twin(*inputs), reduction, scale, positions, mask)
+
+    # ------------------------------------------------------------------ the dispatch
+    def __call__(self, *inputs, reduction: int, scale: float = 1.0) -> Tensor:
+        """The reduced loss on the backend :func:`kdkernels.backends.resolve` picks for the inputs'
+        device: ``torch`` runs the twin; the others the op, which also computes the gradients
+        of the inputs that require grad (when grad mode is on)."""
+        device = inputs[0].device
+        backend = backends.resolve(device)
+        if backend == "torch":
+            return self.reduced_twin(*inputs, reduction, scale)
+        if backend == "cuda" and not self.has_cuda_kernel:
+            raise RuntimeError(
+                f"kdkernels backend 'cuda': {self.name} has no CUDA C++ kernel yet; "
+                "use the triton backend (the default on CUDA) or 'torch'"
+            )
+        grad_enabled = torch.is_grad_enabled()
+        flags = [grad_enabled and inputs[k].requires_grad for k in range(len(self.differentiable))]
+        return self.op(*inputs, reduction, scale, *flags, backend)[0]
+
+
+def _extension_present() -> bool:
+    from kdkernels import _extension
+
+    return _extension.has_extension()
+
