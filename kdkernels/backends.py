@@ -58,7 +58,8 @@ _traced_request = _TracedRequest()
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-def _triton_interpreted() -> bool:
+def triton_interpreted() -> bool:
+    """True when Triton kernels run through the interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -80,7 +81,7 @@ def why_unavailable(name: str, device: torch.device | str) -> str | None:
         if device.type == "cuda":
             return None
         if device.type == "cpu":
-            return None if _triton_interpreted() else "Triton runs CPU tensors only with TRITON_INTERPRET=1"
+            return None if triton_interpreted() else "Triton runs CPU tensors only with TRITON_INTERPRET=1"
         return f"Triton does not run on {device.type} tensors"
     if not _extension.has_extension():
         return f"the compiled extension kdkernels._C is not built ({_extension.EXTENSION_ERROR})"

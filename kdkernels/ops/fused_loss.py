@@ -199,6 +199,7 @@ class FusedLoss:
         # unbacked size inside it, which an op's fake may not hide. The body still runs in
         # tracing (AOTAutograd inlines it), where such intermediate sizes are allowed.
         op.register_fake(self._op_fake)
+        _inline_when_traced(op, fused)
         n_grads = len(self.differentiable)
         n_args = len(fused.__signature__.parameters)
 
@@ -249,4 +250,25 @@ def _extension_present() -> bool:
     from kdkernels import _extension
 
     return _extension.has_extension()
+
+
+def _inline_when_traced(op, body: Callable) -> None:
+    """Under AOTAutograd (``torch.compile``) replace ``op`` by its body, so that the compiler sees
+    the kernels; but keep it whole when the body would launch interpreted Triton kernels
+    (``TRITON_INTERPRET=1``, no GPU), which cannot run on fake tensors: the op's fake stands in.
+
+    This is ``triton_op``'s own decomposition rule with that one exception.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    def decompose(mode, func, types, args, kwargs):
+        if any(t not in (torch.Tensor, FunctionalTensor) and not issubclass(t, FakeTensor) for t in types):
+            return NotImplemented
+        if args[-1] == "triton" and backends.triton_interpreted():
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        with mode:
+            return body(*args, **kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, decompose)
 
