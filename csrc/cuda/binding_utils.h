@@ -5,7 +5,7 @@
 
 #include <ATen/ATen.h>
 
-#include "kd_loss_kernel.cuh"  // cuda::DType
+#include "common.cuh"  // cuda::DType
 
 namespace kdkernels {
 namespace binding {

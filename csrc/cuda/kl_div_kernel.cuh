@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "kd_loss_kernel.cuh"  // DType, loss_is_double
+#include "common.cuh"  // DType, loss_is_double
 
 namespace kdkernels {
 namespace cuda {
