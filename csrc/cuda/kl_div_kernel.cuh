@@ -1,5 +1,5 @@
 // Torch-free CUDA kernel of kdkernels::kl_div_pointwise (torch.nn.functional.kl_div, fused with its
-// gradients). Plain C++ header (included by bindings.cpp too): parameters and launcher only.
+// gradients). Plain C++ header (included by kl_div_bindings.cpp too): parameters and launcher only.
 #pragma once
 
 #include <cuda_runtime_api.h>
