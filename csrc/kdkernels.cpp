@@ -6,7 +6,6 @@
 #include <torch/library.h>
 
 #include "cpu/dispatch.h"
-#include "kdkernels.h"
 
 namespace {
 
