@@ -17,7 +17,8 @@
 //   using Acc = ...;                        the accumulation type (float or double)
 //   static constexpr bool kVectorLoads;     rows kernel: 16-byte loads when a row is aligned
 //   static constexpr int64_t kRowsKernelMaxPositions;   rows kernel for any class stride up to
-//                                           this many positions (0: only for unit class stride)
+//                                           this many positions (0: only for unit class stride
+//                                           or inner == 1)
 //   struct Terms { static Terms empty(); Terms shfl_xor(int offset) const; ... };  cross terms
 //   void add(Terms&, const ClassStep<Acc>&, int64_t c, Acc inv_t) const;   one class
 //   Terms merge(const Terms& x, const Terms& y, const MergeStep<Acc>&, Acc inv_t) const;
@@ -25,7 +26,15 @@
 //   Finished finish(const PairStats<Acc, Terms>&, Acc grad_coef, Acc inv_t) const;
 //   Acc loss(const PairStats<Acc, Terms>&, const Finished&, Acc inv_t) const;
 //   void grads(const Finished&, Acc a, Acc b, int64_t c, Acc& grad_s, Acc& grad_t) const;
-// finish/loss/grads are called for counted positions only (the walker writes the zeros).
+// finish runs for every position (its result is unused where the position does not count); loss
+// and grads run for counted positions only (the walker writes the zeros).
+//
+// The divergences of kdkernels/ops/reference/divergences.py, as policies: reverse KL's cross term
+// Σ e^{(s − m_s)/T}·(a − b) rescales with the student's sums (ClassStep's a_scale / a_weight), so
+// it is a policy as it stands. JSD, the skew KLs and TVD need per-class terms of the normalised
+// distributions (log of the mixture), i.e. one more block-reduced pass between the statistics and
+// the gradients (for the loss and Σ_c ∂D/∂log p_s,c); a top-k teacher reads the student through the
+// k teacher ids. Each is a hook to add here when its kernel is written, not before.
 //
 // Two kernels, the launcher picks one per call (launch_softmax_pair):
 // * rows: one thread block per position (grid-stride over positions), threads striding over the

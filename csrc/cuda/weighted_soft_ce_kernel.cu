@@ -14,9 +14,9 @@
 // no precision. A class with w·p_t = 0 is selected out, never multiplied by 0, so a −inf student
 // logit there gives 0, not NaN.
 //
-// Loads are scalar (kVectorLoads = false), and the rows kernel is only used for unit class stride
-// or inner == 1: each thread then sums the same classes in the same order as this loss's kernels
-// always did, so the rounding of its results is unchanged.
+// Loads are scalar (kVectorLoads = false) and the rows kernel serves only unit class stride or
+// inner == 1: the per-thread class order of the kernel the walker replaced, kept so that the
+// rounding of the results stays the same. Vector loads are a speed-up still to measure on a GPU.
 
 #include "weighted_soft_ce_kernel.cuh"
 
