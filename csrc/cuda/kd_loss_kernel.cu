@@ -37,6 +37,10 @@ struct KdLossPolicy {
   Acc temperature;
   Acc temperature_sq;
 
+  static KdLossPolicy make(const KdLossRowsParams& p) {
+    return {static_cast<Acc>(p.temperature), static_cast<Acc>(p.temperature * p.temperature)};
+  }
+
   struct Terms {
     Acc w;  // W = Σ e^{(t − m_t)/T}·(b − a)
     __device__ static Terms empty() { return {Acc(0)}; }
@@ -94,18 +98,7 @@ struct KdLossPolicy {
 }  // namespace
 
 cudaError_t launch_kd_loss_rows(const KdLossRowsParams& params, cudaStream_t stream) {
-  const cudaError_t bad = check_softmax_pair_params(params);
-  if (bad != cudaSuccess) return bad;
-  cudaError_t status = cudaSuccess;
-  const bool known = dispatch_dtype_pair(params.student_dtype, params.teacher_dtype, [&](auto s_tag, auto t_tag) {
-    using S = typename decltype(s_tag)::type;
-    using T = typename decltype(t_tag)::type;
-    using Policy = KdLossPolicy<acc_t<S, T>>;
-    const Policy policy{static_cast<typename Policy::Acc>(params.temperature),
-                        static_cast<typename Policy::Acc>(params.temperature * params.temperature)};
-    status = launch_softmax_pair<Policy, S, T>(params, policy, stream);
-  });
-  return known ? status : cudaErrorInvalidValue;
+  return launch_softmax_pair_loss<KdLossPolicy>(params, stream);
 }
 
 }  // namespace cuda

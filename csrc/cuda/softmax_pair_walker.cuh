@@ -15,6 +15,7 @@
 //
 // A loss is a policy struct (see KdLossPolicy in kd_loss_kernel.cu for a full one):
 //   using Acc = ...;                        the accumulation type (float or double)
+//   static Policy make(const Params&);      from the launcher's params (host)
 //   static constexpr bool kVectorLoads;     rows kernel: 16-byte loads when a row is aligned
 //   static constexpr int64_t kRowsKernelMaxPositions;   rows kernel for any class stride up to
 //                                           this many positions (0: only for unit class stride
@@ -36,7 +37,8 @@
 // the gradients (for the loss and Σ_c ∂D/∂log p_s,c); a top-k teacher reads the student through the
 // k teacher ids. Each is a hook to add here when its kernel is written, not before.
 //
-// Two kernels, the launcher picks one per call (launch_softmax_pair):
+// A loss's launcher is launch_softmax_pair_loss<Policy>(params, stream). Two kernels, the launcher
+// picks one per call (launch_softmax_pair):
 // * rows: one thread block per position (grid-stride over positions), threads striding over the
 //   classes. With kVectorLoads and unit class stride, loads are 16-byte vectors when the row is
 //   suitably aligned (a scalar "head" reaches alignment; rows whose tensors are misaligned
@@ -573,6 +575,21 @@ cudaError_t launch_softmax_pair(const SoftmaxPairParams& p, const Policy& policy
     softmax_pair_channels_kernel<Policy, S, T><<<grid, kChannelThreads, 0, stream>>>(a, policy);
   }
   return cudaGetLastError();
+}
+
+// The whole launcher of a softmax pair loss: checks `params`, dispatches on the two dtypes and
+// launches with Policy<Acc>::make(params). cudaErrorInvalidValue for bad arguments or dtypes.
+template <template <typename> class Policy, typename Params>
+cudaError_t launch_softmax_pair_loss(const Params& params, cudaStream_t stream) {
+  const cudaError_t bad = check_softmax_pair_params(params);
+  if (bad != cudaSuccess) return bad;
+  cudaError_t status = cudaSuccess;
+  const bool known = dispatch_dtype_pair(params.student_dtype, params.teacher_dtype, [&](auto s_tag, auto t_tag) {
+    using S = typename decltype(s_tag)::type;
+    using T = typename decltype(t_tag)::type;
+    status = launch_softmax_pair<Policy<acc_t<S, T>>, S, T>(params, Policy<acc_t<S, T>>::make(params), stream);
+  });
+  return known ? status : cudaErrorInvalidValue;
 }
 
 }  // namespace detail

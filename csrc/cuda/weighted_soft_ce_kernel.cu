@@ -34,6 +34,8 @@ struct WeightedSoftCePolicy {
 
   const Acc* weight;  // (classes,), nullptr = ones
 
+  static WeightedSoftCePolicy make(const WeightedSoftCeParams& p) { return {static_cast<const Acc*>(p.class_weight)}; }
+
   struct Terms {
     Acc ws;   // W
     Acc acc;  // A
@@ -108,17 +110,7 @@ struct WeightedSoftCePolicy {
 }  // namespace
 
 cudaError_t launch_weighted_soft_ce_rows(const WeightedSoftCeParams& params, cudaStream_t stream) {
-  const cudaError_t bad = check_softmax_pair_params(params);
-  if (bad != cudaSuccess) return bad;
-  cudaError_t status = cudaSuccess;
-  const bool known = dispatch_dtype_pair(params.student_dtype, params.teacher_dtype, [&](auto s_tag, auto t_tag) {
-    using S = typename decltype(s_tag)::type;
-    using T = typename decltype(t_tag)::type;
-    using Policy = WeightedSoftCePolicy<acc_t<S, T>>;
-    const Policy policy{static_cast<const typename Policy::Acc*>(params.class_weight)};
-    status = launch_softmax_pair<Policy, S, T>(params, policy, stream);
-  });
-  return known ? status : cudaErrorInvalidValue;
+  return launch_softmax_pair_loss<WeightedSoftCePolicy>(params, stream);
 }
 
 }  // namespace cuda
