@@ -61,58 +61,58 @@ using acc_t = typename std::conditional<std::is_same<A, double>::value || std::i
                                         double, float>::type;
 
 // Conversions between element types and the accumulation type.
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ double widen(double x) { return x; }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+__host__ __device__ __forceinline__ float widen(float x) { return x; }
+__host__ __device__ __forceinline__ double widen(double x) { return x; }
+__host__ __device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+__host__ __device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename Acc, typename X>
-__device__ __forceinline__ Acc to_acc(X x) {
+__host__ __device__ __forceinline__ Acc to_acc(X x) {
   return static_cast<Acc>(widen(x));
 }
 
 template <typename X>
 struct Narrow {
   template <typename Acc>
-  __device__ __forceinline__ static X from(Acc v) {
+  __host__ __device__ __forceinline__ static X from(Acc v) {
     return static_cast<X>(v);
   }
 };
 template <>
 struct Narrow<__half> {
   template <typename Acc>
-  __device__ __forceinline__ static __half from(Acc v) {
+  __host__ __device__ __forceinline__ static __half from(Acc v) {
     return __float2half_rn(static_cast<float>(v));
   }
 };
 template <>
 struct Narrow<__nv_bfloat16> {
   template <typename Acc>
-  __device__ __forceinline__ static __nv_bfloat16 from(Acc v) {
+  __host__ __device__ __forceinline__ static __nv_bfloat16 from(Acc v) {
     return __float2bfloat16_rn(static_cast<float>(v));
   }
 };
 
 template <typename X, typename Acc>
-__device__ __forceinline__ X from_acc(Acc v) {
+__host__ __device__ __forceinline__ X from_acc(Acc v) {
   return Narrow<X>::from(v);
 }
 
 // exp / log in the accumulation type (the build may map the float ones to fast intrinsics).
-__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
-__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
-__device__ __forceinline__ float acc_log(float x) { return logf(x); }
-__device__ __forceinline__ double acc_log(double x) { return log(x); }
+__host__ __device__ __forceinline__ float acc_exp(float x) { return expf(x); }
+__host__ __device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+__host__ __device__ __forceinline__ float acc_log(float x) { return logf(x); }
+__host__ __device__ __forceinline__ double acc_log(double x) { return log(x); }
 
 template <typename Acc>
-__device__ __forceinline__ Acc neg_inf() {
+__host__ __device__ __forceinline__ Acc neg_inf() {
   return -static_cast<Acc>(INFINITY);
 }
 
 // max(x, y) that is NaN when either is (x NaN: x; else y NaN: x > y fails, so y), so a NaN logit
 // becomes and stays the running maximum (the NaN rule of kdkernels/ops/reference).
 template <typename Acc>
-__device__ __forceinline__ Acc nan_max(Acc x, Acc y) {
+__host__ __device__ __forceinline__ Acc nan_max(Acc x, Acc y) {
   return (x != x || x > y) ? x : y;
 }
 
@@ -120,7 +120,7 @@ __device__ __forceinline__ Acc nan_max(Acc x, Acc y) {
 // pointers with the same residue reach a N-element (vector-aligned) boundary after the same number
 // of scalar elements, so one scalar "head" serves both.
 template <int N, typename X>
-__device__ __forceinline__ int element_misalignment(const X* p) {
+__host__ __device__ __forceinline__ int element_misalignment(const X* p) {
   const uintptr_t address = reinterpret_cast<uintptr_t>(p);
   if (address % sizeof(X) != 0) return -1;
   return static_cast<int>((address / sizeof(X)) % N);

@@ -43,7 +43,7 @@ struct KdLossPolicy {
 
   struct Terms {
     Acc w;  // W = Σ e^{(t − m_t)/T}·(b − a)
-    __device__ static Terms empty() { return {Acc(0)}; }
+    __host__ __device__ static Terms empty() { return {Acc(0)}; }
     __device__ Terms shfl_xor(int offset) const { return {__shfl_xor_sync(0xffffffffu, w, offset)}; }
   };
 
@@ -55,18 +55,18 @@ struct KdLossPolicy {
     Acc inv_t;
   };
 
-  __device__ void add(Terms& terms, const ClassStep<Acc>& s, int64_t, Acc inv_t) const {
+  __host__ __device__ void add(Terms& terms, const ClassStep<Acc>& s, int64_t, Acc inv_t) const {
     // b = −inf: b_weight = 0, so the class adds exactly 0 even if b − a is NaN or ±inf.
     terms.w = weighted(s.b_scale, terms.w) + weighted(s.b_weight, (s.b - s.a) * inv_t);
   }
 
-  __device__ Terms merge(const Terms& x, const Terms& y, const MergeStep<Acc>& m, Acc) const {
+  __host__ __device__ Terms merge(const Terms& x, const Terms& y, const MergeStep<Acc>& m, Acc) const {
     return {weighted(m.b_scale_x, x.w) + weighted(m.b_scale_y, y.w)};
   }
 
-  __device__ Acc grad_coef(Acc grad_scale) const { return grad_scale * temperature; }
+  __host__ __device__ Acc grad_coef(Acc grad_scale) const { return grad_scale * temperature; }
 
-  __device__ Finished finish(const PairStats<Acc, Terms>& st, Acc gs_t, Acc inv_t) const {
+  __host__ __device__ Finished finish(const PairStats<Acc, Terms>& st, Acc gs_t, Acc inv_t) const {
     Finished g;
     g.ma = st.ma;
     g.mb = st.mb;
@@ -78,14 +78,14 @@ struct KdLossPolicy {
     return g;
   }
 
-  __device__ Acc loss(const PairStats<Acc, Terms>& st, const Finished& g, Acc inv_t) const {
+  __host__ __device__ Acc loss(const PairStats<Acc, Terms>& st, const Finished& g, Acc inv_t) const {
     // A student that is −inf everywhere gives 0 probability where the teacher has mass: +inf.
     if (st.ma == neg_inf<Acc>()) return -neg_inf<Acc>();
     const Acc lse_diff = (st.mb - st.ma) * inv_t + acc_log(st.zb / st.za);  // lse_b − lse_a
     return temperature_sq * (g.expect - lse_diff);
   }
 
-  __device__ void grads(const Finished& g, Acc a, Acc b, int64_t, Acc& grad_s, Acc& grad_t) const {
+  __host__ __device__ void grads(const Finished& g, Acc a, Acc b, int64_t, Acc& grad_s, Acc& grad_t) const {
     // a, b: raw logits.
     const Acc pa = acc_exp((a - g.ma) * g.inv_t) * g.inv_za;
     const Acc pb = acc_exp((b - g.mb) * g.inv_t) * g.inv_zb;

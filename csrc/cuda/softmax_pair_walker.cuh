@@ -174,14 +174,14 @@ struct MergeStep {
 // e^{(m_old − m_new)/T}, the factor that re-references sums to a new maximum; 0 for a state that
 // has seen no finite logit (its sums are 0 and m_old − m_new could be NaN).
 template <typename Acc>
-__device__ __forceinline__ Acc rescale(Acc m_old, Acc m_new, Acc inv_t) {
+__host__ __device__ __forceinline__ Acc rescale(Acc m_old, Acc m_new, Acc inv_t) {
   return m_old == neg_inf<Acc>() ? Acc(0) : acc_exp((m_old - m_new) * inv_t);
 }
 
 // weight · value, but exactly 0 when the weight is 0: a teacher class of probability 0 (logit −inf,
 // or e^{b − m_b} underflowed) adds nothing even when value = b − a is +inf (student logit −inf).
 template <typename Acc>
-__device__ __forceinline__ Acc weighted(Acc weight, Acc value) {
+__host__ __device__ __forceinline__ Acc weighted(Acc weight, Acc value) {
   return weight == Acc(0) ? Acc(0) : weight * value;
 }
 
@@ -189,13 +189,13 @@ __device__ __forceinline__ Acc weighted(Acc weight, Acc value) {
 // the new max x (and the new term is e^0 = 1); otherwise it is the new term e^{x − m}. x = −inf
 // gives 0 (also when m is still −inf, where x − m would be NaN); a NaN x gives NaN.
 template <typename Acc>
-__device__ __forceinline__ Acc online_exp(Acc x, Acc m, Acc inv_t) {
+__host__ __device__ __forceinline__ Acc online_exp(Acc x, Acc m, Acc inv_t) {
   const Acc d = x > m ? m - x : x - m;
   return acc_exp(x == neg_inf<Acc>() ? neg_inf<Acc>() : d * inv_t);
 }
 
 template <typename Policy>
-__device__ __forceinline__ PairStats<typename Policy::Acc, typename Policy::Terms> empty_stats() {
+__host__ __device__ __forceinline__ PairStats<typename Policy::Acc, typename Policy::Terms> empty_stats() {
   using Acc = typename Policy::Acc;
   return {neg_inf<Acc>(), Acc(0), neg_inf<Acc>(), Acc(0), Policy::Terms::empty()};
 }
@@ -205,7 +205,7 @@ __device__ __forceinline__ PairStats<typename Policy::Acc, typename Policy::Term
 // exponential per logit. A NaN becomes the running maximum (!(x <= m)), so everything after it is
 // NaN.
 template <typename Policy, typename Acc = typename Policy::Acc>
-__device__ __forceinline__ void add_class(PairStats<Acc, typename Policy::Terms>& st, Acc a, Acc b, int64_t c,
+__host__ __device__ __forceinline__ void add_class(PairStats<Acc, typename Policy::Terms>& st, Acc a, Acc b, int64_t c,
                                           const Policy& policy, Acc inv_t) {
   ClassStep<Acc> step;
   step.a = a;
@@ -234,7 +234,7 @@ __device__ __forceinline__ void add_class(PairStats<Acc, typename Policy::Terms>
 
 // The state of the union of two disjoint sets of classes.
 template <typename Policy, typename Acc = typename Policy::Acc>
-__device__ __forceinline__ PairStats<Acc, typename Policy::Terms> merge(const PairStats<Acc, typename Policy::Terms>& x,
+__host__ __device__ __forceinline__ PairStats<Acc, typename Policy::Terms> merge(const PairStats<Acc, typename Policy::Terms>& x,
                                                                         const PairStats<Acc, typename Policy::Terms>& y,
                                                                         const Policy& policy, Acc inv_t) {
   PairStats<Acc, typename Policy::Terms> r;

@@ -39,7 +39,7 @@ struct WeightedSoftCePolicy {
   struct Terms {
     Acc ws;   // W
     Acc acc;  // A
-    __device__ static Terms empty() { return {Acc(0), Acc(0)}; }
+    __host__ __device__ static Terms empty() { return {Acc(0), Acc(0)}; }
     __device__ Terms shfl_xor(int offset) const {
       return {__shfl_xor_sync(0xffffffffu, ws, offset), __shfl_xor_sync(0xffffffffu, acc, offset)};
     }
@@ -50,9 +50,9 @@ struct WeightedSoftCePolicy {
     Acc loss, mass, z_b, log_z_a, shift_a, shift_b, coef, inv_t;  // shifts: raw maxima (0 for −inf)
   };
 
-  __device__ Acc class_weight(int64_t c) const { return weight ? weight[c] : Acc(1); }
+  __host__ __device__ Acc class_weight(int64_t c) const { return weight ? weight[c] : Acc(1); }
 
-  __device__ void add(Terms& t, const ClassStep<Acc>& s, int64_t c, Acc inv_t) const {
+  __host__ __device__ void add(Terms& t, const ClassStep<Acc>& s, int64_t c, Acc inv_t) const {
     if (s.a_up && t.ws > Acc(0))  // new student max (or NaN): re-reference A
       t.acc -= t.ws * ((s.a - (s.ma_old == neg_inf<Acc>() ? s.a : s.ma_old)) * inv_t);
     if (s.b_up) {  // new teacher max (or NaN): rescale the teacher sums
@@ -70,7 +70,7 @@ struct WeightedSoftCePolicy {
     }
   }
 
-  __device__ Terms merge(const Terms& x, const Terms& y, const MergeStep<Acc>& m, Acc inv_t) const {
+  __host__ __device__ Terms merge(const Terms& x, const Terms& y, const MergeStep<Acc>& m, Acc inv_t) const {
     Terms r;
     r.ws = x.ws * m.b_scale_x + y.ws * m.b_scale_y;
     const Acc acc_x = x.ws > Acc(0) ? (x.acc - x.ws * ((m.ma - m.ma_x) * inv_t)) * m.b_scale_x : Acc(0);
@@ -79,9 +79,9 @@ struct WeightedSoftCePolicy {
     return r;
   }
 
-  __device__ Acc grad_coef(Acc grad_scale) const { return grad_scale; }
+  __host__ __device__ Acc grad_coef(Acc grad_scale) const { return grad_scale; }
 
-  __device__ Finished finish(const PairStats<Acc, Terms>& st, Acc grad_scale, Acc inv_t) const {
+  __host__ __device__ Finished finish(const PairStats<Acc, Terms>& st, Acc grad_scale, Acc inv_t) const {
     Finished f;
     f.z_b = st.zb;
     f.mass = st.terms.ws / f.z_b;
@@ -94,9 +94,9 @@ struct WeightedSoftCePolicy {
     return f;
   }
 
-  __device__ Acc loss(const PairStats<Acc, Terms>&, const Finished& f, Acc) const { return f.loss; }
+  __host__ __device__ Acc loss(const PairStats<Acc, Terms>&, const Finished& f, Acc) const { return f.loss; }
 
-  __device__ void grads(const Finished& f, Acc a, Acc b, int64_t c, Acc& g_s, Acc& g_t) const {
+  __host__ __device__ void grads(const Finished& f, Acc a, Acc b, int64_t c, Acc& g_s, Acc& g_t) const {
     // a, b: raw logits.
     const Acc w = class_weight(c);
     const Acc p_t = acc_exp((b - f.shift_b) * f.inv_t) / f.z_b;
