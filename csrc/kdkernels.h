@@ -1,5 +1,7 @@
-// Declarations of the kernel ops of kdkernels._C. Schemas live in kdkernels.cpp; the Python side
-// (kdkernels/ops/*.py) documents what each op computes.
+// Declarations of the CPU entry points of the kernel ops of kdkernels._C (defined in csrc/cpu/*.cpp,
+// registered through csrc/cpu/dispatch.h and csrc/cpu_dispatch.cpp). Schemas live in
+// kdkernels.cpp; the Python side (kdkernels/ops/*.py) documents what each op computes. The CUDA
+// ops need no declaration: each csrc/cuda/<loss>_bindings.cpp defines and registers its own.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,15 +17,10 @@ using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 TensorTriple kd_loss_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,
                               const c10::optional<at::Tensor>& mask, double temperature,
                               const at::Tensor& grad_scale, bool student_grad, bool teacher_grad);
-TensorTriple kd_loss_rows_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                               const c10::optional<at::Tensor>& mask, double temperature,
-                               const at::Tensor& grad_scale, bool student_grad, bool teacher_grad);
 
 // kl_div_pointwise: input/target contiguous, same shape.
 TensorTriple kl_div_pointwise_cpu(const at::Tensor& input, const at::Tensor& target, bool log_target,
                                   const at::Tensor& grad_scale, bool reduce, bool input_grad, bool target_grad);
-TensorTriple kl_div_pointwise_cuda(const at::Tensor& input, const at::Tensor& target, bool log_target,
-                                   const at::Tensor& grad_scale, bool reduce, bool input_grad, bool target_grad);
 
 // weighted_soft_ce_rows: student/teacher (outer, classes, inner) any strides; class_weight (classes,);
 // mask (outer, inner) bool.
@@ -31,10 +28,6 @@ TensorTriple weighted_soft_ce_rows_cpu(const at::Tensor& student, const at::Tens
                                        const c10::optional<at::Tensor>& class_weight,
                                        const c10::optional<at::Tensor>& mask, double temperature,
                                        const at::Tensor& grad_scale, bool student_grad, bool teacher_grad);
-TensorTriple weighted_soft_ce_rows_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                        const c10::optional<at::Tensor>& class_weight,
-                                        const c10::optional<at::Tensor>& mask, double temperature,
-                                        const at::Tensor& grad_scale, bool student_grad, bool teacher_grad);
 
 // margin_partial_l2_elements: student/teacher dense with the same strides; margin (C,) in the
 // accumulation dtype; the channel of flat element i is (i / channel_stride) % C.
@@ -42,10 +35,6 @@ std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cpu(const at::Tens
                                                                   const at::Tensor& margin, int64_t channel_stride,
                                                                   const at::Tensor& grad_scale, bool reduce,
                                                                   bool student_grad);
-std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                                   const at::Tensor& margin, int64_t channel_stride,
-                                                                   const at::Tensor& grad_scale, bool reduce,
-                                                                   bool student_grad);
 
 // bounded_regression_rows: student/teacher/target (rows, K) of one dtype, any strides; mask (rows,) bool.
 std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -53,11 +42,6 @@ std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cpu(const at::Tensor&
                                                                const c10::optional<at::Tensor>& mask, double margin,
                                                                const at::Tensor& grad_scale, bool reduce,
                                                                bool student_grad);
-std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                                const at::Tensor& target,
-                                                                const c10::optional<at::Tensor>& mask, double margin,
-                                                                const at::Tensor& grad_scale, bool reduce,
-                                                                bool student_grad);
 
 // pairwise_similarity_batches: student (B, N, Cs), teacher (B, N, Ct), any strides and dtypes.
 TensorTriple pairwise_similarity_batches_cpu(const at::Tensor& student, const at::Tensor& teacher,

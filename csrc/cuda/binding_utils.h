@@ -1,14 +1,21 @@
-// Checks and conversions shared by the torch bindings of the CUDA kernels (csrc/cuda/*bindings.cpp):
-// tensor dtype -> the launchers' DType, device checks, gradient buffers. Header-only; compiled only
-// in a CUDA build.
+// Checks and conversions shared by the torch bindings of the CUDA kernels (csrc/cuda/*_bindings.cpp):
+// tensor dtype -> the launchers' DType, device checks, gradient buffers, and the arguments every
+// softmax pair loss (kd_loss_rows, weighted_soft_ce_rows) takes. Header-only; compiled only in a
+// CUDA build.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/Optional.h>
 
-#include "kd_loss_kernel.cuh"  // cuda::DType
+#include <tuple>
+
+#include "common.cuh"               // cuda::DType
+#include "softmax_pair_walker.cuh"  // cuda::SoftmaxPairParams (its host part)
 
 namespace kdkernels {
 namespace binding {
+
+using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 inline cuda::DType to_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -53,6 +60,77 @@ inline const void* grad_scale_ptr(const at::Tensor& grad_scale, const at::Tensor
 // tensor when the gradient is not requested.
 inline at::Tensor gradient_buffer(const at::Tensor& input, bool wanted) {
   return wanted ? at::empty_like(input) : at::empty({0}, input.options());
+}
+
+// The checks every softmax pair op makes on its (outer, classes, inner) student and teacher views,
+// mask, temperature and grad_scale. Returns the mask as a contiguous tensor (undefined if absent):
+// the caller keeps it alive until the launch.
+inline at::Tensor check_softmax_pair_inputs(const at::Tensor& student, const at::Tensor& teacher,
+                                            const c10::optional<at::Tensor>& mask, double temperature,
+                                            const at::Tensor& grad_scale) {
+  TORCH_CHECK(student.is_cuda(), "student: expected a CUDA tensor, got device ", student.device());
+  check_cuda_on(teacher, student, "teacher");
+  check_grad_scale(grad_scale, student);
+  TORCH_CHECK(student.dim() == 3, "student: expected a 3-d (outer, classes, inner) view, got shape ",
+              student.sizes());
+  TORCH_CHECK(teacher.sizes() == student.sizes(), "teacher: expected shape ", student.sizes(), ", got ",
+              teacher.sizes());
+  TORCH_CHECK(temperature > 0.0, "temperature: expected a positive value, got ", temperature);
+  to_dtype(student, "student");
+  to_dtype(teacher, "teacher");
+  if (!mask.has_value()) return at::Tensor();
+  const int64_t outer = student.size(0), inner = student.size(2);
+  check_cuda_on(*mask, student, "mask");
+  TORCH_CHECK(mask->scalar_type() == at::kBool, "mask: expected a bool tensor, got ", mask->scalar_type());
+  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == outer && mask->size(1) == inner, "mask: expected shape (", outer,
+              ", ", inner, "), got ", mask->sizes());
+  return mask->contiguous();
+}
+
+// The accumulation (and loss) dtype of a student/teacher pair: float64 iff either is.
+inline at::ScalarType accumulation_type(const at::Tensor& student, const at::Tensor& teacher) {
+  return cuda::loss_is_double(to_dtype(student, "student"), to_dtype(teacher, "teacher")) ? at::kDouble : at::kFloat;
+}
+
+// The outputs of a softmax pair op: the (outer, inner) loss in the accumulation dtype and the
+// gradient buffers (empty when not requested).
+inline TensorTriple softmax_pair_outputs(const at::Tensor& student, const at::Tensor& teacher, bool student_grad,
+                                         bool teacher_grad) {
+  at::Tensor loss =
+      at::empty({student.size(0), student.size(2)}, student.options().dtype(accumulation_type(student, teacher)));
+  return {loss, gradient_buffer(student, student_grad), gradient_buffer(teacher, teacher_grad)};
+}
+
+// Fills the launcher arguments shared by the softmax pair ops from checked inputs and their outputs.
+inline void fill_softmax_pair_params(cuda::SoftmaxPairParams& p, const at::Tensor& student, const at::Tensor& teacher,
+                                     const at::Tensor& mask, double temperature, const at::Tensor& grad_scale,
+                                     const TensorTriple& outputs, bool student_grad, bool teacher_grad) {
+  const at::Tensor& loss = std::get<0>(outputs);
+  const at::Tensor& grad_student = std::get<1>(outputs);
+  const at::Tensor& grad_teacher = std::get<2>(outputs);
+  p.student = student.data_ptr();
+  p.student_dtype = to_dtype(student, "student");
+  p.teacher = teacher.data_ptr();
+  p.teacher_dtype = to_dtype(teacher, "teacher");
+  for (int d = 0; d < 3; ++d) {
+    p.student_strides[d] = student.stride(d);
+    p.teacher_strides[d] = teacher.stride(d);
+  }
+  p.outer = student.size(0);
+  p.classes = student.size(1);
+  p.inner = student.size(2);
+  p.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  p.grad_scale = grad_scale_ptr(grad_scale, loss);
+  p.temperature = temperature;
+  p.loss = loss.data_ptr();
+  if (student_grad) {
+    p.grad_student = grad_student.data_ptr();
+    for (int d = 0; d < 3; ++d) p.grad_student_strides[d] = grad_student.stride(d);
+  }
+  if (teacher_grad) {
+    p.grad_teacher = grad_teacher.data_ptr();
+    for (int d = 0; d < 3; ++d) p.grad_teacher_strides[d] = grad_teacher.stride(d);
+  }
 }
 
 }  // namespace binding

@@ -10,11 +10,11 @@
 
 #include <algorithm>
 
-#include "../kdkernels.h"
 #include "binding_utils.h"
 #include "bounded_regression_kernel.cuh"
 
 namespace kdkernels {
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                                 const at::Tensor& target,
@@ -71,6 +71,7 @@ std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cuda(const at::Tensor
   return {loss, grad};
 }
 
+}  // namespace
 }  // namespace kdkernels
 
 TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {

@@ -88,7 +88,7 @@ cudaError_t launch_bounded_regression(const BoundedRegressionParams& params, cud
     return cudaErrorInvalidValue;
   }
   const int64_t blocks = (params.rows + kBoundedRegressionRowChunk - 1) / kBoundedRegressionRowChunk;
-  if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
+  if (blocks > detail::kMaxGrid) return cudaErrorInvalidValue;
   cudaError_t status = cudaErrorInvalidValue;
   detail::dispatch_dtype(params.dtype, [&](auto tag) {
     using X = typename decltype(tag)::type;

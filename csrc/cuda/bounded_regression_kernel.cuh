@@ -1,16 +1,16 @@
 // Torch-free CUDA kernel of kdkernels::bounded_regression_rows: the teacher-bounded regression loss
 // of Chen et al. (NeurIPS 2017) per row and its student gradient.
 //
-// Plain C++ with only <cuda_runtime_api.h> (through kd_loss_kernel.cuh, whose DType enum and
-// device helpers are shared), so that the binding compiles with the host compiler and `nvcc -c`
-// compile-checks the kernel on a machine without a CUDA build of torch.
+// Plain C++ with only <cuda_runtime_api.h> (and common.cuh's DType), so that the binding compiles
+// with the host compiler and `nvcc -c` compile-checks the kernel on a machine without a CUDA build
+// of torch.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
-#include "kd_loss_kernel.cuh"
+#include "common.cuh"
 
 namespace kdkernels {
 namespace cuda {

@@ -1,12 +1,12 @@
 // Torch-free CUDA kernel of kdkernels::kl_div_pointwise (torch.nn.functional.kl_div, fused with its
-// gradients). Plain C++ header (included by bindings.cpp too): parameters and launcher only.
+// gradients). Plain C++ header (included by kl_div_bindings.cpp too): parameters and launcher only.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
-#include "kd_loss_kernel.cuh"  // DType, loss_is_double
+#include "common.cuh"  // DType, loss_is_double
 
 namespace kdkernels {
 namespace cuda {

@@ -9,7 +9,6 @@
 
 #include <algorithm>
 
-#include "../kdkernels.h"
 #include "binding_utils.h"
 #include "margin_partial_l2_kernel.cuh"
 
@@ -25,8 +24,6 @@ bool mpl2_same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
   }
   return true;
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cuda(const at::Tensor& student,
                                                                    const at::Tensor& teacher,
@@ -76,6 +73,7 @@ std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cuda(const at::Ten
   return {loss, grad};
 }
 
+}  // namespace
 }  // namespace kdkernels
 
 TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {

@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename S, typename T>
 cudaError_t launch_typed(const MarginPartialL2Params& p, cudaStream_t stream) {
   const int64_t blocks = (p.numel + kMarginPartialL2Chunk - 1) / kMarginPartialL2Chunk;
-  if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
+  if (blocks > detail::kMaxGrid) return cudaErrorInvalidValue;
   margin_partial_l2_kernel<S, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const S*>(p.student), static_cast<const T*>(p.teacher), static_cast<const acc_t<S, T>*>(p.margin),
       p.numel, p.channels, p.channel_stride, p.grad_scale, static_cast<acc_t<S, T>*>(p.loss), p.reduce,
