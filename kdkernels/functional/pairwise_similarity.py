@@ -70,8 +70,8 @@ def pairwise_similarity_loss(
     Returns:
         The loss in float32 (float64 if an input is float64).
 
-    The fused backends compute first-order gradients only; ``create_graph=True`` raises (use the
-    ``torch`` backend for double backward).
+    The fused backends compute the first-order gradients in the forward; a backward with
+    ``create_graph=True`` differentiates the eager formula (N×N matrices) instead.
     """
     check_pair(student_feat, teacher_feat)
     reduction = _validation.check_reduction(reduction, PAIRWISE_SIMILARITY_REDUCTIONS)

@@ -39,8 +39,9 @@ def rkd_angle_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torc
         The 0-d loss in float32 (float64 if an input is float64).
 
     Duplicate embeddings (t_i = t_j, i ≠ j) get the official formula's exact gradient, which goes
-    through F.normalize's clamp and is scaled by 10¹². The fused backends compute first-order
-    gradients only; ``create_graph=True`` raises (use the ``torch`` backend for double backward).
+    through F.normalize's clamp and is scaled by 10¹². The fused backends compute the
+    first-order gradients in the forward; a backward with ``create_graph=True`` differentiates the
+    eager formula (B³ angles) instead; its second derivatives are finite.
     """
     _check_embedding(student_emb, "student_emb")
     _check_embedding(teacher_emb, "teacher_emb")

@@ -70,7 +70,8 @@ def _check_indices(indices: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     On an accelerator, ``"sync"`` folds all checks into one boolean and reads it once (one host
     synchronisation per call), ``"async"`` raises through ``torch._assert_async`` without any
     synchronisation (the error then surfaces as a device-side assertion at the next sync, not as
-    a ValueError), ``"off"`` skips them (for inputs checked once, e.g. a verified store).
+    a ValueError), ``"off"`` skips them (for inputs checked once, e.g. a verified store). Under
+    ``torch.compile`` ``"sync"`` acts as ``"async"``, so that ``fullgraph=True`` holds.
     """
     if how == "off" or indices.numel() == 0:
         return
@@ -81,7 +82,9 @@ def _check_indices(indices: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     out_of_range = ((indices < 0) | (indices >= limit)) & rows
     sorted_ids = indices.sort(-1).values
     repeated = (sorted_ids[..., 1:] == sorted_ids[..., :-1]) & rows
-    if indices.device.type != "cpu" and how == "async":
+    # Under torch.compile a data-dependent branch would break the graph: the compiled code asserts
+    # on the device instead (an error at the next synchronisation, as "async").
+    if (indices.device.type != "cpu" and how == "async") or torch.compiler.is_compiling():
         torch._assert_async(~(out_of_range.any() | repeated.any()), "teacher_topk: indices out of range or repeated")
         return
     if bool(out_of_range.any()):
