@@ -8,13 +8,18 @@ modules, :mod:`kdkernels.llm.hf` the Hugging Face ``Trainer`` integration (impor
 
 from kdkernels.llm.losses import distill_loss, generalized_jsd_loss
 from kdkernels.llm.modules import DistillLoss, GeneralizedJSDLoss
-from kdkernels.llm.topk_store import (
-    CorruptStoreError,
-    TopKBatch,
-    TopKTeacherStore,
-    TopKTeacherWriter,
-    write_teacher_topk,
-)
+
+# The store (numpy, file I/O) loads on first use: ``import kdkernels`` pulls in the losses
+# (``kdkernels.functional.distill_loss``) and should not need more.
+_STORE_NAMES = ("CorruptStoreError", "TopKBatch", "TopKTeacherStore", "TopKTeacherWriter", "write_teacher_topk")
+
+
+def __getattr__(name: str):
+    if name in _STORE_NAMES:
+        from kdkernels.llm import topk_store
+
+        return getattr(topk_store, name)
+    raise AttributeError(f"module 'kdkernels.llm' has no attribute {name!r}")
 
 __all__ = [
     "distill_loss",
