@@ -19,34 +19,17 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from kdkernels._dtypes import accumulation_dtype
-from kdkernels.ops._gradients import gradient_buffer
-from kdkernels.ops.triton.nan import joined_float, split_float
-from kdkernels.ops.triton.two_distribution_row import (
-    accumulation_type,
-    block_log_probs,
-    counted_positions,
-    empty_softmax,
-    gradient_strides,
-    kl_cross_update,
-    kl_from_statistics,
-    load_class_block,
-    position_block,
-    position_grid,
-    revisit_block,
-    runs_along_inner,
-    softmax_block_update,
-    store_gradients,
-)
+from kdkernels.ops.triton.nan import joined_float
+from kdkernels.ops.triton import two_distribution_row as walker
 
 
 @triton.jit
 def _kd_block_update(m_a, z_a, m_b, z_b, w, a, b, inv_temperature):
     """Pass 1 on one class block: both softmaxes and the KL(teacher ‖ student) cross term."""
-    m_a, z_a, d_a, x_a, _ = softmax_block_update(m_a, z_a, a, inv_temperature)
+    m_a, z_a, d_a, x_a, _ = walker.softmax_block_update(m_a, z_a, a, inv_temperature)
     z_b_before = z_b
-    m_b, z_b, d_b, x_b, e_b = softmax_block_update(m_b, z_b, b, inv_temperature)
-    w = kl_cross_update(w, z_b_before, d_b, d_a, e_b, x_b, x_a)
+    m_b, z_b, d_b, x_b, e_b = walker.softmax_block_update(m_b, z_b, b, inv_temperature)
+    w = walker.kl_cross_update(w, z_b_before, d_b, d_a, e_b, x_b, x_a)
     return m_a, z_a, m_b, z_b, w
 
 
@@ -54,8 +37,8 @@ def _kd_block_update(m_a, z_a, m_b, z_b, w, a, b, inv_temperature):
 def _kd_block_gradients(a, b, m_a, m_b, log_z_a, log_z_b, kl, counted, scale, inv_temperature):
     """``(∂/∂s, ∂/∂t)`` of one block, 0 in positions that do not count and, for the teacher,
     in classes it excludes (p_t = 0)."""
-    log_p_s = block_log_probs(a, m_a, log_z_a, inv_temperature)
-    log_p_t = block_log_probs(b, m_b, log_z_b, inv_temperature)
+    log_p_s = walker.block_log_probs(a, m_a, log_z_a, inv_temperature)
+    log_p_t = walker.block_log_probs(b, m_b, log_z_b, inv_temperature)
     p_t = tl.exp(log_p_t)
     keep = counted[:, None]
     g_s = tl.where(keep, scale * (tl.exp(log_p_s) - p_t), 0.0)
@@ -65,8 +48,8 @@ def _kd_block_gradients(a, b, m_a, m_b, log_z_a, log_z_b, kl, counted, scale, in
 
 @triton.jit
 def _kd_loss_kernel(
-    S, T, MASK, LOSS, GS, GT, GRAD_SCALE,
-    n_outer, n_classes, n_inner,
+    MASK, LOSS,
+    S, T, GS, GT, GRAD_SCALE, n_outer, n_classes, n_inner,
     s_so, s_sc, s_si, t_so, t_sc, t_si,
     gs_so, gs_sc, gs_si, gt_so, gt_sc, gt_si,
     temperature_hi, temperature_lo,
@@ -75,34 +58,34 @@ def _kd_loss_kernel(
 ):
     temperature = joined_float(temperature_hi, temperature_lo, ACC)
     inv_temperature = 1.0 / temperature
-    o, i, pos_ok = position_block(n_outer, n_inner, ALONG_INNER, BLOCK_P)
+    o, i, pos_ok = walker.position_block(n_outer, n_inner, ALONG_INNER, BLOCK_P)
     s_pos = S + (o * s_so + i * s_si)[:, None]
     t_pos = T + (o * t_so + i * t_si)[:, None]
 
     # Pass 1. The first block is read outside the loop so that a resident row keeps it.
-    m_a, z_a = empty_softmax(BLOCK_P, ACC)
-    m_b, z_b = empty_softmax(BLOCK_P, ACC)
-    cols, ok, a, b = load_class_block(s_pos, s_sc, t_pos, t_sc, 0, n_classes, pos_ok, ACC, BLOCK_C)
+    m_a, z_a = walker.empty_softmax(BLOCK_P, ACC)
+    m_b, z_b = walker.empty_softmax(BLOCK_P, ACC)
+    cols, ok, a, b = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, 0, n_classes, pos_ok, ACC, BLOCK_C)
     m_a, z_a, m_b, z_b, w = _kd_block_update(m_a, z_a, m_b, z_b, tl.zeros([BLOCK_P], ACC), a, b, inv_temperature)
     for start in range(BLOCK_C, n_classes, BLOCK_C):
-        _, _, a_c, b_c = load_class_block(s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, ACC, BLOCK_C)
+        _, _, a_c, b_c = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, ACC, BLOCK_C)
         m_a, z_a, m_b, z_b, w = _kd_block_update(m_a, z_a, m_b, z_b, w, a_c, b_c, inv_temperature)
 
-    counted = counted_positions(pos_ok, m_b, MASK, o * n_inner + i, HAS_MASK)
+    counted = walker.counted_positions(pos_ok, m_b, MASK, o * n_inner + i, HAS_MASK)
     log_z_a = tl.log(z_a)
     log_z_b = tl.log(z_b)
-    kl = tl.where(counted, kl_from_statistics(w, z_b, log_z_b, log_z_a, m_a), 0.0)
+    kl = tl.where(counted, walker.kl_from_statistics(w, z_b, log_z_b, log_z_a, m_a), 0.0)
     tl.store(LOSS + o * n_inner + i, kl * (temperature * temperature), mask=pos_ok)
 
     if STUDENT_GRAD or TEACHER_GRAD:
         scale = tl.load(GRAD_SCALE).to(ACC) * temperature
         n_blocks = tl.cdiv(n_classes, BLOCK_C)
         for k in range(0, n_blocks):
-            cols_k, ok_k, a_k, b_k = revisit_block(
+            cols_k, ok_k, a_k, b_k = walker.revisit_block(
                 k, n_blocks, cols, ok, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok, ACC, RESIDENT, BLOCK_C
             )
             g_s, g_t = _kd_block_gradients(a_k, b_k, m_a, m_b, log_z_a, log_z_b, kl, counted, scale, inv_temperature)
-            store_gradients(
+            walker.store_gradients(
                 GS, GT, o, i, gs_so, gs_sc, gs_si, gt_so, gt_sc, gt_si, cols_k, ok_k, g_s, g_t, STUDENT_GRAD, TEACHER_GRAD
             )
 
@@ -128,28 +111,15 @@ def _launch_config(student: torch.Tensor, teacher: torch.Tensor, along_inner: bo
 
 
 def kd_loss_rows(student, teacher, mask, temperature, grad_scale, student_grad, teacher_grad):
-    n_outer, n_classes, n_inner = student.shape
-    acc_dtype = accumulation_dtype(student, teacher)
-    loss = torch.empty((n_outer, n_inner), dtype=acc_dtype, device=student.device)
-    grad_student = gradient_buffer(student, student_grad)
-    grad_teacher = gradient_buffer(teacher, teacher_grad)
-    if n_outer * n_inner == 0:
-        return loss, grad_student, grad_teacher
-    if n_classes == 0:  # no class: no teacher mass, nothing counts, the gradients are empty
-        loss.zero_()
-        return loss, grad_student, grad_teacher
-    along_inner = runs_along_inner(student)
-    block_p, block_c, num_warps = _launch_config(student, teacher, along_inner)
-    wrap_triton(_kd_loss_kernel)[position_grid(n_outer, n_inner, along_inner, block_p)](
-        student, teacher, mask if mask is not None else student, loss,
-        grad_student if student_grad else student, grad_teacher if teacher_grad else teacher, grad_scale,
-        n_outer, n_classes, n_inner,
-        *student.stride(), *teacher.stride(),
-        *gradient_strides(grad_student, student_grad), *gradient_strides(grad_teacher, teacher_grad),
-        *split_float(temperature),
-        ACC=accumulation_type(acc_dtype), HAS_MASK=mask is not None,
-        STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, ALONG_INNER=along_inner,
-        RESIDENT=n_classes <= min(block_c, RESIDENT_MAX_CLASSES), BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=num_warps,
-    )
+    loss, grad_student, grad_teacher, launch = walker.row_outputs(student, teacher, student_grad, teacher_grad)
+    if launch:
+        along_inner = walker.runs_along_inner(student)
+        block_p, block_c, num_warps = _launch_config(student, teacher, along_inner)
+        resident = student.shape[1] <= min(block_c, RESIDENT_MAX_CLASSES)
+        wrap_triton(_kd_loss_kernel)[walker.position_grid(student, along_inner, block_p)](
+            mask if mask is not None else student, loss,
+            *walker.walker_arguments(student, teacher, grad_student, grad_teacher, grad_scale, temperature, student_grad, teacher_grad),
+            **walker.walker_constexprs(student, teacher, mask, student_grad, teacher_grad, along_inner, resident, block_p, block_c),
+            num_warps=num_warps,
+        )
     return loss, grad_student, grad_teacher

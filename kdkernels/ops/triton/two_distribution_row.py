@@ -43,7 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.ops.triton.nan import max_nan
+from kdkernels._dtypes import accumulation_dtype
+from kdkernels.ops._gradients import gradient_buffer
+from kdkernels.ops.triton.nan import max_nan, split_float
 
 # ---------------------------------------------------------------------------------------------
 # Device side
@@ -187,6 +189,21 @@ def store_gradients(
 # ---------------------------------------------------------------------------------------------
 
 
+def row_outputs(student: torch.Tensor, teacher: torch.Tensor, student_grad: bool, teacher_grad: bool):
+    """``(loss, grad_student, grad_teacher, launch)``: the per-position loss (``(outer, inner)``, in
+    the accumulation dtype), the gradient buffers (empty placeholders for unwanted ones), and
+    whether a kernel is needed. No position: nothing to do; no class: no teacher mass, every
+    loss is 0 (and the gradients are empty)."""
+    n_outer, n_classes, n_inner = student.shape
+    acc_dtype = accumulation_dtype(student, teacher)
+    loss = torch.empty((n_outer, n_inner), dtype=acc_dtype, device=student.device)
+    grad_student = gradient_buffer(student, student_grad)
+    grad_teacher = gradient_buffer(teacher, teacher_grad)
+    if n_classes == 0:
+        loss.zero_()
+    return loss, grad_student, grad_teacher, n_outer * n_inner > 0 and n_classes > 0
+
+
 def runs_along_inner(student: torch.Tensor) -> bool:
     """Whether a program's positions run along ``inner`` (channels-first maps: inner is the
     faster axis) rather than along ``outer`` (rows, or classes-last views)."""
@@ -194,18 +211,34 @@ def runs_along_inner(student: torch.Tensor) -> bool:
     return n_inner > 1 and student.stride(2) <= student.stride(1)
 
 
-def position_grid(n_outer: int, n_inner: int, along_inner: bool, block_p: int) -> tuple[int]:
+def position_grid(student: torch.Tensor, along_inner: bool, block_p: int) -> tuple[int]:
     """The one-axis grid of :func:`position_block`."""
+    n_outer, _, n_inner = student.shape
     if along_inner:
         return (triton.cdiv(n_inner, block_p) * n_outer,)
     return (triton.cdiv(n_outer, block_p) * n_inner,)
 
 
-def gradient_strides(grad: torch.Tensor, wanted: bool) -> tuple[int, int, int]:
-    """The strides of a gradient buffer, or zeros for the placeholder of an unwanted gradient."""
-    return tuple(grad.stride()) if wanted else (0, 0, 0)
+def walker_arguments(student, teacher, grad_student, grad_teacher, grad_scale, temperature, student_grad, teacher_grad):
+    """The walker's share of a kernel's positional arguments, in the order the kernels take them:
+    ``S, T, GS, GT, GRAD_SCALE, n_outer, n_classes, n_inner``, the strides of student, teacher and
+    the two gradients (zeros for an unwanted one, whose pointer is then the input's, never
+    written), and the temperature split for float64 (:func:`kdkernels.ops.triton.nan.split_float`)."""
+    return (
+        student, teacher,
+        grad_student if student_grad else student, grad_teacher if teacher_grad else teacher, grad_scale,
+        *student.shape, *student.stride(), *teacher.stride(),
+        *(grad_student.stride() if student_grad else (0, 0, 0)),
+        *(grad_teacher.stride() if teacher_grad else (0, 0, 0)),
+        *split_float(temperature),
+    )
 
 
-def accumulation_type(acc_dtype: torch.dtype):
-    """The Triton dtype of the accumulators."""
-    return tl.float64 if acc_dtype == torch.float64 else tl.float32
+def walker_constexprs(student, teacher, mask, student_grad, teacher_grad, along_inner, resident, block_p, block_c):
+    """The walker's compile-time arguments of a kernel."""
+    acc_dtype = accumulation_dtype(student, teacher)
+    return dict(
+        ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, HAS_MASK=mask is not None,
+        STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, ALONG_INNER=along_inner, RESIDENT=resident,
+        BLOCK_P=block_p, BLOCK_C=block_c,
+    )

@@ -16,29 +16,12 @@ Classes the teacher excludes (p_t = 0) or weighs 0 add exactly 0, whatever the s
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from kdkernels._dtypes import accumulation_dtype
-from kdkernels.ops._gradients import gradient_buffer
-from kdkernels.ops.triton.nan import joined_float, split_float
-from kdkernels.ops.triton.two_distribution_row import (
-    accumulation_type,
-    block_log_probs,
-    counted_positions,
-    empty_softmax,
-    gradient_strides,
-    load_class_block,
-    position_block,
-    position_grid,
-    revisit_block,
-    row_shift,
-    runs_along_inner,
-    softmax_block_update,
-    store_gradients,
-)
+from kdkernels.ops.triton.nan import joined_float
+from kdkernels.ops.triton import two_distribution_row as walker
 
 
 @triton.jit
@@ -54,8 +37,8 @@ def _class_weight_block(W, cols, n_classes, HAS_WEIGHT: tl.constexpr, ACC: tl.co
 @triton.jit
 def _wsce_block_update(m_a, z_a, m_b, z_b, ws, acc, a, b, w, inv_temperature):
     """Pass 1 on one class block: both softmaxes and the weighted cross-entropy sums."""
-    m_a, z_a, d_a, x_a, _ = softmax_block_update(m_a, z_a, a, inv_temperature)
-    m_b, z_b, d_b, _, e_b = softmax_block_update(m_b, z_b, b, inv_temperature)
+    m_a, z_a, d_a, x_a, _ = walker.softmax_block_update(m_a, z_a, a, inv_temperature)
+    m_b, z_b, d_b, _, e_b = walker.softmax_block_update(m_b, z_b, b, inv_temperature)
     # Re-reference acc from the old student shift to the new one: x_new = x_old + d_a.
     rescale_b = tl.exp(d_b)
     ws = ws * rescale_b
@@ -70,9 +53,9 @@ def _wsce_block_update(m_a, z_a, m_b, z_b, ws, acc, a, b, w, inv_temperature):
 def _wsce_block_gradients(a, b, w, m_a, m_b, log_z_a, z_b_safe, s_mass, loss, counted, scale, inv_temperature):
     """``(∂/∂s, ∂/∂t)`` of one block, 0 in positions that do not count and, for the teacher,
     in classes it excludes (p_t = 0)."""
-    p_t = tl.exp((b - row_shift(m_b)[:, None]) * inv_temperature) / z_b_safe[:, None]
+    p_t = tl.exp((b - walker.row_shift(m_b)[:, None]) * inv_temperature) / z_b_safe[:, None]
     wp_t = w * p_t
-    log_p_s = block_log_probs(a, m_a, log_z_a, inv_temperature)
+    log_p_s = walker.block_log_probs(a, m_a, log_z_a, inv_temperature)
     keep = counted[:, None]
     g_s = tl.where(keep, scale * (s_mass[:, None] * tl.exp(log_p_s) - wp_t), 0.0)
     w_log_p_s = w * tl.where(wp_t > 0, log_p_s, 0.0)
@@ -82,33 +65,33 @@ def _wsce_block_gradients(a, b, w, m_a, m_b, log_z_a, z_b_safe, s_mass, loss, co
 
 @triton.jit
 def _weighted_soft_ce_kernel(
-    S, T, W, MASK, LOSS, GS, GT, GRAD_SCALE,
-    n_outer, n_classes, n_inner,
+    W, MASK, LOSS,
+    S, T, GS, GT, GRAD_SCALE, n_outer, n_classes, n_inner,
     s_so, s_sc, s_si, t_so, t_sc, t_si,
     gs_so, gs_sc, gs_si, gt_so, gt_sc, gt_si,
     temperature_hi, temperature_lo,
-    ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, HAS_MASK: tl.constexpr,
     STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     ALONG_INNER: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
-    o, i, pos_ok = position_block(n_outer, n_inner, ALONG_INNER, BLOCK_P)
+    o, i, pos_ok = walker.position_block(n_outer, n_inner, ALONG_INNER, BLOCK_P)
     s_pos = S + (o * s_so + i * s_si)[:, None]
     t_pos = T + (o * t_so + i * t_si)[:, None]
 
     # Pass 1. The first block is read outside the loop so that a resident row keeps it.
-    m_a, z_a = empty_softmax(BLOCK_P, ACC)
-    m_b, z_b = empty_softmax(BLOCK_P, ACC)
+    m_a, z_a = walker.empty_softmax(BLOCK_P, ACC)
+    m_b, z_b = walker.empty_softmax(BLOCK_P, ACC)
     zero = tl.zeros([BLOCK_P], ACC)
-    cols, ok, a, b = load_class_block(s_pos, s_sc, t_pos, t_sc, 0, n_classes, pos_ok, ACC, BLOCK_C)
+    cols, ok, a, b = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, 0, n_classes, pos_ok, ACC, BLOCK_C)
     w = _class_weight_block(W, cols, n_classes, HAS_WEIGHT, ACC)
     m_a, z_a, m_b, z_b, ws, acc = _wsce_block_update(m_a, z_a, m_b, z_b, zero, zero, a, b, w, inv_temperature)
     for start in range(BLOCK_C, n_classes, BLOCK_C):
-        cols_c, _, a_c, b_c = load_class_block(s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, ACC, BLOCK_C)
+        cols_c, _, a_c, b_c = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, ACC, BLOCK_C)
         w_c = _class_weight_block(W, cols_c, n_classes, HAS_WEIGHT, ACC)
         m_a, z_a, m_b, z_b, ws, acc = _wsce_block_update(m_a, z_a, m_b, z_b, ws, acc, a_c, b_c, w_c, inv_temperature)
 
-    counted = counted_positions(pos_ok, m_b, MASK, o * n_inner + i, HAS_MASK)
+    counted = walker.counted_positions(pos_ok, m_b, MASK, o * n_inner + i, HAS_MASK)
     z_b_safe = tl.where(counted, z_b, 1.0)
     log_z_a = tl.log(tl.where(counted, z_a, 1.0))
     s_mass = ws / z_b_safe  # S = Σ_c w_c p_t,c
@@ -119,14 +102,14 @@ def _weighted_soft_ce_kernel(
         scale = tl.load(GRAD_SCALE).to(ACC) * inv_temperature
         n_blocks = tl.cdiv(n_classes, BLOCK_C)
         for k in range(0, n_blocks):
-            cols_k, ok_k, a_k, b_k = revisit_block(
+            cols_k, ok_k, a_k, b_k = walker.revisit_block(
                 k, n_blocks, cols, ok, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok, ACC, RESIDENT, BLOCK_C
             )
             w_k = _class_weight_block(W, cols_k, n_classes, HAS_WEIGHT, ACC)
             g_s, g_t = _wsce_block_gradients(
                 a_k, b_k, w_k, m_a, m_b, log_z_a, z_b_safe, s_mass, loss, counted, scale, inv_temperature
             )
-            store_gradients(
+            walker.store_gradients(
                 GS, GT, o, i, gs_so, gs_sc, gs_si, gt_so, gt_sc, gt_si, cols_k, ok_k, g_s, g_t, STUDENT_GRAD, TEACHER_GRAD
             )
 
@@ -147,28 +130,17 @@ def _launch_config(n_outer: int, n_classes: int, n_inner: int, along_inner: bool
 
 
 def weighted_soft_ce_rows(student, teacher, class_weight, mask, temperature, grad_scale, student_grad, teacher_grad):
-    n_outer, n_classes, n_inner = student.shape
-    acc_dtype = accumulation_dtype(student, teacher)
-    loss = torch.empty((n_outer, n_inner), dtype=acc_dtype, device=student.device)
-    grad_student = gradient_buffer(student, student_grad)
-    grad_teacher = gradient_buffer(teacher, teacher_grad)
-    if n_outer * n_inner == 0:
-        return loss, grad_student, grad_teacher
-    if n_classes == 0:  # no class: every loss is 0 and the gradients are empty
-        loss.zero_()
-        return loss, grad_student, grad_teacher
-    along_inner = runs_along_inner(student)
-    block_p, block_c, num_warps = _launch_config(n_outer, n_classes, n_inner, along_inner)
-    weight = None if class_weight is None else class_weight.contiguous()
-    wrap_triton(_weighted_soft_ce_kernel)[position_grid(n_outer, n_inner, along_inner, block_p)](
-        student, teacher, weight if weight is not None else student, mask if mask is not None else student, loss,
-        grad_student if student_grad else student, grad_teacher if teacher_grad else teacher, grad_scale,
-        n_outer, n_classes, n_inner,
-        *student.stride(), *teacher.stride(),
-        *gradient_strides(grad_student, student_grad), *gradient_strides(grad_teacher, teacher_grad),
-        *split_float(temperature),
-        ACC=accumulation_type(acc_dtype), HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None,
-        STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, ALONG_INNER=along_inner,
-        RESIDENT=n_classes <= block_c, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
-    )
+    loss, grad_student, grad_teacher, launch = walker.row_outputs(student, teacher, student_grad, teacher_grad)
+    if launch:
+        n_outer, n_classes, n_inner = student.shape
+        along_inner = walker.runs_along_inner(student)
+        block_p, block_c, num_warps = _launch_config(n_outer, n_classes, n_inner, along_inner)
+        weight = None if class_weight is None else class_weight.contiguous()
+        wrap_triton(_weighted_soft_ce_kernel)[walker.position_grid(student, along_inner, block_p)](
+            weight if weight is not None else student, mask if mask is not None else student, loss,
+            *walker.walker_arguments(student, teacher, grad_student, grad_teacher, grad_scale, temperature, student_grad, teacher_grad),
+            HAS_WEIGHT=weight is not None,
+            **walker.walker_constexprs(student, teacher, mask, student_grad, teacher_grad, along_inner, n_classes <= block_c, block_p, block_c),
+            num_warps=num_warps,
+        )
     return loss, grad_student, grad_teacher
