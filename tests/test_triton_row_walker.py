@@ -70,7 +70,8 @@ def _run(loss_name, s, t, weight, mask, temperature, block):
         call = lambda: module.weighted_soft_ce_rows(s, t, weight, mask, temperature, grad_scale, True, True)  # noqa: E731
     if block is None:
         return call()
-    # Small blocks: BLOCK_P positions, BLOCK_C classes; rows of N_CLASSES take several blocks.
+    # (BLOCK_P, BLOCK_C, num_warps, RESIDENT): small blocks, so rows of N_CLASSES take several
+    # blocks, or a row held in registers (RESIDENT), or one block read twice.
     original = module._launch_config
     module._launch_config = lambda *args: block
     try:
@@ -79,7 +80,11 @@ def _run(loss_name, s, t, weight, mask, temperature, block):
         module._launch_config = original
 
 
-@pytest.mark.parametrize("block", [None, (2, 4, 1), (4, 8, 1), (1, 16, 1)], ids=["launcher", "p2c4", "p4c8", "p1c16"])
+@pytest.mark.parametrize(
+    "block",
+    [None, (2, 4, 1, False), (4, 8, 1, False), (1, 16, 1, True), (4, 16, 1, False)],
+    ids=["launcher", "p2c4", "p4c8", "p1c16-resident", "p4c16-reread"],
+)
 @pytest.mark.parametrize("layout", ["channels_first", "classes_last", "strided"])
 @pytest.mark.parametrize("loss_name", ["kd_loss", "weighted_soft_ce"])
 def test_walker_matches_reference(loss_name, layout, block):
@@ -105,7 +110,7 @@ def test_walker_matches_reference(loss_name, layout, block):
     assert (g_t[2, :5, 0] == 0).all()  # classes the teacher excludes
 
 
-@pytest.mark.parametrize("block", [(2, 4, 1), (1, 16, 1)], ids=["p2c4", "p1c16"])
+@pytest.mark.parametrize("block", [(2, 4, 1, False), (1, 16, 1, True)], ids=["p2c4", "p1c16-resident"])
 @pytest.mark.parametrize("loss_name", ["kd_loss", "weighted_soft_ce"])
 def test_walker_nan_in_a_later_block_makes_the_row_nan(loss_name, block):
     s, t = _inputs(n_inner=1, seed=2)
@@ -118,7 +123,7 @@ def test_walker_nan_in_a_later_block_makes_the_row_nan(loss_name, block):
     assert g_t[0, 10, 0] == 0  # a class the teacher excludes keeps a zero gradient
 
 
-@pytest.mark.parametrize("block", [(2, 4, 1), (1, 16, 1)], ids=["p2c4", "p1c16"])
+@pytest.mark.parametrize("block", [(2, 4, 1, False), (1, 16, 1, True)], ids=["p2c4", "p1c16-resident"])
 @pytest.mark.parametrize("loss_name", ["kd_loss", "weighted_soft_ce"])
 def test_walker_exact_zeros(loss_name, block):
     """V = 1 gives exactly 0 (both losses); identical logits give exactly 0 for kd_loss, across blocks."""

@@ -85,7 +85,7 @@ def _check(s, t, mask, block=None, **kwargs):
     return loss, g_s, g_t
 
 
-@pytest.mark.parametrize("block", [None, (2, 8, 1)], ids=["launcher", "p2c8"])
+@pytest.mark.parametrize("block", [None, (2, 8, 1, False), (4, 64, 1, False)], ids=["launcher", "p2c8", "p4c64-reread"])
 @pytest.mark.parametrize("divergence,beta", CASES)
 def test_divergence_matches_reference(divergence, beta, block):
     s, t = _logits(5, 37, seed=1)
@@ -98,7 +98,7 @@ def test_divergence_matches_reference(divergence, beta, block):
     assert loss[2] == 0 and (g_s[2] == 0).all() and (g_t[2] == 0).all()
 
 
-@pytest.mark.parametrize("block", [None, (1, 8, 1)], ids=["launcher", "p1c8"])
+@pytest.mark.parametrize("block", [None, (1, 8, 1, False)], ids=["launcher", "p1c8"])
 @pytest.mark.parametrize("divergence,beta", CASES)
 def test_divergence_teacher_minus_inf(divergence, beta, block):
     """−inf teacher logits are classes with p_t = 0; a row of them only is not counted."""
@@ -118,7 +118,7 @@ def test_divergence_teacher_minus_inf(divergence, beta, block):
 def test_divergence_transforms_and_t2(divergence, beta, scale_by_t2):
     s, t = _logits(3, 19, seed=3, scale=20.0)
     s[1, 3] = float("-inf")
-    _check(s, t, None, (2, 8, 1), divergence=divergence, beta=beta, temperature=1.5,
+    _check(s, t, None, (2, 8, 1, False), divergence=divergence, beta=beta, temperature=1.5,
            scale_by_t2=scale_by_t2, softcap=(30.0, 50.0), logit_scale=(0.5, 1.25))
     _check(s, t, None, None, divergence=divergence, beta=beta, temperature=1.5,
            scale_by_t2=scale_by_t2, softcap=30.0, logit_scale=None)
@@ -129,7 +129,7 @@ def test_divergence_nan_makes_the_row_nan(divergence, beta):
     s, t = _logits(3, 20, seed=4)
     s[0, 17] = float("nan")
     t[1, 12] = float("nan")
-    loss, g_s, g_t = _kernel(s, t, None, (1, 8, 1), divergence=divergence, beta=beta)
+    loss, g_s, g_t = _kernel(s, t, None, (1, 8, 1, False), divergence=divergence, beta=beta)
     want, _, _ = _reference(s, t, None, divergence=divergence, beta=beta)
     torch.testing.assert_close(loss, want, **TOL)  # NaN rows as the reference (β = 1 skew: its reference side only)
     assert not loss[2].isnan()

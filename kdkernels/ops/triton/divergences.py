@@ -292,11 +292,9 @@ def _divergence_kernel(
             )
 
 
-def _launch_config(student: torch.Tensor, teacher: torch.Tensor, along_inner: bool) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, num_warps): ``kd_loss``'s (the same walker and traffic)."""
-    from kdkernels.ops.triton.kd_loss import _launch_config as kd_loss_launch_config
-
-    return kd_loss_launch_config(student, teacher, along_inner)
+def _launch_config(student: torch.Tensor, teacher: torch.Tensor, along_inner: bool) -> tuple[int, int, int, bool]:
+    """``kd_loss``'s launch configuration: the same walker and the same traffic."""
+    return walker.launch_config(student, teacher, along_inner)
 
 
 def _pair(value, name: str) -> tuple[float | None, float | None]:
@@ -326,10 +324,7 @@ def divergence_rows(
     loss, grad_student, grad_teacher, launch = walker.row_outputs(student, teacher, student_grad, teacher_grad)
     if launch:
         along_inner = walker.runs_along_inner(student)
-        block_p, block_c, num_warps = _launch_config(student, teacher, along_inner)
-        from kdkernels.ops.triton.kd_loss import RESIDENT_MAX_CLASSES
-
-        resident = student.shape[1] <= min(block_c, RESIDENT_MAX_CLASSES)
+        block_p, block_c, num_warps, resident = _launch_config(student, teacher, along_inner)
         scalars = [beta, s_scale, s_cap, t_scale, t_cap]
         wrap_triton(_divergence_kernel)[walker.position_grid(student, along_inner, block_p)](
             mask if mask is not None else student, loss,

@@ -90,32 +90,19 @@ def _kd_loss_kernel(
             )
 
 
-# Rows up to this many classes are kept whole in one program's registers (one read of each
-# input). Longer rows are read twice: on an H100 (bench/results/tune_triton_h100.json) a variant
-# that split long rows over several programs exchanging softmax statistics was within 4 % of the
-# two-pass kernel, not worth its inter-program waiting.
-RESIDENT_MAX_CLASSES = 4096
+# The walker's whole-row limit, here so that bench/tune_triton.py can move it for kd_loss alone.
+RESIDENT_MAX_CLASSES = walker.RESIDENT_MAX_CLASSES
 
 
-def _launch_config(student: torch.Tensor, teacher: torch.Tensor, along_inner: bool) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, num_warps): wide class blocks for rows whose classes are contiguous,
-    64-position blocks otherwise (channels-first dense maps)."""
-    n_outer, n_classes, n_inner = student.shape
-    if not along_inner and student.stride(1) == 1 and teacher.stride(1) == 1:
-        cap = 8192 if student.element_size() <= 2 else 4096
-        block_c = min(triton.next_power_of_2(n_classes), cap)
-        num_warps = 16 if block_c >= 8192 else 8 if block_c >= 2048 else 4
-        return 1, block_c, num_warps
-    run = n_inner if along_inner else n_outer
-    return min(64, triton.next_power_of_2(run)), min(triton.next_power_of_2(n_classes), 32), 4
+def _launch_config(student: torch.Tensor, teacher: torch.Tensor, along_inner: bool) -> tuple[int, int, int, bool]:
+    return walker.launch_config(student, teacher, along_inner, RESIDENT_MAX_CLASSES)
 
 
 def kd_loss_rows(student, teacher, mask, temperature, grad_scale, student_grad, teacher_grad):
     loss, grad_student, grad_teacher, launch = walker.row_outputs(student, teacher, student_grad, teacher_grad)
     if launch:
         along_inner = walker.runs_along_inner(student)
-        block_p, block_c, num_warps = _launch_config(student, teacher, along_inner)
-        resident = student.shape[1] <= min(block_c, RESIDENT_MAX_CLASSES)
+        block_p, block_c, num_warps, resident = _launch_config(student, teacher, along_inner)
         wrap_triton(_kd_loss_kernel)[walker.position_grid(student, along_inner, block_p)](
             mask if mask is not None else student, loss,
             *walker.walker_arguments(student, teacher, grad_student, grad_teacher, grad_scale, temperature, student_grad, teacher_grad),

@@ -204,6 +204,33 @@ def row_outputs(student: torch.Tensor, teacher: torch.Tensor, student_grad: bool
     return loss, grad_student, grad_teacher, n_outer * n_inner > 0 and n_classes > 0
 
 
+# Rows up to this many classes are kept whole in one program's registers (one read of each
+# input). Longer rows are read twice: on an H100 (bench/results/tune_triton_h100.json) a variant
+# that split long rows over several programs exchanging softmax statistics was within 4 % of the
+# two-pass kernel, not worth its inter-program waiting.
+RESIDENT_MAX_CLASSES = 4096
+
+
+def launch_config(
+    student: torch.Tensor, teacher: torch.Tensor, along_inner: bool, resident_max_classes: int = RESIDENT_MAX_CLASSES
+) -> tuple[int, int, int, bool]:
+    """``(BLOCK_P, BLOCK_C, num_warps, RESIDENT)`` tuned for ``kd_loss`` (H100,
+    bench/tune_triton.py): rows whose classes are contiguous get one position per program and
+    the whole row (up to ``resident_max_classes``) or wide class blocks; other layouts get
+    64-position blocks of at most 32 classes."""
+    n_outer, n_classes, n_inner = student.shape
+    if not along_inner and student.stride(1) == 1 and teacher.stride(1) == 1:
+        if n_classes <= resident_max_classes:
+            block_c = triton.next_power_of_2(n_classes)
+            return 1, block_c, 8 if block_c >= 2048 else 4, True
+        cap = 8192 if student.element_size() <= 2 else 4096
+        block_c = min(triton.next_power_of_2(n_classes), cap)
+        return 1, block_c, 16 if block_c >= 8192 else 8 if block_c >= 2048 else 4, False
+    block_c = min(triton.next_power_of_2(n_classes), 32)
+    run = n_inner if along_inner else n_outer
+    return min(64, triton.next_power_of_2(run)), block_c, 4, n_classes <= min(block_c, resident_max_classes)
+
+
 def runs_along_inner(student: torch.Tensor) -> bool:
     """Whether a program's positions run along ``inner`` (channels-first maps: inner is the
     faster axis) rather than along ``outer`` (rows, or classes-last views)."""
