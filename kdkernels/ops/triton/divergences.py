@@ -50,19 +50,24 @@ from kdkernels.ops.reference.divergences import DIVERGENCES
 from kdkernels.ops.triton import two_distribution_row as walker
 from kdkernels.ops.triton.nan import joined_float, split_float
 
-# Kernel kinds: the divergence after the host has resolved β's endpoints.
-FORWARD_KL = 0
-REVERSE_KL = 1
-JSD = 2
-SKEW_FORWARD_KL = 3
-SKEW_REVERSE_KL = 4
-TVD = 5
-ZERO_TEACHER_REFERENCE = 6  # skew_forward_kl at β = 1: KL(q ‖ q)
-ZERO_STUDENT_REFERENCE = 7  # skew_reverse_kl at β = 1: KL(p ‖ p)
+# Kernel kinds: the divergence after the host has resolved β's endpoints (constexpr: the kernels
+# read them as globals, which compiled Triton allows only for constexpr values).
+FORWARD_KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+SKEW_FORWARD_KL = tl.constexpr(3)
+SKEW_REVERSE_KL = tl.constexpr(4)
+TVD = tl.constexpr(5)
+ZERO_TEACHER_REFERENCE = tl.constexpr(6)  # skew_forward_kl at β = 1: KL(q ‖ q)
+ZERO_STUDENT_REFERENCE = tl.constexpr(7)  # skew_reverse_kl at β = 1: KL(p ‖ p)
 
 
 def divergence_kind(divergence: str, beta: float) -> int:
     """The kernel kind of ``divergence`` at ``beta``, with the reference's endpoint conventions."""
+    return _kind_constant(divergence, beta).value
+
+
+def _kind_constant(divergence: str, beta: float) -> tl.constexpr:
     if divergence == "forward_kl":
         return FORWARD_KL
     if divergence == "reverse_kl":
@@ -222,12 +227,13 @@ def _divergence_kernel(
         _transformed(a, s_scale, s_cap, S_SCALE, S_CAP), _transformed(b, t_scale, t_cap, T_SCALE, T_CAP),
         inv_temperature, KIND,
     )
-    for start in range(BLOCK_C, n_classes, BLOCK_C):
-        _, _, a_c, b_c = _load_transformed(
-            s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, s_scale, s_cap, t_scale, t_cap,
-            S_SCALE, S_CAP, T_SCALE, T_CAP, ACC, BLOCK_C,
-        )
-        m_a, z_a, m_b, z_b, w = _divergence_block_update(m_a, z_a, m_b, z_b, w, a_c, b_c, inv_temperature, KIND)
+    if not RESIDENT:  # compiled out for resident rows: no second tile pair held in registers
+        for start in range(BLOCK_C, n_classes, BLOCK_C):
+            cols_c, ok_c, a_c, b_c = _load_transformed(
+                s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, s_scale, s_cap, t_scale, t_cap,
+                S_SCALE, S_CAP, T_SCALE, T_CAP, ACC, BLOCK_C,
+            )
+            m_a, z_a, m_b, z_b, w = _divergence_block_update(m_a, z_a, m_b, z_b, w, a_c, b_c, inv_temperature, KIND)
 
     counted = walker.counted_positions(pos_ok, m_b, MASK, o * n_inner + i, HAS_MASK)
     log_z_a = tl.log(z_a)
@@ -255,16 +261,16 @@ def _divergence_kernel(
         divergence = tl.zeros([BLOCK_P], ACC)
         sum_g = tl.zeros([BLOCK_P], ACC)
         sum_h = tl.zeros([BLOCK_P], ACC)
-        for k in range(0, n_blocks):
-            _, _, a_k, b_k = walker.revisit_block(
-                k, n_blocks, cols, ok, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok, ACC, RESIDENT, BLOCK_C
+        for j in range(0, n_blocks):
+            cols_j, ok_j, a_j, b_j = walker.revisit_block(
+                j, n_blocks, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok, ACC, RESIDENT, BLOCK_C
             )
-            u = walker.block_log_probs(_transformed(a_k, s_scale, s_cap, S_SCALE, S_CAP), m_a, log_z_a, inv_temperature)
-            v = walker.block_log_probs(_transformed(b_k, t_scale, t_cap, T_SCALE, T_CAP), m_b, log_z_b, inv_temperature)
-            term, g, h = _bucket_terms(u, v, beta, KIND)
-            divergence += tl.sum(term, axis=1)
-            sum_g += tl.sum(g, axis=1)
-            sum_h += tl.sum(h, axis=1)
+            u_j = walker.block_log_probs(_transformed(a_j, s_scale, s_cap, S_SCALE, S_CAP), m_a, log_z_a, inv_temperature)
+            v_j = walker.block_log_probs(_transformed(b_j, t_scale, t_cap, T_SCALE, T_CAP), m_b, log_z_b, inv_temperature)
+            term_j, g_j, h_j = _bucket_terms(u_j, v_j, beta, KIND)
+            divergence += tl.sum(term_j, axis=1)
+            sum_g += tl.sum(g_j, axis=1)
+            sum_h += tl.sum(h_j, axis=1)
     if SCALE_BY_T2:
         factor = temperature * temperature
     else:
@@ -276,13 +282,13 @@ def _divergence_kernel(
         keep = counted[:, None]
         for k in range(0, n_blocks):
             cols_k, ok_k, a_k, b_k = walker.revisit_block(
-                k, n_blocks, cols, ok, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok, ACC, RESIDENT, BLOCK_C
+                k, n_blocks, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok, ACC, RESIDENT, BLOCK_C
             )
             a_k = _transformed(a_k, s_scale, s_cap, S_SCALE, S_CAP)
             b_k = _transformed(b_k, t_scale, t_cap, T_SCALE, T_CAP)
             u = walker.block_log_probs(a_k, m_a, log_z_a, inv_temperature)
             v = walker.block_log_probs(b_k, m_b, log_z_b, inv_temperature)
-            _, g, h = _bucket_terms(u, v, beta, KIND)
+            unused_term, g, h = _bucket_terms(u, v, beta, KIND)
             g_s = (g - tl.exp(u) * sum_g[:, None]) * _transform_slope(a_k, s_scale, s_cap, S_SCALE, S_CAP)
             g_t = (h - tl.exp(v) * sum_h[:, None]) * _transform_slope(b_k, t_scale, t_cap, T_SCALE, T_CAP)
             g_s = tl.where(keep, scale * g_s, 0.0)

@@ -67,9 +67,10 @@ def _kd_loss_kernel(
     m_b, z_b = walker.empty_softmax(BLOCK_P, ACC)
     cols, ok, a, b = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, 0, n_classes, pos_ok, ACC, BLOCK_C)
     m_a, z_a, m_b, z_b, w = _kd_block_update(m_a, z_a, m_b, z_b, tl.zeros([BLOCK_P], ACC), a, b, inv_temperature)
-    for start in range(BLOCK_C, n_classes, BLOCK_C):
-        _, _, a_c, b_c = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, ACC, BLOCK_C)
-        m_a, z_a, m_b, z_b, w = _kd_block_update(m_a, z_a, m_b, z_b, w, a_c, b_c, inv_temperature)
+    if not RESIDENT:  # compiled out for resident rows: no second tile pair held in registers
+        for start in range(BLOCK_C, n_classes, BLOCK_C):
+            cols_c, ok_c, a_c, b_c = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, ACC, BLOCK_C)
+            m_a, z_a, m_b, z_b, w = _kd_block_update(m_a, z_a, m_b, z_b, w, a_c, b_c, inv_temperature)
 
     counted = walker.counted_positions(pos_ok, m_b, MASK, o * n_inner + i, HAS_MASK)
     log_z_a = tl.log(z_a)
@@ -82,7 +83,7 @@ def _kd_loss_kernel(
         n_blocks = tl.cdiv(n_classes, BLOCK_C)
         for k in range(0, n_blocks):
             cols_k, ok_k, a_k, b_k = walker.revisit_block(
-                k, n_blocks, cols, ok, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok, ACC, RESIDENT, BLOCK_C
+                k, n_blocks, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok, ACC, RESIDENT, BLOCK_C
             )
             g_s, g_t = _kd_block_gradients(a_k, b_k, m_a, m_b, log_z_a, log_z_b, kl, counted, scale, inv_temperature)
             walker.store_gradients(

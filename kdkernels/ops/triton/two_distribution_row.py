@@ -22,14 +22,16 @@ Accumulation is in ``ACC`` (float32, or float64 for float64 inputs).
 
 **Pass 2, gradients** (only when one is wanted): :func:`revisit_block` hands the blocks back,
 the last read first (the most likely still in cache). A row that fits in one block
-(``RESIDENT``: ``n_classes ≤ BLOCK_C``) is not read again: the block loaded in pass 1 is still in
+(``RESIDENT``: ``n_classes ≤ BLOCK_C``) is not read again: the logits loaded in pass 1 are still in
 registers, so each input is read once and the gradient is written from the same registers.
 :func:`block_log_probs` gives ``log p`` of a block from the statistics, :func:`store_gradients`
 writes the gradient blocks (any strides).
 
 A kernel on this walker is therefore: ``position_block``; the first block loaded outside the
-class loop (so a resident row keeps it) and the rest in the loop, each through the loss's own
-block update (two ``softmax_block_update`` calls plus its cross terms); ``counted_positions``;
+class loop (so a resident row keeps it) and the rest in the loop, which sits under
+``if not RESIDENT`` so that resident kernels do not compile it (a loop that never runs still
+holds registers: ptxas gave 128 registers and a spill for ``kd_loss`` at 4096 classes on 8
+warps with it, 117 and none without, sm_90), each block through the loss's own block update (two ``softmax_block_update`` calls plus its cross terms); ``counted_positions``;
 the loss from the statistics; then one loop over ``revisit_block`` computing that block's
 gradients. A new divergence whose loss is a closed form of ``(m, z)`` and KL cross terms (reverse
 KL: ``kl_cross_update`` with the student as ``r``) is a block update and a gradient formula; one
@@ -72,12 +74,19 @@ def position_block(n_outer, n_inner, ALONG_INNER: tl.constexpr, BLOCK_P: tl.cons
 
 
 @triton.jit
+def class_block(start, n_classes, pos_ok, BLOCK_C: tl.constexpr):
+    """``(cols, ok)``: the class indices ``start … start + BLOCK_C`` (int64) and the
+    ``[BLOCK_P, BLOCK_C]`` mask of the elements that exist."""
+    cols = (start + tl.arange(0, BLOCK_C)).to(tl.int64)
+    return cols, pos_ok[:, None] & (cols < n_classes)[None, :]
+
+
+@triton.jit
 def load_class_block(s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     """``(cols, ok, a, b)``: classes ``start … start + BLOCK_C`` of the student and teacher rows at
     ``s_pos``/``t_pos`` (``[BLOCK_P, 1]`` pointers), raw logits in ``ACC``, −inf where absent (a
     class that is not there has no mass and does not move a maximum)."""
-    cols = (start + tl.arange(0, BLOCK_C)).to(tl.int64)
-    ok = pos_ok[:, None] & (cols < n_classes)[None, :]
+    cols, ok = class_block(start, n_classes, pos_ok, BLOCK_C)
     a = tl.load(s_pos + cols[None, :] * s_sc, mask=ok, other=float("-inf")).to(ACC)
     b = tl.load(t_pos + cols[None, :] * t_sc, mask=ok, other=float("-inf")).to(ACC)
     return cols, ok, a, b
@@ -146,15 +155,14 @@ def counted_positions(pos_ok, m_b, MASK, pos, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def revisit_block(
-    k, n_blocks, cols, ok, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok,
+    k, n_blocks, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok,
     ACC: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``(cols, ok, a, b)`` of the ``k``-th block of a later pass: block ``n_blocks − 1 − k`` read
-    again (the last read first), or, for a ``RESIDENT`` row, the block ``(cols, ok, a, b)`` of
-    pass 1 still in registers (``n_blocks`` is 1)."""
+    again (the last read first), or, for a ``RESIDENT`` row, the logits ``a``, ``b`` of pass 1
+    still in registers (``n_blocks`` is 1; the indices and mask are recomputed, not held)."""
     if RESIDENT:
-        cols_k = cols
-        ok_k = ok
+        cols_k, ok_k = class_block(0, n_classes, pos_ok, BLOCK_C)
         a_k = a
         b_k = b
     else:

@@ -86,10 +86,11 @@ def _weighted_soft_ce_kernel(
     cols, ok, a, b = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, 0, n_classes, pos_ok, ACC, BLOCK_C)
     w = _class_weight_block(W, cols, n_classes, HAS_WEIGHT, ACC)
     m_a, z_a, m_b, z_b, ws, acc = _wsce_block_update(m_a, z_a, m_b, z_b, zero, zero, a, b, w, inv_temperature)
-    for start in range(BLOCK_C, n_classes, BLOCK_C):
-        cols_c, _, a_c, b_c = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, ACC, BLOCK_C)
-        w_c = _class_weight_block(W, cols_c, n_classes, HAS_WEIGHT, ACC)
-        m_a, z_a, m_b, z_b, ws, acc = _wsce_block_update(m_a, z_a, m_b, z_b, ws, acc, a_c, b_c, w_c, inv_temperature)
+    if not RESIDENT:  # compiled out for resident rows: no second tile pair held in registers
+        for start in range(BLOCK_C, n_classes, BLOCK_C):
+            cols_c, ok_c, a_c, b_c = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, ACC, BLOCK_C)
+            w_c = _class_weight_block(W, cols_c, n_classes, HAS_WEIGHT, ACC)
+            m_a, z_a, m_b, z_b, ws, acc = _wsce_block_update(m_a, z_a, m_b, z_b, ws, acc, a_c, b_c, w_c, inv_temperature)
 
     counted = walker.counted_positions(pos_ok, m_b, MASK, o * n_inner + i, HAS_MASK)
     z_b_safe = tl.where(counted, z_b, 1.0)
@@ -103,7 +104,7 @@ def _weighted_soft_ce_kernel(
         n_blocks = tl.cdiv(n_classes, BLOCK_C)
         for k in range(0, n_blocks):
             cols_k, ok_k, a_k, b_k = walker.revisit_block(
-                k, n_blocks, cols, ok, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok, ACC, RESIDENT, BLOCK_C
+                k, n_blocks, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok, ACC, RESIDENT, BLOCK_C
             )
             w_k = _class_weight_block(W, cols_k, n_classes, HAS_WEIGHT, ACC)
             g_s, g_t = _wsce_block_gradients(
