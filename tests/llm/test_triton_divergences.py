@@ -150,3 +150,15 @@ def test_divergence_channels_first_and_float32():
         torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g_s.double(), want_s.movedim(-1, 1), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g_t.double(), want_t.movedim(-1, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_divergence_kernel_compiles_for_a_gpu():
+    """Every kind (and the resident mode) compiled for sm_90 down to the cubin, no GPU needed:
+    the interpreter accepts code compiled Triton rejects."""
+    from tests.test_triton_row_walker import compile_for_sm90, nvidia_backend_installed
+
+    if not nvidia_backend_installed():
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    result = compile_for_sm90("divergences")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok   ") == 9
