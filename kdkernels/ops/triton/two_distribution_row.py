@@ -27,16 +27,17 @@ registers, so each input is read once and the gradient is written from the same 
 :func:`block_log_probs` gives ``log p`` of a block from the statistics, :func:`store_gradients`
 writes the gradient blocks (any strides).
 
-A kernel on this walker is therefore: ``position_block``; the first block loaded outside the
-class loop (so a resident row keeps it) and the rest in the loop, which sits under
-``if not RESIDENT`` so that resident kernels do not compile it (a loop that never runs still
-holds registers: ptxas gave 128 registers and a spill for ``kd_loss`` at 4096 classes on 8
-warps with it, 117 and none without, sm_90), each block through the loss's own block update (two ``softmax_block_update`` calls plus its cross terms); ``counted_positions``;
-the loss from the statistics; then one loop over ``revisit_block`` computing that block's
-gradients. A new divergence whose loss is a closed form of ``(m, z)`` and KL cross terms (reverse
-KL: ``kl_cross_update`` with the student as ``r``) is a block update and a gradient formula; one
-that needs normalised probabilities per class (JSD's mixture, TVD's ``|p_t − p_s|``) adds a pass
-over ``revisit_block`` summing its terms with ``block_log_probs`` before the gradient pass.
+A kernel on this walker is therefore (``kd_loss.py`` is the shortest example):
+``position_block``; the first block loaded outside the class loop, so that a resident row keeps
+it, and the rest in a loop under ``if not RESIDENT`` (a loop that never runs still holds
+registers: ptxas gave ``kd_loss`` at 4096 classes on 8 warps 128 registers and a spill with it,
+117 and none without, sm_90), each block through the loss's own block update (two
+``softmax_block_update`` calls plus its cross terms); ``counted_positions``; the loss from the
+statistics; then one loop over ``revisit_block`` computing and storing each block's gradients.
+A divergence whose loss is a closed form of ``(m, z)`` and KL cross terms (reverse KL:
+``kl_cross_update`` with the student as ``r``) is a block update and a gradient formula; one that
+needs normalised probabilities per class (JSD's mixture, TVD's ``|p_t − p_s|``) adds a pass over
+``revisit_block`` summing its terms with ``block_log_probs`` (``divergences.py`` does both).
 """
 
 from __future__ import annotations
