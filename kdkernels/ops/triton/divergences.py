@@ -215,15 +215,14 @@ def _divergence_kernel(
     s_cap = joined_float(s_cap_hi, s_cap_lo, ACC)
     t_scale = joined_float(t_scale_hi, t_scale_lo, ACC)
     t_cap = joined_float(t_cap_hi, t_cap_lo, ACC)
-    o, i, pos_ok = walker.position_block(n_outer, n_inner, ALONG_INNER, BLOCK_P)
-    s_pos = S + (o * s_so + i * s_si)[:, None]
-    t_pos = T + (o * t_so + i * t_si)[:, None]
 
     # Pass 1. The first block is read outside the loop so that a resident row keeps it (raw:
     # the transforms are cheap to redo, and revisit_block hands back raw blocks otherwise).
     m_a, z_a = walker.empty_softmax(BLOCK_P, ACC)
     m_b, z_b = walker.empty_softmax(BLOCK_P, ACC)
-    cols, ok, a, b = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, 0, n_classes, pos_ok, ACC, BLOCK_C)
+    o, i, pos_ok, s_pos, t_pos, a, b = walker.open_rows(
+        S, T, n_outer, n_classes, n_inner, s_so, s_sc, s_si, t_so, t_sc, t_si, ACC, ALONG_INNER, BLOCK_P, BLOCK_C
+    )
     m_a, z_a, m_b, z_b, w = _divergence_block_update(
         m_a, z_a, m_b, z_b, tl.zeros([BLOCK_P], ACC),
         _transformed(a, s_scale, s_cap, S_SCALE, S_CAP), _transformed(b, t_scale, t_cap, T_SCALE, T_CAP),

@@ -58,14 +58,13 @@ def _kd_loss_kernel(
 ):
     temperature = joined_float(temperature_hi, temperature_lo, ACC)
     inv_temperature = 1.0 / temperature
-    o, i, pos_ok = walker.position_block(n_outer, n_inner, ALONG_INNER, BLOCK_P)
-    s_pos = S + (o * s_so + i * s_si)[:, None]
-    t_pos = T + (o * t_so + i * t_si)[:, None]
 
     # Pass 1. The first block is read outside the loop so that a resident row keeps it.
     m_a, z_a = walker.empty_softmax(BLOCK_P, ACC)
     m_b, z_b = walker.empty_softmax(BLOCK_P, ACC)
-    cols, ok, a, b = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, 0, n_classes, pos_ok, ACC, BLOCK_C)
+    o, i, pos_ok, s_pos, t_pos, a, b = walker.open_rows(
+        S, T, n_outer, n_classes, n_inner, s_so, s_sc, s_si, t_so, t_sc, t_si, ACC, ALONG_INNER, BLOCK_P, BLOCK_C
+    )
     m_a, z_a, m_b, z_b, w = _kd_block_update(m_a, z_a, m_b, z_b, tl.zeros([BLOCK_P], ACC), a, b, inv_temperature)
     if not RESIDENT:  # compiled out for resident rows: no second tile pair held in registers
         for start in range(BLOCK_C, n_classes, BLOCK_C):

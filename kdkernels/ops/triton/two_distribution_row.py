@@ -75,6 +75,21 @@ def position_block(n_outer, n_inner, ALONG_INNER: tl.constexpr, BLOCK_P: tl.cons
 
 
 @triton.jit
+def open_rows(
+    S, T, n_outer, n_classes, n_inner, s_so, s_sc, s_si, t_so, t_sc, t_si,
+    ACC: tl.constexpr, ALONG_INNER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``(o, i, pos_ok, s_pos, t_pos, a, b)``: this program's positions (:func:`position_block`),
+    the ``[BLOCK_P, 1]`` pointers to their student and teacher rows, and their first class block
+    (raw logits), read before the class loop so that a resident row keeps it."""
+    o, i, pos_ok = position_block(n_outer, n_inner, ALONG_INNER, BLOCK_P)
+    s_pos = S + (o * s_so + i * s_si)[:, None]
+    t_pos = T + (o * t_so + i * t_si)[:, None]
+    cols, ok, a, b = load_class_block(s_pos, s_sc, t_pos, t_sc, 0, n_classes, pos_ok, ACC, BLOCK_C)
+    return o, i, pos_ok, s_pos, t_pos, a, b
+
+
+@triton.jit
 def class_block(start, n_classes, pos_ok, BLOCK_C: tl.constexpr):
     """``(cols, ok)``: the class indices ``start … start + BLOCK_C`` (int64) and the
     ``[BLOCK_P, BLOCK_C]`` mask of the elements that exist."""

@@ -75,15 +75,15 @@ def _weighted_soft_ce_kernel(
     ALONG_INNER: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
-    o, i, pos_ok = walker.position_block(n_outer, n_inner, ALONG_INNER, BLOCK_P)
-    s_pos = S + (o * s_so + i * s_si)[:, None]
-    t_pos = T + (o * t_so + i * t_si)[:, None]
 
     # Pass 1. The first block is read outside the loop so that a resident row keeps it.
     m_a, z_a = walker.empty_softmax(BLOCK_P, ACC)
     m_b, z_b = walker.empty_softmax(BLOCK_P, ACC)
     zero = tl.zeros([BLOCK_P], ACC)
-    cols, ok, a, b = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, 0, n_classes, pos_ok, ACC, BLOCK_C)
+    o, i, pos_ok, s_pos, t_pos, a, b = walker.open_rows(
+        S, T, n_outer, n_classes, n_inner, s_so, s_sc, s_si, t_so, t_sc, t_si, ACC, ALONG_INNER, BLOCK_P, BLOCK_C
+    )
+    cols, ok = walker.class_block(0, n_classes, pos_ok, BLOCK_C)
     w = _class_weight_block(W, cols, n_classes, HAS_WEIGHT, ACC)
     m_a, z_a, m_b, z_b, ws, acc = _wsce_block_update(m_a, z_a, m_b, z_b, zero, zero, a, b, w, inv_temperature)
     if not RESIDENT:  # compiled out for resident rows: no second tile pair held in registers
