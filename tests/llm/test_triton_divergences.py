@@ -162,3 +162,18 @@ def test_divergence_kernel_compiles_for_a_gpu():
     result = compile_for_sm90("divergences")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("ok   ") == 9
+
+
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("skew_forward_kl", 0.2), ("tvd", 0.5)])
+def test_divergence_vocab_slice_is_a_view(divergence, beta):
+    """``vocab_size``: the kernel reads the leading classes of both models through strided views
+    (teacher and student rows of different lengths), no copy."""
+    s, _ = _logits(4, 40, seed=6)
+    _, t = _logits(4, 44, seed=7)
+    s_view, t_view = s[:, :37], t[:, :37]
+    assert not s_view.is_contiguous() and not t_view.is_contiguous()
+    loss, g_s, g_t = _kernel(s_view, t_view, None, (2, 16, 1, False), divergence=divergence, beta=beta, temperature=1.7)
+    want, want_s, want_t = _reference(s, t, None, divergence=divergence, beta=beta, temperature=1.7, vocab_size=37)
+    torch.testing.assert_close(loss, want, **TOL)
+    torch.testing.assert_close(g_s, want_s[:, :37], **TOL)
+    torch.testing.assert_close(g_t, want_t[:, :37], **TOL)
