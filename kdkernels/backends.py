@@ -153,15 +153,22 @@ def requested() -> str | None:
     return os.environ.get("KDKERNELS_BACKEND") or None
 
 
-def resolve(device: torch.device) -> str:
-    """The backend that runs a loss on ``device`` now; raises RuntimeError if the asked one can't."""
+def resolve(device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:
+    """The backend that runs a loss on ``device`` now; raises RuntimeError if the asked one can't.
+
+    ``implemented``: the backends that have a kernel for this loss (``torch`` always does); the
+    default is the first of the device's order that can run and is implemented."""
     name = requested()
     if name is not None:
         reason = why_unavailable(name, device)
+        if reason is None and name not in implemented:
+            reason = f"this loss has no {name} kernel yet (backends with one: {', '.join(implemented)})"
         if reason is not None:
             raise RuntimeError(f"kdkernels backend {name!r} cannot run on {device.type} tensors: {reason}")
         return name
     for candidate in _DEFAULT_ORDER.get(device.type, ("torch",)):
+        if candidate not in implemented:
+            continue
         if why_unavailable(candidate, device) is None:
             if candidate == "torch" and device.type in ("cpu", "cuda"):
                 _extension.warn_missing_once()

@@ -27,6 +27,8 @@ from numbers import Real
 import torch
 
 from kdkernels._validation import check_int, check_mask, check_reduction, check_temperature, check_tensor
+from kdkernels.ops._reduction import CODES, NONE, SUM
+from kdkernels.ops.divergences import DIVERGENCES as DIVERGENCES_OP
 from kdkernels.ops.reference.divergences import (
     DIVERGENCES,
     REDUCTIONS,
@@ -271,8 +273,12 @@ def distill_loss(
 ) -> torch.Tensor:
     r"""Distillation divergence between a student and a (dense or top-k) teacher, per position.
 
-    **Fused kernels: pending issue 11's row walker** — this computes through the reference
-    (:mod:`kdkernels.ops.reference.divergences`), with an eager composite's memory.
+    **Kernels.** A dense teacher runs through the fused op ``kdkernels::divergences``: the Triton
+    kernel (the shared online-softmax row walker, softcap / scale inside, the gradient computed in
+    the forward) where Triton runs; on the ``cpu`` and ``cuda`` backends, which have no kernel for
+    it yet, the default falls back to the op's twin (the reference formula, an eager composite's
+    memory). A top-k teacher computes through the reference
+    (:mod:`kdkernels.ops.reference.divergences`).
 
     Args:
         student_logits: (…, V) logits, vocabulary last (e.g. (batch, seq, V) of a causal LM, already
@@ -330,7 +336,47 @@ def distill_loss(
         logit_scale,
         check_indices,
     )
+    if kwargs["teacher_topk"] is None:
+        return _dense_distill_loss(student_logits, teacher_logits, **kwargs)
     return distill_loss_reference(student_logits, teacher_logits, **kwargs)
+
+
+def _dense_distill_loss(
+    student_logits, teacher_logits, *, divergence, beta, temperature, scale_by_t2, mask, vocab_size, softcap,
+    logit_scale, reduction, num_items_in_batch, **_sparse_only,
+):
+    """A dense teacher through the fused op (:data:`kdkernels.ops.divergences.DIVERGENCES`):
+    Triton where it runs; elsewhere the same formula as the reference, through the op's twin."""
+    s, t = student_logits, teacher_logits
+    if vocab_size is not None:  # the shared leading classes: a strided view, no copy
+        s, t = s[..., :vocab_size], t[..., :vocab_size]
+    positions_shape = tuple(s.shape[:-1])
+    if reduction == "mean" and num_items_in_batch is None:
+        # "mean" divides by the positions that count, and a teacher row of −inf only has none:
+        # fold that into the mask (one read of the teacher; the other reductions need none).
+        has_mass = t.amax(-1) != float("-inf")
+        mask = has_mass if mask is None else mask & has_mass
+    classes = s.shape[-1]
+    # (positions, classes, 1) views; reshape copies only a layout that cannot be flattened.
+    s3, t3 = s.reshape(-1, classes).unsqueeze(-1), t.reshape(-1, classes).unsqueeze(-1)
+    mask2 = None if mask is None else mask.reshape(-1, 1)
+    divisor = None
+    if num_items_in_batch is not None:
+        code, scale = SUM, 1.0
+        if isinstance(num_items_in_batch, torch.Tensor):
+            divisor = num_items_in_batch
+        else:
+            scale = 1.0 / float(num_items_in_batch)
+    elif reduction == "batchmean":
+        code, scale = SUM, 1.0 / max(positions_shape[0] if positions_shape else 1, 1)
+    else:
+        code, scale = CODES[reduction], 1.0
+    loss = DIVERGENCES_OP(
+        s3, t3, mask2, divergence, beta, temperature, scale_by_t2, *softcap, *logit_scale, reduction=code, scale=scale
+    )
+    if divisor is not None:
+        loss = loss / divisor.to(device=loss.device, dtype=loss.dtype)
+    return loss.reshape(positions_shape) if code == NONE else loss
 
 
 def generalized_jsd_loss(

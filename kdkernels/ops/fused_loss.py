@@ -68,7 +68,9 @@ class FusedLoss:
             gradients (e.g. ``unsqueeze(1)`` across the classes of (outer, classes, inner)).
         dtype_inputs: names of the inputs whose dtypes set the accumulation dtype.
         contiguous_grads: the kernels return contiguous gradients (else: the inputs' strides).
-        has_cuda_kernel: the extension has a CUDA implementation.
+        kernel_backends: the backends with a kernel for this loss. Where the default choice for
+            the device has none, the next one that can run is used (at last ``torch``); asking for
+            one explicitly (``use_backend``) raises.
     """
 
     name: str
@@ -79,7 +81,7 @@ class FusedLoss:
     expand: Callable[[Tensor], Tensor]
     dtype_inputs: tuple[str, ...]
     contiguous_grads: bool = False
-    has_cuda_kernel: bool = True
+    kernel_backends: tuple[str, ...] = ("triton", "cpu", "cuda")
 
     # ------------------------------------------------------------------ the signature, parsed
     @property
@@ -111,7 +113,7 @@ class FusedLoss:
             raise TypeError(f"{self.name}: the inputs that get gradients must come first, in the order of their flags")
         # Register everything once, at import (frozen dataclass: bypass __setattr__).
         object.__setattr__(self, "op", self._define_op())
-        if _extension_present():
+        if _extension_present() and {"cpu", "cuda"} & set(self.kernel_backends):
             self._define_kernel_op()
 
     # ------------------------------------------------------------------ ops
@@ -233,14 +235,9 @@ class FusedLoss:
         device: ``torch`` runs the twin; the others the op, which also computes the gradients
         of the inputs that require grad (when grad mode is on)."""
         device = inputs[0].device
-        backend = backends.resolve(device)
+        backend = backends.resolve(device, self.kernel_backends + ("torch",))
         if backend == "torch":
             return self.reduced_twin(*inputs, reduction, scale)
-        if backend == "cuda" and not self.has_cuda_kernel:
-            raise RuntimeError(
-                f"kdkernels backend 'cuda': {self.name} has no CUDA C++ kernel yet; "
-                "use the triton backend (the default on CUDA) or 'torch'"
-            )
         grad_enabled = torch.is_grad_enabled()
         flags = [grad_enabled and inputs[k].requires_grad for k in range(len(self.differentiable))]
         return self.op(*inputs, reduction, scale, *flags, backend)[0]

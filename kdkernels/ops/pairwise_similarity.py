@@ -30,5 +30,5 @@ PAIRWISE_SIMILARITY = FusedLoss(
     expand=lambda g: g.reshape(-1, 1, 1),
     dtype_inputs=("student", "teacher"),
     contiguous_grads=True,
-    has_cuda_kernel=False,
+    kernel_backends=("triton", "cpu"),
 )

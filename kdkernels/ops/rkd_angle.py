@@ -31,5 +31,5 @@ RKD_ANGLE = FusedLoss(
     expand=lambda g: g.unsqueeze(-1),
     dtype_inputs=("student", "teacher"),
     contiguous_grads=True,
-    has_cuda_kernel=False,
+    kernel_backends=("triton", "cpu"),
 )

@@ -33,6 +33,11 @@ CASES = [
 TOL = dict(rtol=1e-9, atol=1e-11, equal_nan=True)  # NaN exactly where the reference has NaN
 
 
+def _pair(value):
+    """(student, teacher) of a softcap / logit-scale argument: a float for both, or a pair."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
 def _kernel(s, t, mask, block=None, **kwargs):
     """Runs divergence_rows on classes-last (…, V) logits; returns (loss, grad_s, grad_t) as (…)."""
     from kdkernels.ops.triton import divergences as module
@@ -42,8 +47,8 @@ def _kernel(s, t, mask, block=None, **kwargs):
     args = dict(divergence="forward_kl", beta=0.5, temperature=1.0, scale_by_t2=True, softcap=None, logit_scale=None)
     args.update(kwargs)
     call = lambda: module.divergence_rows(  # noqa: E731
-        s3, t3, m3, args["divergence"], args["beta"], args["temperature"], args["scale_by_t2"], args["softcap"],
-        args["logit_scale"], torch.ones((), dtype=torch.float64), True, True,
+        s3, t3, m3, args["divergence"], args["beta"], args["temperature"], args["scale_by_t2"], *_pair(args["softcap"]),
+        *_pair(args["logit_scale"]), torch.ones((), dtype=torch.float64), True, True,
     )
     if block is None:
         loss, g_s, g_t = call()
@@ -143,7 +148,7 @@ def test_divergence_channels_first_and_float32():
     s = torch.randn(2, 13, 6, generator=g)
     t = torch.randn(2, 13, 6, generator=g)
     for divergence in ("reverse_kl", "jsd", "tvd"):
-        loss, g_s, g_t = divergence_rows(s, t, None, divergence, 0.4, 1.3, True, None, None, torch.ones(()), True, True)
+        loss, g_s, g_t = divergence_rows(s, t, None, divergence, 0.4, 1.3, True, None, None, None, None, torch.ones(()), True, True)
         assert loss.dtype == torch.float32
         want, want_s, want_t = _reference(s.double().movedim(1, -1), t.double().movedim(1, -1), None,
                                           divergence=divergence, beta=0.4, temperature=1.3)

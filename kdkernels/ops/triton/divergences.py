@@ -304,30 +304,24 @@ def _launch_config(student: torch.Tensor, teacher: torch.Tensor, along_inner: bo
     return walker.launch_config(student, teacher, along_inner)
 
 
-def _pair(value, name: str) -> tuple[float | None, float | None]:
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{name}: expected a float or a (student, teacher) pair, got {value!r}")
-        return value[0], value[1]
-    return value, value
-
-
 def divergence_rows(
-    student, teacher, mask, divergence, beta, temperature, scale_by_t2, softcap, logit_scale,
+    student, teacher, mask, divergence, beta, temperature, scale_by_t2,
+    student_softcap, teacher_softcap, student_logit_scale, teacher_logit_scale,
     grad_scale, student_grad, teacher_grad,
 ):
     """Per-position divergence of (outer, classes, inner) logits, and the gradients of
-    ``grad_scale · Σ loss`` with respect to the logits that are wanted.
+    ``grad_scale · Σ loss`` with respect to the logits that are wanted (the kernel signature of
+    ``kdkernels.ops.divergences``).
 
-    ``mask``: (outer, inner) bool or None; ``softcap`` / ``logit_scale``: None, a float for both
-    models, or a ``(student, teacher)`` pair; ``grad_scale``: a one-element tensor. Returns
+    ``mask``: (outer, inner) bool or None; each softcap / logit scale: a float, or None for none;
+    ``grad_scale``: a one-element tensor. Returns
     ``(loss (outer, inner) in float32, or float64 for float64 logits; grad_student;
     grad_teacher)``, the unwanted gradients as empty placeholders (as ``kd_loss_rows``).
     Arguments are assumed validated (the ``kdkernels.llm`` front end does that).
     """
     kind = divergence_kind(divergence, beta)
-    s_cap, t_cap = _pair(softcap, "softcap")
-    s_scale, t_scale = _pair(logit_scale, "logit_scale")
+    s_cap, t_cap = student_softcap, teacher_softcap
+    s_scale, t_scale = student_logit_scale, teacher_logit_scale
     loss, grad_student, grad_teacher, launch = walker.row_outputs(student, teacher, student_grad, teacher_grad)
     if launch:
         along_inner = walker.runs_along_inner(student)

@@ -1,0 +1,65 @@
+"""``kdkernels::divergences``: the LLM divergence family (forward / reverse KL, generalized JSD,
+skew KLs, TVD) of a student and a dense teacher, declared once.
+
+Inputs are (outer, classes, inner) views of any strides and an optional (outer, inner) bool mask;
+the formulas are :mod:`kdkernels.ops.reference.divergences`'. Kernels: Triton (the shared row
+walker, ``kdkernels/ops/triton/divergences.py``); the CPU and CUDA C++ kernels are not written
+yet, so on CPU tensors the default runs the twin (the reference's per-position formula).
+"""
+
+from typing import Optional
+
+from torch import Tensor
+
+from kdkernels.ops.fused_loss import FusedLoss
+from kdkernels.ops.reference.divergences import distill_loss_positions
+
+
+def divergence_rows(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Optional[Tensor],
+    divergence: str,
+    beta: float,
+    temperature: float,
+    scale_by_t2: bool,
+    student_softcap: Optional[float],
+    teacher_softcap: Optional[float],
+    student_logit_scale: Optional[float],
+    teacher_logit_scale: Optional[float],
+    grad_scale: Tensor,
+    student_grad: bool,
+    teacher_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per position, the divergence of softmax(z_t / T) and softmax(z_s / T) of the transformed
+    logits ``z = cap·tanh(scale·x / cap)`` (T² times it with ``scale_by_t2``), as (outer, inner)
+    fp32 (fp64 for fp64 logits), 0 where masked out or where the teacher has no mass; the
+    gradients of ``grad_scale * sum(loss)`` with the logits' shapes, strides and dtypes."""
+    raise NotImplementedError  # a signature: ops/triton/divergences.py (CPU / CUDA: not yet)
+
+
+def _positions(student, teacher, mask, divergence, beta, temperature, scale_by_t2, s_cap, t_cap, s_scale, t_scale):
+    loss, _ = distill_loss_positions(
+        student.movedim(1, -1),
+        teacher.movedim(1, -1),
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        scale_by_t2=scale_by_t2,
+        mask=mask,
+        softcap=(s_cap, t_cap),
+        logit_scale=(s_scale, t_scale),
+    )
+    return loss
+
+
+DIVERGENCES = FusedLoss(
+    name="divergences",
+    kernel=divergence_rows,
+    twin=_positions,
+    loss_shape=lambda student, *_: (student.shape[0], student.shape[2]),
+    counted=lambda student, teacher, mask, *_: (student.shape[0] * student.shape[2], mask),
+    expand=lambda g: g.unsqueeze(1),
+    dtype_inputs=("student", "teacher"),
+    kernel_backends=("triton",),
+)
