@@ -19,10 +19,10 @@
 // element and input in all), "channels" (inner stride 1: vectorised across Vec::size()
 // neighbouring positions, looping over the classes), and a scalar fallback for any other strides
 // (which sums in double). Each position is computed by one thread: deterministic.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>
