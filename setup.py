@@ -6,7 +6,8 @@ What gets compiled:
 
 * CPU kernels (always): every ``csrc/cpu/*.cpp`` once per CPU capability -- DEFAULT (baseline
   x86-64, or any other architecture), AVX2 and AVX512 on x86-64 -- each with that ISA's flags
-  and ``-DCPU_CAPABILITY=<NAME>``, as ATen builds its own kernels. ``csrc/cpu_dispatch.cpp``
+  and ``-DCPU_CAPABILITY=<NAME>``, as ATen builds its own kernels (the few files with no
+  vector code of their own, ``BASELINE_ONLY_CPU_SOURCES``, only once). ``csrc/cpu_dispatch.cpp``
   (baseline flags) picks one copy at run time from ``torch.backends.cpu.get_cpu_capability()``,
   so a wheel built on an AVX-512 machine runs on any x86-64 CPU. See ``csrc/cpu/dispatch.h``.
 * CUDA kernels (``csrc/cuda``): when the installed torch has CUDA and nvcc is found, or with
@@ -50,6 +51,12 @@ CAPABILITY_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
 }
+
+# CPU sources with no at::vec code of their own (their work is ATen calls -- GEMMs, norms -- that
+# pick their own CPU kernels at run time): compiled once, with baseline flags. Their stubs then
+# hold only the DEFAULT copy, which the dispatcher picks on every CPU ("the best compiled one at or
+# below the running capability", csrc/cpu/dispatch.h); three copies would only cost build time.
+BASELINE_ONLY_CPU_SOURCES = {"pairwise_similarity.cpp", "rkd_angle.cpp"}
 
 
 def cpu_capabilities() -> list[str]:
@@ -152,6 +159,8 @@ def _extensions():
             for cap in cpu_capabilities():
                 flags = common + [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"] + CAPABILITY_FLAGS[cap]
                 for src in cpu_sources:
+                    if cap != "DEFAULT" and os.path.basename(src) in BASELINE_ONLY_CPU_SOURCES:
+                        continue
                     name = os.path.splitext(os.path.basename(src))[0]
                     jobs.append((src, os.path.join(out, cap.lower(), name + ".o"), flags))
             return jobs
