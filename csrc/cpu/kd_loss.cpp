@@ -89,7 +89,7 @@ inline acc_t kl_of(acc_t ma, acc_t mb, acc_t log_za, acc_t log_zb, acc_t zb, acc
   constexpr acc_t ninf = neg_inf<acc_t>();
   if (mb == ninf) return 0;                                              // no teacher distribution
   if (ma == ninf) return std::numeric_limits<acc_t>::infinity();         // student 0 where the teacher is not
-  // A NaN or +inf logit: the position is NaN. Said here because fast_exp does not carry NaN
+  // A NaN or +inf logit: the position is NaN. Said here because fast_exp need not carry NaN
   // through the sums (the gradient pass then recomputes with exp, which does).
   if (!std::isfinite(ma) || !std::isfinite(mb)) return std::numeric_limits<acc_t>::quiet_NaN();
   return w / zb - log_zb + log_za;

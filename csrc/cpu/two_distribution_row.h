@@ -9,8 +9,8 @@
 // and accumulates Z_a = Σ e_a, Z_b = Σ e_b and the loss policy's cross terms (e.g. Σ e_b (x_b − x_a)).
 // The shift is taken before the scaling, (s − m_s)·(1/T): every x is ≤ 0 and the maximum's is
 // exactly 0, so no exponential overflows for any finite logits, and V = 1 gives exactly 0.
-// Maxima propagate NaN; fast_exp does not, so a NaN or +inf maximum is made explicit in
-// `RowStats` (its log-normalisers are NaN: every gradient recomputed from them is NaN).
+// Maxima propagate NaN; fast_exp need not (exp_u20 clamps), so a NaN or +inf maximum is made
+// explicit in `RowStats` (its log-normalisers are NaN: every gradient recomputed from them is NaN).
 //
 // Each e_a, e_b is evaluated once: with an `ExpCache`, pass 1 stores them (shifted by the running
 // maxima of their block) in a per-thread scratch of 2·C values that stays in L2, and the

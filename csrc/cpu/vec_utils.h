@@ -35,8 +35,9 @@ constexpr acc_t neg_inf() {
 // exp in the accumulation type: the polynomial exp_u20 (≤ 20 ulp, ~1e-6 relative: far below the
 // fp32 accumulation error of a row sum) for float, where exp is most of a softmax kernel's work;
 // libm-grade exp for double, which gradcheck relies on. Both give exactly 0 for −inf; exp_u20 also
-// gives 0 below log(FLT_MIN) (no subnormals) and does NOT propagate NaN (it clamps): callers that
-// may see NaN arguments make their results NaN some other way.
+// gives 0 below log(FLT_MIN) (no subnormals) and need not propagate NaN (exp_u20 clamps it; the
+// AVX-512 variant below keeps it): callers that may see NaN arguments make their results NaN some
+// other way.
 template <typename acc_t>
 inline Vec<acc_t> fast_exp(const Vec<acc_t>& x) {
   if constexpr (std::is_same_v<acc_t, float>) {
