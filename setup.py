@@ -6,7 +6,8 @@ What gets compiled:
 
 * CPU kernels (always): every ``csrc/cpu/*.cpp`` once per CPU capability -- DEFAULT (baseline
   x86-64, or any other architecture), AVX2 and AVX512 on x86-64 -- each with that ISA's flags
-  and ``-DCPU_CAPABILITY=<NAME>``, as ATen builds its own kernels. ``csrc/cpu_dispatch.cpp``
+  and ``-DCPU_CAPABILITY=<NAME>``, as ATen builds its own kernels (the few files with no
+  vector code of their own, ``BASELINE_ONLY_CPU_SOURCES``, only once). ``csrc/cpu_dispatch.cpp``
   (baseline flags) picks one copy at run time from ``torch.backends.cpu.get_cpu_capability()``,
   so a wheel built on an AVX-512 machine runs on any x86-64 CPU. See ``csrc/cpu/dispatch.h``.
 * CUDA kernels (``csrc/cuda``): when the installed torch has CUDA and nvcc is found, or with
@@ -22,10 +23,11 @@ Environment:
   build of the unpacked sdist against the same torch reuses the checkout's cache.
 
 The CPU objects are compiled by ``BuildCpuCapabilities`` below (ninja when installed, a thread
-pool otherwise) because setuptools gives every source of an extension the same flags; torch's
-``BuildExtension`` then compiles the rest and links everything, baseline objects first (so that
-where the linker keeps one copy of an inline function shared by several capabilities' objects, it
-keeps the baseline one).
+pool otherwise) because setuptools gives every source of an extension the same flags. With ninja
+they compile in the background while torch's ``BuildExtension`` compiles the rest (so that on a
+few cores no lone translation unit leaves a core idle at either end); the link waits for both and
+takes everything, baseline objects first (so that where the linker keeps one copy of an inline
+function shared by several capabilities' objects, it keeps the baseline one).
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ CAPABILITY_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
 }
+
+# CPU sources with no at::vec code of their own (their work is ATen calls -- GEMMs, norms -- that
+# pick their own CPU kernels at run time): compiled once, with baseline flags. Their stubs then
+# hold only the DEFAULT copy, which the dispatcher picks on every CPU ("the best compiled one at or
+# below the running capability", csrc/cpu/dispatch.h); three copies would only cost build time.
+BASELINE_ONLY_CPU_SOURCES = {"pairwise_similarity.cpp", "rkd_angle.cpp"}
 
 
 def cpu_capabilities() -> list[str]:
@@ -112,13 +120,26 @@ def _extensions():
     cxx_std = "-std=c++20" if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 10) else "-std=c++17"
 
     class BuildCpuCapabilities(BuildExtension):
-        """torch's BuildExtension, plus the per-capability CPU objects compiled first."""
+        """torch's BuildExtension, plus the per-capability CPU objects (compiled alongside, linked first)."""
 
         def build_extension(self, ext):
             cpu_sources = getattr(ext, "kdkernels_cpu_sources", None)
-            if cpu_sources:
-                ext.extra_objects = self._compile_cpu(ext, cpu_sources) + list(ext.extra_objects or [])
-            super().build_extension(ext)
+            if not cpu_sources:
+                return super().build_extension(ext)
+            objects, wait_for_cpu_objects = self._start_cpu(ext, cpu_sources)
+            ext.extra_objects = objects + list(ext.extra_objects or [])
+            link = self.compiler.link_shared_object
+
+            def link_after_cpu_objects(*args, **kwargs):
+                wait_for_cpu_objects()
+                return link(*args, **kwargs)
+
+            self.compiler.link_shared_object = link_after_cpu_objects
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler.link_shared_object = link
+                wait_for_cpu_objects()  # also when the rest failed: no ninja left running
 
         def _cpu_jobs(self, ext, cpu_sources) -> list[tuple[str, str, list[str]]]:
             """(source, object, flags) of every CPU object, in link order."""
@@ -138,11 +159,16 @@ def _extensions():
             for cap in cpu_capabilities():
                 flags = common + [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"] + CAPABILITY_FLAGS[cap]
                 for src in cpu_sources:
+                    if cap != "DEFAULT" and os.path.basename(src) in BASELINE_ONLY_CPU_SOURCES:
+                        continue
                     name = os.path.splitext(os.path.basename(src))[0]
                     jobs.append((src, os.path.join(out, cap.lower(), name + ".o"), flags))
             return jobs
 
-        def _compile_cpu(self, ext, cpu_sources) -> list[str]:
+        def _start_cpu(self, ext, cpu_sources):
+            """Start compiling the CPU objects; returns (objects in link order, a function that
+            waits for them and raises if one failed). ninja runs in the background; the thread
+            pool fallback finishes before this returns."""
             jobs = self._cpu_jobs(ext, cpu_sources)
             workers = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
             print(f"kdkernels: compiling {len(jobs)} CPU objects ({', '.join(cpu_capabilities())}) with {workers} jobs", flush=True)
@@ -166,7 +192,13 @@ def _extensions():
                     lines.append(f"  flags = {' '.join(shlex.quote(f) for f in flags)}")
                 with open(path, "w") as f:
                     f.write("\n".join(lines) + "\n")
-                subprocess.run([ninja, "-f", path, "-j", str(workers)], check=True, cwd=ROOT)
+                proc = subprocess.Popen([ninja, "-f", path, "-j", str(workers)], cwd=ROOT)
+
+                def wait():
+                    if proc.wait() != 0:
+                        raise subprocess.CalledProcessError(proc.returncode, proc.args)
+
+                return [obj for _, obj, _ in jobs], wait
             else:
                 def compile_one(job):
                     src, obj, flags = job
@@ -176,7 +208,7 @@ def _extensions():
 
                 with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                     list(pool.map(compile_one, jobs))
-            return [obj for _, obj, _ in jobs]
+                return [obj for _, obj, _ in jobs], lambda: None
 
     cpu_sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     sources = [os.path.join("csrc", "kdkernels.cpp")]

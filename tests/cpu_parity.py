@@ -6,7 +6,8 @@ process runs (``ATEN_CPU_CAPABILITY=default|avx2|avx512``, or an emulated CPU un
     qemu-x86_64 -cpu Westmere python tests/cpu_parity.py --expect DEFAULT --without-numpy
 
 Every fused op runs on the ``cpu`` backend and on the ``torch`` reference in float64, on small
-inputs that reach each code path of the kernels: class rows with a vector tail, the channels
+inputs that reach each code path of the kernels: class rows with a vector tail, rows longer than
+one block of the shared row walker (student gradient from its cached exponentials), the channels
 layout (classes strided, positions contiguous), a strided fallback, masks, fp32 and bf16. The
 shapes are small because under qemu every instruction is emulated. Run by
 tests/test_cpu_capabilities.py (one subprocess per capability) and by .ci/run (under qemu).
@@ -57,16 +58,24 @@ def cases() -> list[tuple[str, object, list[torch.Tensor], int]]:
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64) * 3
 
+    def ramped(rows, classes):
+        return randn(rows, classes) + torch.linspace(0, 30, classes, dtype=torch.float64)
+
     mask_rows = torch.rand(7, generator=g) > 0.3
+    long_weight = torch.rand(4133, generator=g, dtype=torch.float64)
     weight = torch.rand(517, generator=g, dtype=torch.float64)
     margin = torch.linspace(-1.0, -0.1, 16, dtype=torch.float64)
     return [
         ("kd_loss rows", lambda s, t: KF.kd_loss(s, t, 2.0), [randn(7, 1003), randn(7, 1003)], 2),
         ("kd_loss rows mask", lambda s, t: KF.kd_loss(s, t, 2.0, reduction="sum", mask=mask_rows), [randn(7, 131), randn(7, 131)], 1),
+        # Rows longer than one walker block (2048 classes), the maxima growing along the row: the
+        # student gradient alone comes from the walker's cached exponentials, rescaled per block.
+        ("kd_loss rows long", lambda s, t: KF.kd_loss(s, t, 2.0), [ramped(3, 4133), ramped(3, 4133)], 1),
         ("kd_loss channels", lambda s, t: KF.kd_loss(s, t, 1.5, dim=1), [randn(2, 37, 3, 5), randn(2, 37, 3, 5)], 2),
         ("kd_loss strided", lambda s, t: KF.kd_loss(s.transpose(0, 1), t.transpose(0, 1), 2.0), [randn(45, 6), randn(45, 6)], 1),
         ("kl_div", lambda x, y: KF.kl_div(x.log_softmax(-1), y.softmax(-1), reduction="batchmean"), [randn(5, 333), randn(5, 333)], 2),
         ("weighted_soft_ce rows", lambda s, t: KF.weighted_soft_ce(s, t, weight.to(s.dtype), temperature=2.0), [randn(6, 517), randn(6, 517)], 2),
+        ("weighted_soft_ce rows long", lambda s, t: KF.weighted_soft_ce(s, t, long_weight.to(s.dtype), temperature=2.0), [ramped(3, 4133), ramped(3, 4133)], 1),
         ("weighted_soft_ce channels", lambda s, t: KF.weighted_soft_ce(s, t, dim=1), [randn(2, 19, 4, 9), randn(2, 19, 4, 9)], 1),
         ("margin_partial_l2", lambda s, t: KF.margin_partial_l2(s, t, margin.to(s.dtype)), [randn(2, 16, 5, 7), randn(2, 16, 5, 7)], 1),
         ("bounded_regression", lambda s, t, y: KF.bounded_regression(s, t, y, margin=0.5), [randn(33, 4), randn(33, 4), randn(33, 4)], 1),

@@ -1,13 +1,14 @@
-"""The CPU kd_loss kernel's student-gradient pass from pass 1's exponentials (csrc/cpu/kd_loss.cpp,
-``ExpCache``): rows longer than one class block (2048), whose blocks were shifted by different
-running maxima, must give the float64 gradient; so must the cases that fall back to recomputing
+"""The CPU row walker's student-gradient pass from pass 1's exponentials
+(csrc/cpu/two_distribution_row.h, ``ExpCache``), shared by kd_loss and weighted_soft_ce: rows
+longer than one class block (2048), whose blocks were shifted by different running maxima, must
+give the float64 gradient; so must the cases that fall back to recomputing from the logits
 (non-finite maxima, a teacher gradient as well)."""
 
 import pytest
 import torch
 
 import kdkernels
-from kdkernels.functional import kd_loss
+from kdkernels.functional import kd_loss, weighted_soft_ce
 
 pytestmark = pytest.mark.skipif(
     kdkernels.backends.why_unavailable("cpu", "cpu") is not None,
@@ -15,6 +16,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 V = 3 * 2048 + 37  # four blocks, the last one partial (vector tail)
+
+# Class weights of weighted_soft_ce: positive, a few exactly 0 (classes selected out).
+_WEIGHT = torch.rand(V, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1
+_WEIGHT[::97] = 0.0
+
+
+def _kd(s, t, temperature):
+    return kd_loss(s, t, temperature, reduction="none")
+
+
+def _wsce(s, t, temperature):
+    return weighted_soft_ce(s, t, _WEIGHT.to(s.dtype), temperature=temperature, reduction="none")
+
+
+LOSSES = {"kd_loss": _kd, "weighted_soft_ce": _wsce}
 
 
 def _rows(dtype):
@@ -32,30 +48,32 @@ def _rows(dtype):
     return s.to(dtype), t.to(dtype)
 
 
-def _fused(s, t, temperature, teacher_grad=False):
+def _fused(loss_fn, s, t, temperature, teacher_grad=False):
     s = s.clone().requires_grad_()
     t = t.clone().requires_grad_(teacher_grad)
     with kdkernels.use_backend("cpu"):
-        loss = kd_loss(s, t, temperature, reduction="none")
+        loss = loss_fn(s, t, temperature)
     loss.sum().backward()
     return loss, s.grad, t.grad
 
 
-def _reference(s, t, temperature):
+def _reference(loss_fn, s, t, temperature):
     s = s.double().requires_grad_()
     t = t.double().requires_grad_()
     with kdkernels.use_backend("torch"):
-        loss = kd_loss(s, t, temperature, reduction="none")
+        loss = loss_fn(s, t, temperature)
     loss.sum().backward()
     return loss, s.grad, t.grad
 
 
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_student_gradient_from_cached_exponentials(dtype, temperature):
+def test_student_gradient_from_cached_exponentials(loss_name, dtype, temperature):
+    loss_fn = LOSSES[loss_name]
     s, t = _rows(dtype)
-    loss, grad, _ = _fused(s, t, temperature)
-    ref_loss, ref_grad, _ = _reference(s, t, temperature)
+    loss, grad, _ = _fused(loss_fn, s, t, temperature)
+    ref_loss, ref_grad, _ = _reference(loss_fn, s, t, temperature)
     rtol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=0.0)
     # Per element, relative to the row's largest gradient (the small ones are sums of two terms).
@@ -66,21 +84,23 @@ def test_student_gradient_from_cached_exponentials(dtype, temperature):
 
 def test_equal_inputs_give_exactly_zero_gradient():
     s, _ = _rows(torch.float32)
-    _, grad, _ = _fused(s, s.clone(), 4.0)
+    _, grad, _ = _fused(_kd, s, s.clone(), 4.0)
     assert (grad == 0).all()
 
 
-def test_teacher_gradient_and_non_finite_rows_take_the_recomputing_pass():
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+def test_teacher_gradient_and_non_finite_rows_take_the_recomputing_pass(loss_name):
+    loss_fn = LOSSES[loss_name]
     s, t = _rows(torch.float32)
     s[4, 7] = float("nan")
     s[5, 9] = float("inf")
-    loss, grad_s, grad_t = _fused(s, t, 2.0, teacher_grad=True)
-    ref_loss, ref_s, ref_t = _reference(s, t, 2.0)
+    loss, grad_s, grad_t = _fused(loss_fn, s, t, 2.0, teacher_grad=True)
+    ref_loss, ref_s, ref_t = _reference(loss_fn, s, t, 2.0)
     # Row 2 has an infinite loss: its teacher gradient is NaN in the reference, not compared.
     for got, ref, rows in ((grad_s, ref_s, [0, 1, 2, 3]), (grad_t, ref_t, [0, 1, 3])):
         g, r = got[rows].double(), ref[rows]
         assert ((g - r).abs() <= 2e-5 * r.abs().amax(dim=1, keepdim=True) + 2e-5 * r.abs()).all()
         assert got[4:].isnan().all()  # a NaN or +inf logit: the whole row's gradient is NaN
     assert loss[4:].isnan().all() and ref_loss[4:].isnan().all()
-    _, grad_only_s, _ = _fused(s, t, 2.0)
+    _, grad_only_s, _ = _fused(loss_fn, s, t, 2.0)
     assert grad_only_s[4:].isnan().all() and not grad_only_s[:4].isnan().any()

@@ -8,10 +8,10 @@
 // (rows, K) contiguous. With reduce, the loss is one partial sum per fixed chunk of kRowChunk rows
 // (independent of the thread count), so the caller's torch.sum repeats bit for bit; otherwise it
 // is one value per row.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 

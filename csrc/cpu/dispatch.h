@@ -2,7 +2,8 @@
 //
 // setup.py compiles every csrc/cpu/*.cpp once per capability (DEFAULT = baseline x86-64 / any
 // other architecture, AVX2, AVX512), each time with -DCPU_CAPABILITY=<NAME> and that ISA's
-// compiler flags. at::vec puts its code in `inline namespace CPU_CAPABILITY`, and the kernel file
+// compiler flags -- except the files with no vector code of their own (setup.py's
+// BASELINE_ONLY_CPU_SOURCES), compiled for DEFAULT only, whose stubs then always pick that copy. at::vec puts its code in `inline namespace CPU_CAPABILITY`, and the kernel file
 // puts its entry points in `namespace kdkernels::CPU_CAPABILITY`, so the copies have distinct
 // symbols and live side by side in kdkernels._C. csrc/cpu_dispatch.cpp (compiled once, baseline
 // flags) registers one CPU kernel per op with torch; it forwards each call to the copy that

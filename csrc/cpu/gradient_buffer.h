@@ -9,7 +9,9 @@
 // changes how the memory is mapped, never its contents. Linux only; elsewhere a plain empty_like.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <cstdint>
 

@@ -1,9 +1,8 @@
 // CPU kernel of kdkernels::kd_loss_rows: per-position T²·KL(softmax(t/T) ‖ softmax(s/T)) over the
 // class dimension of (outer, classes, inner) views, and its gradients.
 //
-// Per position, pass 1 is an online softmax over the classes, block by block: the block's maxima
-// of the raw logits s and t update the running maxima (m_s, m_t), the running sums are rescaled,
-// and then one sweep over the block (still in L1) accumulates, with x_a = (s-m_s)/T, x_b = (t-m_t)/T,
+// Per position, an online softmax over the classes with x_a = (s - m_s)/T, x_b = (t - m_t)/T
+// (m = the raw maxima) accumulates
 //   Z_a = Σ e^{x_a},  Z_b = Σ e^{x_b},  W = Σ e^{x_b} (x_b - x_a),
 // so that  L' = Σ p_t (log p_t - log p_s) = W/Z_b - log Z_b + log Z_a.
 // (Shifting by the maxima inside W keeps every term small: no cancellation of two large lse.)
@@ -11,19 +10,19 @@
 // exactly 0, so no exponential overflows for any finite logits (a fused s·(1/T) - m/T would leave
 // the maximum's rounding error, up to +128 at 1e10/3, in the exponent), V = 1 gives exactly 0, and
 // identical inputs give W = 0, Z_a = Z_b: exactly 0. Maxima propagate NaN, so a NaN logit makes
-// its position NaN through the arithmetic (kdkernels/ops/reference/__init__.py has the rules).
-// Pass 2, only when a gradient is asked for, writes
-//   grad_s = gs·T·(p_s - p_t),  grad_t = gs·T·p_t·(log p_t - log p_s - L'):
-// for the student gradient alone in the rows layout from pass 1's exponentials, kept in a per-thread
-// scratch (ExpCache: one exp per element and input in all), otherwise re-reading the position.
+// its position NaN (kdkernels/ops/reference/__init__.py has the rules).
+// The gradient pass, only when a gradient is asked for, writes
+//   grad_s = gs·T·(p_s - p_t),  grad_t = gs·T·p_t·(log p_t - log p_s - L').
 //
-// Three layouts: "rows" (class stride 1: vectorised along the classes), "channels" (inner stride
-// 1: vectorised across Vec::size() neighbouring positions, looping over the classes), and a scalar
-// fallback for any other strides (which sums in double). Each position is computed by one thread: deterministic.
-#include <ATen/ATen.h>
+// Three layouts: "rows" (class stride 1: the shared walker of two_distribution_row.h with
+// KlPolicy below; the student gradient alone comes from pass 1's cached exponentials, one exp per
+// element and input in all), "channels" (inner stride 1: vectorised across Vec::size()
+// neighbouring positions, looping over the classes), and a scalar fallback for any other strides
+// (which sums in double). Each position is computed by one thread: deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>
@@ -33,6 +32,7 @@
 #include "../kdkernels.h"
 #include "dispatch.h"
 #include "gradient_buffer.h"
+#include "two_distribution_row.h"
 #include "vec_utils.h"
 
 namespace kdkernels {
@@ -74,7 +74,7 @@ View<T> view_of(const at::Tensor& x) {
   return v;
 }
 
-// What pass 2 needs of a position, from pass 1's running state.
+// What the gradient pass needs of a position (scalar fallback and channels layout).
 template <typename acc_t>
 struct Stats {
   acc_t shift_a, shift_b;  // the raw maxima, 0 where a maximum is -inf
@@ -83,216 +83,64 @@ struct Stats {
   bool has_dist;  // some teacher logit > -inf
 };
 
+// L' from the maxima, normalisers and W = Σ e^{x_b}(x_b − x_a), with the rules of the edge cases.
+template <typename acc_t>
+inline acc_t kl_of(acc_t ma, acc_t mb, acc_t log_za, acc_t log_zb, acc_t zb, acc_t w) {
+  constexpr acc_t ninf = neg_inf<acc_t>();
+  if (mb == ninf) return 0;                                              // no teacher distribution
+  if (ma == ninf) return std::numeric_limits<acc_t>::infinity();         // student 0 where the teacher is not
+  // A NaN or +inf logit: the position is NaN. Said here because fast_exp need not carry NaN
+  // through the sums (the gradient pass then recomputes with exp, which does).
+  if (!std::isfinite(ma) || !std::isfinite(mb)) return std::numeric_limits<acc_t>::quiet_NaN();
+  return w / zb - log_zb + log_za;
+}
+
 template <typename acc_t>
 inline Stats<acc_t> finish(acc_t ma, acc_t mb, acc_t sa, acc_t sb, acc_t za, acc_t zb, acc_t w) {
-  constexpr acc_t ninf = neg_inf<acc_t>();
   Stats<acc_t> r;
   r.shift_a = sa;
   r.shift_b = sb;
   r.log_za = std::log(za);
   r.log_zb = std::log(zb);
-  r.has_dist = !(mb == ninf);
-  if (!r.has_dist) {
-    r.kl = 0;
-  } else if (ma == ninf) {
-    r.kl = std::numeric_limits<acc_t>::infinity();  // student gives 0 where the teacher does not
-  } else if (!std::isfinite(ma) || !std::isfinite(mb)) {
-    // A NaN or +inf logit: the position is NaN. Said here because the rows walker's fast_exp does
-    // not carry NaN through the sums (pass 2 then recomputes with exp, which does).
-    r.kl = std::numeric_limits<acc_t>::quiet_NaN();
-  } else {
-    r.kl = w / zb - r.log_zb + r.log_za;
-  }
-  return r;
-}
-
-// Online-softmax rescale when the maxima grow (or turn NaN): new safe shifts and the factors that
-// move the running sums onto them. A sum whose old maximum was -inf is empty (0) and is left alone.
-// Shifts are raw logits; their differences are scaled by 1/T like the terms.
-template <typename acc_t>
-struct Rescale {
-  acc_t new_sa, new_sb;
-  acc_t fa, fb;   // multiply Z_a by fa, Z_b by fb (1 where the old max was -inf: sums are 0)
-  acc_t delta;    // W <- fb · (W + delta · Z_b)
-  bool zero_b;    // fb underflowed: Z_b, W <- 0
-};
-
-template <typename acc_t>
-inline Rescale<acc_t> rescale(acc_t ma, acc_t mb, acc_t sa, acc_t sb, acc_t nma, acc_t nmb, acc_t inv_t) {
-  constexpr acc_t ninf = neg_inf<acc_t>();
-  Rescale<acc_t> r;
-  r.new_sa = nma == ninf ? acc_t(0) : nma;
-  r.new_sb = nmb == ninf ? acc_t(0) : nmb;
-  const acc_t da = (sa - r.new_sa) * inv_t, db = (sb - r.new_sb) * inv_t;
-  r.fa = ma == ninf ? acc_t(1) : std::exp(da);
-  r.fb = mb == ninf ? acc_t(1) : std::exp(db);
-  r.delta = mb == ninf ? acc_t(0) : db - da;
-  r.zero_b = r.fb == acc_t(0);
+  r.has_dist = !(mb == neg_inf<acc_t>());
+  r.kl = kl_of(ma, mb, r.log_za, r.log_zb, zb, w);
   return r;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Rows layout: classes contiguous.
-
-constexpr int64_t kRowBlock = 2048;  // classes per block: 2 inputs x 8 KiB in fp32 stay in L1
-
-// Pass 1's exponentials, kept for pass 2 so that each is evaluated once: e^{x_a} and e^{x_b} of
-// every class, each shifted by its block's running maximum, and those shifts. Pass 2 rescales a
-// block by e^{(shift_block - shift_final)/T} / Z instead of recomputing the exponentials and
-// re-reading the logits. Scratch of one thread, reused row after row (2·C values: in L2 at
-// C = 32000), so the only memory traffic is one read of each input and one write of the gradient.
+// Rows layout: classes contiguous; the shared walker (two_distribution_row.h) with this policy.
+// Cross term W = Σ e^{x_b}(x_b − x_a), so that L' = W/Z_b − log Z_b + log Z_a.
 template <typename acc_t>
-struct ExpCache {
-  std::vector<acc_t> ea, eb;            // C each
-  std::vector<acc_t> shift_a, shift_b;  // one per block
-  std::vector<uint8_t> live_a, live_b;  // the block's running maximum is > -inf (else its e^x are 0)
-  void resize(int64_t C) {
-    const int64_t blocks = (C + kRowBlock - 1) / kRowBlock;
-    ea.resize(C);
-    eb.resize(C);
-    shift_a.resize(blocks);
-    shift_b.resize(blocks);
-    live_a.resize(blocks);
-    live_b.resize(blocks);
+struct KlPolicy {
+  using V = Vec<acc_t>;
+  static constexpr int kTerms = 1;
+  acc_t scale;   // grad_scale·T
+  acc_t kl = 0;  // the row's L' (for the teacher gradient)
+
+  void accumulate(V* terms, const V& xa, const V& xb, const V& /*ea*/, const V& eb, int64_t /*c*/) const {
+    // Classes with p_t = 0 contribute 0, whatever the student (never 0 * inf = NaN).
+    terms[0] = terms[0] + V::blendv(V(0), eb * (xb - xa), eb != V(0));
+  }
+  static void rescale(V* terms, const row::Rescale<acc_t>& r, const V& zb) {
+    terms[0] = r.zero_b ? V(0) : (terms[0] + V(r.delta) * zb) * V(r.fb);
+  }
+  // grad_s = gs·T·(p_s − p_t). Both products rounded before the subtraction: the compiler may not
+  // contract one of them into an FMA with it (x·a − round(x·b) ≠ 0 for a = b), which would lose the
+  // exact 0 of equal inputs.
+  struct StudentGrad {
+    V fa, fb;
+    V operator()(const V& ea, const V& eb, int64_t /*c*/) const {
+      return at::vec::fmadd(ea, fa, V(0)) - at::vec::fmadd(eb, fb, V(0));
+    }
+  };
+  StudentGrad student_grad_block(acc_t fa, acc_t fb) const { return {V(scale * fa), V(scale * fb)}; }
+  //   grad_s = gs·T·(p_s − p_t),  grad_t = gs·T·p_t·(log p_t − log p_s − L')
+  void grads(const V& log_ps, const V& log_pt, int64_t /*c*/, V* g_s, V* g_t) const {
+    const V pt = log_pt.exp();
+    if (g_s != nullptr) *g_s = V(scale) * (log_ps.exp() - pt);
+    if (g_t != nullptr) *g_t = V::blendv(V(scale) * pt * (log_pt - log_ps - V(kl)), V(0), pt == V(0));
   }
 };
-
-template <typename acc_t, typename s_t, typename t_t>
-Stats<acc_t> rows_pass1(const s_t* s, const t_t* t, int64_t C, acc_t inv_t, ExpCache<acc_t>* cache) {
-  using V = Vec<acc_t>;
-  constexpr int64_t L = V::size();
-  constexpr int64_t kBlock = kRowBlock;
-  constexpr acc_t ninf = neg_inf<acc_t>();
-  const V vinv(inv_t), vzero(0);
-  V za(0), zb(0), w(0);
-  acc_t ma = ninf, mb = ninf, sa = 0, sb = 0;
-  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-    const int64_t c1 = std::min(C, c0 + kBlock);
-    const int64_t cv = c0 + (c1 - c0) / L * L;
-    // Block maxima of the raw logits (NaN-propagating): the shifts are raw, scaled after.
-    V bma(ninf), bmb(ninf);
-    for (int64_t c = c0; c < cv; c += L) {
-      bma = at::vec::maximum(bma, load_vec<acc_t>(s + c));
-      bmb = at::vec::maximum(bmb, load_vec<acc_t>(t + c));
-    }
-    if (cv < c1) {
-      bma = at::vec::maximum(bma, load_vec_n<acc_t>(s + cv, c1 - cv, ninf));
-      bmb = at::vec::maximum(bmb, load_vec_n<acc_t>(t + cv, c1 - cv, ninf));
-    }
-    const acc_t nma = nan_max(ma, hmax(bma));
-    const acc_t nmb = nan_max(mb, hmax(bmb));
-    if (!(nma == ma) || !(nmb == mb)) {  // grew, or became NaN
-      const Rescale<acc_t> r = rescale(ma, mb, sa, sb, nma, nmb, inv_t);
-      za = za * V(r.fa);
-      if (r.zero_b) {
-        zb = vzero;
-        w = vzero;
-      } else {
-        w = (w + V(r.delta) * zb) * V(r.fb);
-        zb = zb * V(r.fb);
-      }
-      ma = nma;
-      mb = nmb;
-      sa = r.new_sa;
-      sb = r.new_sb;
-    }
-    acc_t* ea_out = nullptr;
-    acc_t* eb_out = nullptr;
-    if (cache != nullptr) {
-      const int64_t k = c0 / kBlock;
-      cache->shift_a[k] = sa;
-      cache->shift_b[k] = sb;
-      cache->live_a[k] = !(ma == ninf);
-      cache->live_b[k] = !(mb == ninf);
-      ea_out = cache->ea.data();
-      eb_out = cache->eb.data();
-    }
-    const V vsa(sa), vsb(sb);
-    auto step = [&](const V& sv, const V& tv, int64_t c, int64_t n) {
-      const V xa = (sv - vsa) * vinv;
-      const V xb = (tv - vsb) * vinv;
-      const V ea = fast_exp(xa);
-      const V eb = fast_exp(xb);
-      za = za + ea;
-      zb = zb + eb;
-      // Classes with p_t = 0 contribute 0, whatever the student (never 0 * inf = NaN).
-      w = w + V::blendv(vzero, eb * (xb - xa), eb != vzero);
-      if (ea_out != nullptr) {
-        if (n == L) {
-          ea.store(ea_out + c);
-          eb.store(eb_out + c);
-        } else {
-          ea.store(ea_out + c, n);
-          eb.store(eb_out + c, n);
-        }
-      }
-    };
-    for (int64_t c = c0; c < cv; c += L) step(load_vec<acc_t>(s + c), load_vec<acc_t>(t + c), c, L);
-    if (cv < c1) {
-      step(load_vec_n<acc_t>(s + cv, c1 - cv, ninf), load_vec_n<acc_t>(t + cv, c1 - cv, ninf), cv, c1 - cv);
-    }
-  }
-  return finish(ma, mb, sa, sb, hsum(za), hsum(zb), hsum(w));
-}
-
-template <typename acc_t, typename s_t, typename t_t>
-void rows_pass2(const s_t* s, const t_t* t, s_t* gs, t_t* gt, int64_t C, acc_t inv_t, const Stats<acc_t>& st,
-                acc_t scale) {
-  using V = Vec<acc_t>;
-  constexpr int64_t L = V::size();
-  const V vinv(inv_t), vzero(0), vscale(scale), vsa(st.shift_a), vsb(st.shift_b), vlza(st.log_za),
-      vlzb(st.log_zb), vkl(st.kl);
-  auto grads = [&](const V& sv, const V& tv, V& g_s, V& g_t) {
-    const V da = (sv - vsa) * vinv - vlza;  // log p_s
-    const V db = (tv - vsb) * vinv - vlzb;  // log p_t
-    const V pt = db.exp();
-    if (gs != nullptr) g_s = vscale * (da.exp() - pt);
-    if (gt != nullptr) g_t = V::blendv(vscale * pt * (db - da - vkl), vzero, pt == vzero);
-  };
-  const int64_t cv = C / L * L;
-  V g_s, g_t;
-  for (int64_t c = 0; c < cv; c += L) {
-    grads(load_vec<acc_t>(s + c), load_vec<acc_t>(t + c), g_s, g_t);
-    if (gs != nullptr) store_vec(g_s, gs + c);
-    if (gt != nullptr) store_vec(g_t, gt + c);
-  }
-  if (cv < C) {
-    grads(load_vec_n<acc_t>(s + cv, C - cv), load_vec_n<acc_t>(t + cv, C - cv), g_s, g_t);
-    if (gs != nullptr) store_vec_n(g_s, gs + cv, C - cv);
-    if (gt != nullptr) store_vec_n(g_t, gt + cv, C - cv);
-  }
-}
-
-// Pass 2 of the student gradient from pass 1's exponentials (ExpCache), when every shift and
-// normaliser is finite (otherwise rows_pass2 recomputes, with the NaN/inf rules of the arithmetic):
-//   grad_s = gs·T·(e^{x_a}·e^{(m_a,k - m_a)/T}/Z_a - e^{x_b}·e^{(m_b,k - m_b)/T}/Z_b)  over block k.
-// Equal inputs still give exactly 0: both sides then round the same way.
-template <typename acc_t, typename s_t>
-void rows_pass2_cached(s_t* gs, int64_t C, acc_t inv_t, const Stats<acc_t>& st, acc_t scale,
-                       const ExpCache<acc_t>& cache) {
-  using V = Vec<acc_t>;
-  constexpr int64_t L = V::size();
-  const acc_t* ea = cache.ea.data();
-  const acc_t* eb = cache.eb.data();
-  for (int64_t c0 = 0, k = 0; c0 < C; c0 += kRowBlock, ++k) {
-    const int64_t c1 = std::min(C, c0 + kRowBlock);
-    const int64_t cv = c0 + (c1 - c0) / L * L;
-    const acc_t fa = cache.live_a[k] ? scale * std::exp((cache.shift_a[k] - st.shift_a) * inv_t - st.log_za) : acc_t(0);
-    const acc_t fb = cache.live_b[k] ? scale * std::exp((cache.shift_b[k] - st.shift_b) * inv_t - st.log_zb) : acc_t(0);
-    const V vfa(fa), vfb(fb), vzero(0);
-    // Both products rounded before the subtraction: the compiler may not contract one of them into
-    // an FMA with it (x·a − round(x·b) ≠ 0 for a = b), which would lose the exact 0 of equal inputs.
-    auto grad = [&](const V& xa, const V& xb) { return at::vec::fmadd(xa, vfa, vzero) - at::vec::fmadd(xb, vfb, vzero); };
-    for (int64_t c = c0; c < cv; c += L) store_vec(grad(V::loadu(ea + c), V::loadu(eb + c)), gs + c);
-    if (cv < c1) store_vec_n(grad(V::loadu(ea + cv, c1 - cv), V::loadu(eb + cv, c1 - cv)), gs + cv, c1 - cv);
-  }
-}
-
-template <typename acc_t>
-inline bool all_finite(const Stats<acc_t>& st) {
-  return std::isfinite(st.shift_a) && std::isfinite(st.shift_b) && std::isfinite(st.log_za) &&
-         std::isfinite(st.log_zb);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Scalar fallback: any strides.
@@ -306,7 +154,7 @@ Stats<acc_t> scalar_pass1(const s_t* s, int64_t s_sc, const t_t* t, int64_t t_sc
     const acc_t b = static_cast<acc_t>(t[c * t_sc]);
     if (!(a <= ma) || !(b <= mb)) {  // a new maximum, or a NaN
       const acc_t nma = nan_max(ma, a), nmb = nan_max(mb, b);
-      const Rescale<acc_t> r = rescale(ma, mb, sa, sb, nma, nmb, inv_t);
+      const row::Rescale<acc_t> r = row::rescale(ma, mb, sa, sb, nma, nmb, inv_t);
       za *= r.fa;
       if (r.zero_b) {
         zb = 0;
@@ -502,11 +350,12 @@ void kd_loss_rows_impl(const at::Tensor& student, const at::Tensor& teacher, con
   }
 
   // The student-gradient pass reuses pass 1's exponentials (rows layout; a teacher gradient
-  // needs log p_s and log p_t of every class, so it re-reads the logits in rows_pass2).
+  // needs log p_s and log p_t of every class, so it re-reads the logits).
   const bool reuse_exps = rows_ok && student_grad && !teacher_grad;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1));
+  const KlPolicy<acc_t> policy{scale};
   at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
-    ExpCache<acc_t> cache;
+    row::ExpCache<acc_t> cache;
     if (reuse_exps) cache.resize(C);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t o = p / I, i = p % I;
@@ -516,19 +365,21 @@ void kd_loss_rows_impl(const at::Tensor& student, const at::Tensor& teacher, con
       t_t* gt = teacher_grad ? GT.at(o, i) : nullptr;
       const bool keep = mask == nullptr || mask[p];
       if (rows_ok) {
-        Stats<acc_t> st{};
-        if (keep) st = rows_pass1<acc_t>(s, t, C, inv_t, reuse_exps ? &cache : nullptr);
-        if (!keep || !st.has_dist) {
+        row::RowStats<acc_t, 1> st{};
+        if (keep) st = row::walk_row(policy, s, t, C, inv_t, reuse_exps ? &cache : nullptr);
+        if (!keep || !st.has_dist()) {
           loss_p[p] = acc_t(0);
           zero_strided(gs, GS.sc, C);
           zero_strided(gt, GT.sc, C);
           continue;
         }
-        loss_p[p] = t2 * st.kl;
-        if (reuse_exps && all_finite(st)) {
-          rows_pass2_cached<acc_t>(gs, C, inv_t, st, scale, cache);
+        KlPolicy<acc_t> row_policy = policy;
+        row_policy.kl = kl_of(st.max_a, st.max_b, st.log_za, st.log_zb, st.z_b, st.terms[0]);
+        loss_p[p] = t2 * row_policy.kl;
+        if (reuse_exps && st.finite()) {
+          row::student_grad_from_cache(row_policy, gs, C, inv_t, st, cache);
         } else if (gs != nullptr || gt != nullptr) {
-          rows_pass2<acc_t>(s, t, gs, gt, C, inv_t, st, scale);
+          row::grads_from_logits(row_policy, s, t, gs, gt, C, inv_t, st);
         }
       } else {
         // The scalar fallback sums one term at a time: in double, whatever acc_t, to keep fp32

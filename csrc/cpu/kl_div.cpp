@@ -7,10 +7,10 @@
 // Gradients are multiplied by grad_scale. With reduce, the loss is one partial sum per fixed chunk
 // of kChunk flattened elements (independent of the thread count), so the caller's sum repeats bit
 // for bit; an empty input gives one zero.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>

@@ -13,10 +13,11 @@
 // With reduce, the loss is one partial sum per fixed chunk of kChunk elements (independent of the
 // thread count), so the caller's torch.sum repeats bit for bit; otherwise it is elementwise, with
 // the student's strides.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <algorithm>
 #include <vector>

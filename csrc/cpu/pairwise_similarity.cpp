@@ -15,8 +15,14 @@
 // (B, N, C) in the accumulation dtype plus one tile of D and of the gradient per thread. The
 // per-unit partial sums are fixed by the tiling, not by the thread count, and are summed in order:
 // repeatable bit for bit.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
@@ -45,7 +51,7 @@ acc_t sum_of_squares(const at::Tensor& tile) {  // tile: contiguous, fresh from 
 std::pair<at::Tensor, at::Tensor> unit_rows(const at::Tensor& feat, at::ScalarType acc) {
   at::Tensor f = feat.to(acc);
   at::Tensor inv_norm = at::linalg_vector_norm(f, 2, {-1}, /*keepdim=*/true).add_(1e-8).reciprocal_();
-  return {(f * inv_norm).contiguous(), inv_norm};
+  return {f.mul(inv_norm).contiguous(), inv_norm};
 }
 
 template <typename acc_t>

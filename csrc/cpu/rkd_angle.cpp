@@ -17,8 +17,14 @@
 // Work unit = one anchor. Its own rows go to a per-thread gradient buffer (rows i of other anchors
 // collide), summed afterwards. Memory: E_j and its gradient (B x D) plus one kTile x kTile tile of
 // G per thread, and one (B, D) buffer per thread.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
@@ -55,7 +61,7 @@ struct AnchorRows {
 };
 
 AnchorRows anchor_rows(const at::Tensor& emb, int64_t j) {
-  at::Tensor x = emb - emb[j];
+  at::Tensor x = emb.sub(emb.select(0, j));
   at::Tensor norm = at::linalg_vector_norm(x, 2, {-1}, /*keepdim=*/true);
   return {x.div_(norm.clamp_min(kNormalizeEps)), norm};
 }
@@ -63,9 +69,9 @@ AnchorRows anchor_rows(const at::Tensor& emb, int64_t j) {
 // dL/dx_ij from dL/de_ij (g, overwritten) through e = x / max(|x|, eps).
 void normalize_backward_(at::Tensor& g, const AnchorRows& rows) {
   const at::Tensor clamped = rows.norm.clamp_min(kNormalizeEps);
-  const at::Tensor projection = (rows.unit * g).sum(-1, /*keepdim=*/true);
-  const at::Tensor radial = at::where(rows.norm > kNormalizeEps, projection, at::zeros_like(projection));
-  g.sub_(rows.unit * radial).div_(clamped);
+  const at::Tensor projection = rows.unit.mul(g).sum(-1, /*keepdim=*/true);
+  const at::Tensor radial = at::where(rows.norm.gt(kNormalizeEps), projection, at::zeros_like(projection));
+  g.sub_(rows.unit.mul(radial)).div_(clamped);
 }
 
 template <typename acc_t>

@@ -35,12 +35,32 @@ constexpr acc_t neg_inf() {
 // exp in the accumulation type: the polynomial exp_u20 (≤ 20 ulp, ~1e-6 relative: far below the
 // fp32 accumulation error of a row sum) for float, where exp is most of a softmax kernel's work;
 // libm-grade exp for double, which gradcheck relies on. Both give exactly 0 for −inf; exp_u20 also
-// gives 0 below log(FLT_MIN) (no subnormals) and does NOT propagate NaN (it clamps): callers that
-// may see NaN arguments make their results NaN some other way.
+// gives 0 below log(FLT_MIN) (no subnormals) and need not propagate NaN (exp_u20 clamps it; the
+// AVX-512 variant below keeps it): callers that may see NaN arguments make their results NaN some
+// other way.
 template <typename acc_t>
 inline Vec<acc_t> fast_exp(const Vec<acc_t>& x) {
   if constexpr (std::is_same_v<acc_t, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    // exp_u20's range reduction and polynomial (same coefficients, same accuracy), with the 2^n
+    // step as one vscalefps instead of exp_u20's convert / shift / multiply sequence: about 11
+    // instructions instead of 20, and the softmax sweeps evaluate two exponentials per element.
+    // n = floor(x·log2(e) + ½), r = x − n·ln 2, e^x = 2^n·p(r), p(0) = 1 exactly (so e^0 = 1);
+    // x < log(FLT_MIN) (−inf included) gives exactly 0, as exp_u20.
+    const __m512 v = x;
+    const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(v, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), v);
+    __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
+    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
+    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
+    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
+    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f));
+    const __mmask16 normal = _mm512_cmp_ps_mask(v, _mm512_castsi512_ps(_mm512_set1_epi32(0xc2aeac50)), _CMP_NLT_UQ);  // NaN kept
+    return Vec<float>(_mm512_maskz_scalef_ps(normal, p, n));
+#else
     return x.exp_u20();
+#endif
   } else {
     return x.exp();
   }

@@ -3,15 +3,17 @@
 //
 // Two layouts of the (outer, classes, inner) views, both vectorised with at::vec and split over
 // threads with at::parallel_for:
-//   * rows (classes contiguous): one position at a time, vectors along the classes;
+//   * rows (classes contiguous): one position at a time, vectors along the classes, by the shared
+//     two-distribution row walker (two_distribution_row.h) with WeightedCePolicy below: each logit
+//     read once and each exponential evaluated once (the student gradient alone is a rescale of
+//     pass 1's cached exponentials);
 //   * channels (any other strides; dense N,C,H,W maps): Vec::size() neighbouring positions at a
-//     time, one lane per position, looping over the classes.
-// Each position's logits are read from memory once: converted to the accumulation type (float, or
-// double when an input is double) into a per-thread buffer that stays in cache, then the maxima,
-// the exponentials and the gradients are passes over that buffer.
+//     time, one lane per position, looping over the classes; each position's logits are converted
+//     once into a per-thread buffer that stays in cache, and the maxima, the exponentials and the
+//     gradients are passes over that buffer.
 //
-// With x = a − max(a) (a = s/T, b = t/T), e_b = exp(b − max(b)):
-//   ℓ = S·log Σ exp(x) − Σ w e_b x / Σ e_b,   S = Σ w e_b / Σ e_b,
+// With x = (s − max s)/T, e_a = exp(x), e_b = exp((t − max t)/T):
+//   ℓ = S·log Σ e_a − Σ w e_b x / Σ e_b,   S = Σ w e_b / Σ e_b,
 // two non-negative terms, so large logits lose no precision. Classes with w·p_t = 0 are selected
 // out (not multiplied by 0), so a −inf student logit there gives 0, not NaN.
 #include <ATen/Dispatch.h>
@@ -19,17 +21,17 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../kdkernels.h"
 #include "dispatch.h"
 #include "gradient_buffer.h"
+#include "two_distribution_row.h"
 #include "vec_utils.h"
 
 namespace kdkernels {
@@ -74,103 +76,101 @@ void zero_strided(scalar_t* p, int64_t n, int64_t stride) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Rows: classes contiguous in student, teacher and both gradients.
+// Rows: classes contiguous in student, teacher and both gradients. The shared walker
+// (two_distribution_row.h) with cross terms WS = Σ w e_b and ACC = Σ w e_b x_a, x_a = (s − m_s)/T.
+template <typename acc_t>
+struct WeightedCePolicy {
+  using V = Vec<acc_t>;
+  static constexpr int kTerms = 2;
+  const acc_t* weight;  // padded with zeros to whole vectors; nullptr = all ones
+  acc_t coef;           // grad_scale / T
+  acc_t mass = 0;       // the row's S = Σ w p_t
+  acc_t loss = 0;       // the row's ℓ
+
+  V weight_at(int64_t c) const { return weight != nullptr ? V::loadu(weight + c) : V(acc_t(1)); }
+  void accumulate(V* terms, const V& xa, const V& /*xb*/, const V& /*ea*/, const V& eb, int64_t c) const {
+    const V we = weight != nullptr ? V::loadu(weight + c) * eb : eb;
+    terms[0] = terms[0] + we;
+    // Classes with w·p_t = 0 are selected out: a −inf student logit there gives 0, not NaN.
+    terms[1] = terms[1] + we * V::blendv(V(0), xa, we > V(0));
+  }
+  static void rescale(V* terms, const row::Rescale<acc_t>& r, const V& /*zb*/) {
+    if (r.zero_b) {
+      terms[0] = V(0);
+      terms[1] = V(0);
+    } else {
+      terms[1] = (terms[1] + V(r.da) * terms[0]) * V(r.fb);
+      terms[0] = terms[0] * V(r.fb);
+    }
+  }
+  // grad_s = (S·p_s − w·p_t)·grad_scale/T
+  struct StudentGrad {
+    V fa, fb;
+    const acc_t* weight;
+    V operator()(const V& ea, const V& eb, int64_t c) const {
+      const V wp_t = weight != nullptr ? eb * fb * V::loadu(weight + c) : eb * fb;
+      return ea * fa - wp_t;
+    }
+  };
+  StudentGrad student_grad_block(acc_t fa, acc_t fb) const { return {V(coef * mass * fa), V(coef * fb), weight}; }
+  //   grad_s = (S·p_s − w·p_t)·gs/T,  grad_t = −p_t·(ℓ + w·log p_s)·gs/T
+  void grads(const V& log_ps, const V& log_pt, int64_t c, V* g_s, V* g_t) const {
+    const V zero(0), vcoef(coef);
+    const V wv = weight_at(c);
+    const V p_t = log_pt.exp();
+    const V wp_t = wv * p_t;
+    if (g_s != nullptr) *g_s = (log_ps.exp() * V(mass) - wp_t) * vcoef;
+    if (g_t != nullptr) {
+      const V w_log_p_s = wv * V::blendv(zero, log_ps, wp_t > zero);
+      // p_t != 0 (not > 0): a NaN p_t keeps its NaN gradient.
+      *g_t = V::blendv(zero, zero - vcoef * p_t * (V(loss) + w_log_p_s), p_t != zero);
+    }
+  }
+};
+
 template <typename s_t, typename t_t, typename acc_t>
 void rows_kernel(const Problem<s_t, t_t, acc_t>& p) {
   constexpr int64_t V = Vec<acc_t>::size();
   const int64_t C = p.classes;
   const int64_t padded = (C + V - 1) / V * V;
-  // Weights padded with zeros to whole vectors, so the passes below need no tail handling.
+  // Weights padded with zeros to whole vectors: the tail vector reads no memory past them.
   std::vector<acc_t> weight(p.weight ? padded : 0, acc_t(0));
   if (p.weight) std::copy(p.weight, p.weight + C, weight.begin());
-  const acc_t* w = p.weight ? weight.data() : nullptr;
+  const WeightedCePolicy<acc_t> policy{p.weight ? weight.data() : nullptr, p.grad_coef};
+  const acc_t inv_t = p.inv_temperature;
   const int64_t positions = p.outer * p.inner;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / C);
+  // The student gradient alone reuses pass 1's exponentials; a teacher gradient re-reads the logits.
+  const bool reuse_exps = p.grad_student != nullptr && p.grad_teacher == nullptr;
 
   at::parallel_for(0, positions, grain, [&](int64_t begin, int64_t end) {
-    // a: scaled student logits; ea / eb: exp(a − max a), exp(b − max b). Padding lanes hold −inf / 0.
-    std::vector<acc_t> buffer(3 * padded);
-    acc_t* a = buffer.data();
-    acc_t* ea = a + padded;
-    acc_t* eb = ea + padded;
-    const Vec<acc_t> zero(acc_t(0)), inv_t(p.inv_temperature), minus_inf(neg_inf<acc_t>());
+    row::ExpCache<acc_t> cache;
+    if (reuse_exps) cache.resize(C);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r / p.inner, i = r % p.inner;
       const s_t* s = p.student + o * p.s[0] + i * p.s[2];
       const t_t* t = p.teacher + o * p.t[0] + i * p.t[2];
       s_t* gs = p.grad_student ? p.grad_student + o * p.gs[0] + i * p.gs[2] : nullptr;
       t_t* gt = p.grad_teacher ? p.grad_teacher + o * p.gt[0] + i * p.gt[2] : nullptr;
-
-      acc_t m_b = neg_inf<acc_t>(), m_a = neg_inf<acc_t>();
       const bool counted = p.mask == nullptr || p.mask[r];
-      if (counted) {
-        Vec<acc_t> vm_a = minus_inf, vm_b = minus_inf;
-        int64_t c = 0;
-        for (; c + V <= C; c += V) {
-          const Vec<acc_t> va = load_vec<acc_t>(s + c) * inv_t, vb = load_vec<acc_t>(t + c) * inv_t;
-          va.store(a + c);
-          vb.store(eb + c);
-          vm_a = at::vec::maximum(vm_a, va);
-          vm_b = at::vec::maximum(vm_b, vb);
-        }
-        if (c < C) {
-          const Vec<acc_t> va = load_vec_n<acc_t>(s + c, C - c, neg_inf<acc_t>()) * inv_t;
-          const Vec<acc_t> vb = load_vec_n<acc_t>(t + c, C - c, neg_inf<acc_t>()) * inv_t;
-          va.store(a + c);
-          vb.store(eb + c);
-          vm_a = at::vec::maximum(vm_a, va);
-          vm_b = at::vec::maximum(vm_b, vb);
-        }
-        m_a = hmax(vm_a);
-        m_b = hmax(vm_b);
-      }
-      if (m_b == neg_inf<acc_t>()) {  // masked out, or no teacher distribution (NaN propagates)
+      row::RowStats<acc_t, 2> st{};
+      if (counted) st = row::walk_row(policy, s, t, C, inv_t, reuse_exps ? &cache : nullptr);
+      if (!counted || !st.has_dist()) {  // masked out, or no teacher distribution (NaN propagates)
         p.loss[r] = acc_t(0);
         if (gs) zero_strided(gs, C, 1);
         if (gt) zero_strided(gt, C, 1);
         continue;
       }
-
-      const Vec<acc_t> shift_a(m_a != neg_inf<acc_t>() ? m_a : acc_t(0)), shift_b(m_b);
-      Vec<acc_t> z_a = zero, z_b = zero, ws = zero, acc = zero;
-      for (int64_t c = 0; c < padded; c += V) {
-        const Vec<acc_t> x = Vec<acc_t>::loadu(a + c) - shift_a;
-        const Vec<acc_t> e_a = fast_exp(x);
-        const Vec<acc_t> e_b = fast_exp(Vec<acc_t>::loadu(eb + c) - shift_b);
-        e_a.store(ea + c);
-        e_b.store(eb + c);
-        z_a += e_a;
-        z_b += e_b;
-        const Vec<acc_t> we = w ? Vec<acc_t>::loadu(w + c) * e_b : e_b;
-        ws += we;
-        acc += we * Vec<acc_t>::blendv(zero, x, we > zero);
-      }
-      // A NaN logit (m_a NaN) makes Z_a NaN whatever exp_u20 returns for NaN: the row is NaN.
-      const acc_t sum_a = m_a == m_a ? hsum(z_a) : m_a, sum_b = hsum(z_b);
-      const acc_t mass = hsum(ws) / sum_b;  // S = Σ w p_t
-      const acc_t log_z_a = std::log(sum_a);
-      const acc_t loss = mass * log_z_a - hsum(acc) / sum_b;
-      p.loss[r] = loss;
-      if (!gs && !gt) continue;
-
-      const Vec<acc_t> coef(p.grad_coef), inv_z_b(acc_t(1) / sum_b), mass_over_z_a(mass / sum_a);
-      const Vec<acc_t> lse_a = shift_a + Vec<acc_t>(log_z_a), vloss(loss);
-      for (int64_t c = 0; c < C; c += V) {
-        const int64_t n = std::min<int64_t>(V, C - c);
-        const Vec<acc_t> wv = w ? Vec<acc_t>::loadu(w + c) : Vec<acc_t>(acc_t(1));
-        const Vec<acc_t> p_t = Vec<acc_t>::loadu(eb + c) * inv_z_b;
-        const Vec<acc_t> wp_t = wv * p_t;
-        if (gs) {
-          const Vec<acc_t> g = (Vec<acc_t>::loadu(ea + c) * mass_over_z_a - wp_t) * coef;
-          n == V ? store_vec<s_t>(g, gs + c) : store_vec_n<s_t>(g, gs + c, n);
-        }
-        if (gt) {
-          const Vec<acc_t> log_p_s = Vec<acc_t>::loadu(a + c) - lse_a;
-          const Vec<acc_t> w_log_p_s = wv * Vec<acc_t>::blendv(zero, log_p_s, wp_t > zero);
-          // p_t != 0 (not > 0): a NaN p_t keeps its NaN gradient.
-          const Vec<acc_t> g = Vec<acc_t>::blendv(zero, zero - coef * p_t * (vloss + w_log_p_s), p_t != zero);
-          n == V ? store_vec<t_t>(g, gt + c) : store_vec_n<t_t>(g, gt + c, n);
-        }
+      WeightedCePolicy<acc_t> row_policy = policy;
+      row_policy.mass = st.terms[0] / st.z_b;  // S = Σ w p_t
+      // ℓ = S·log Z_a − Σ w e_b x_a / Z_b: two non-negative terms. A NaN or +inf logit: NaN.
+      row_policy.loss = st.nonfinite_max() ? std::numeric_limits<acc_t>::quiet_NaN()
+                                           : row_policy.mass * st.log_za - st.terms[1] / st.z_b;
+      p.loss[r] = row_policy.loss;
+      if (reuse_exps && st.finite()) {
+        row::student_grad_from_cache(row_policy, gs, C, inv_t, st, cache);
+      } else if (gs || gt) {
+        row::grads_from_logits(row_policy, s, t, gs, gt, C, inv_t, st);
       }
     }
   });
