@@ -1,6 +1,7 @@
 """Small helpers shared by the test files."""
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "") -> None:
@@ -12,3 +13,19 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtyp
     scale = expected.abs().max().clamp_min(1.0)
     err = (actual - expected).abs().max() / scale
     assert err <= tol, f"{name}: max error {err:.3e} (relative to {scale:.3e}) > {tol:.1e}"
+
+
+class RecordOps(TorchDispatchMode):
+    """Records every op that reaches the dispatcher (``.ops``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that read a tensor's value on the host: a device synchronisation on a GPU.
+HOST_SYNC_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::item"}
