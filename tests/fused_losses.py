@@ -282,7 +282,7 @@ LOSSES = [
     LossRow("kl_div", KL_DIV, ("rows", "short", "long", "strided"), _kl_case, _kl_call, _kl_reference, False, False,
             keeps_input_dtype=True),
     LossRow("margin_partial_l2", MARGIN_PARTIAL_L2, ("nchw", "channels_last", "tokens", "long"),
-            _margin_case, _margin_call, _margin_reference, False, False,
+            _margin_case, _margin_call, _margin_reference, False, False, dtype_layouts=("nchw", "channels_last", "tokens"),
             host_reads="checks the values of CPU margins (free on a CPU; skipped on other devices)"),
     LossRow("bounded_regression", BOUNDED_REGRESSION, ("rows", "short", "long"),
             _bounded_case, _bounded_call, _bounded_reference, False, True),

@@ -5,7 +5,7 @@ whose rules are written there)."""
 import pytest
 import torch
 
-from tests.fused_losses import BACKEND_PARAMS, BY_NAME, LONG, LOSSES, element_at_position, first_masked_out, loss_and_grads, make_case
+from tests.fused_losses import BACKEND_PARAMS, BY_NAME, LOSSES, element_at_position, first_masked_out, loss_and_grads, make_case
 
 ALL = BACKEND_PARAMS
 GRID = [(loss.name, layout) for loss in LOSSES if loss.nan_rules for layout in loss.layouts]
