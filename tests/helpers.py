@@ -1,6 +1,11 @@
 """Small helpers shared by the test files."""
 
+import json
+import os
+import tempfile
+
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -29,3 +34,22 @@ class RecordOps(TorchDispatchMode):
 
 # Ops that read a tensor's value on the host: a device synchronisation on a GPU.
 HOST_SYNC_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::item"}
+
+
+def peak_extra_bytes(run) -> int:
+    """Highest ``Total Allocated`` of the CPU allocator during ``run()`` above the level before it,
+    from the torch profiler's allocator events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    finally:
+        os.remove(path)
+    events = [a for a in events if a.get("Device Type", 0) == 0]
+    assert events, "the profiler recorded no allocation"
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(a["Total Allocated"] for a in events) - start

@@ -6,8 +6,9 @@ Clauses: values and gradients equal the float64 reference on every backend, layo
 mask and dtype; inputs that do not require grad get none; gradcheck in float64; ``opcheck`` of
 the op and of the extension's kernel op; ``torch.compile(fullgraph=True)`` equals eager;
 bitwise repeatable; ``retain_graph`` repeats the gradient and ``grad_output`` scales it; the
-fused backward allocates no more than the gradient and copies nothing; the forward reads no
-tensor value on the host; double backward equals the torch backend's. The GPU variants (marked
+fused backward allocates no more than the gradient and copies nothing; autocast does not lower
+the fused precision; the forward reads no tensor value on the host; double backward equals the
+torch backend's. The GPU variants (marked
 ``gpu``) run the same clauses on CUDA tensors with the ``triton`` and ``cuda`` backends.
 
 Per-loss files keep what only that loss has (its math edge cases, layouts, module, API errors);
@@ -18,19 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
-import tempfile
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import kdkernels
 from kdkernels.ops.fused_loss import FusedLoss
 from tests.fused_losses import BY_NAME, LOSSES, Case, loss_and_grads, make_case
-from tests.helpers import HOST_SYNC_OPS, RecordOps, assert_close_to_reference
+from tests.helpers import HOST_SYNC_OPS, RecordOps, assert_close_to_reference, peak_extra_bytes
 
 FP = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -384,25 +382,6 @@ def test_retain_graph_repeats_and_grad_output_scales(name, backend):
         torch.testing.assert_close(a, 3.0 * c)
 
 
-def peak_extra_bytes(run) -> int:
-    """Highest ``Total Allocated`` of the CPU allocator during ``run()`` above the level before it,
-    from the torch profiler's allocator events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
-    finally:
-        os.remove(path)
-    events = [a for a in events if a.get("Device Type", 0) == 0]
-    assert events, "the profiler recorded no allocation"
-    start = events[0]["Total Allocated"] - events[0]["Bytes"]
-    return max(a["Total Allocated"] for a in events) - start
-
-
 @pytest.mark.parametrize("name,backend", grid(lambda row: [()], ("cpu",)))
 def test_memory_is_the_gradient(name, backend):
     """Forward + backward take the gradient's memory and a per-position loss, nothing input-sized
@@ -431,6 +410,23 @@ def test_memory_is_the_gradient(name, backend):
     # (backward() itself fills the one-element grad_output with 1)
     big = [(e.name, e.input_shapes) for e in prof.events() if e.name in copies and any(math.prod(s) > 1 for s in e.input_shapes)]
     assert not big, big
+
+
+@pytest.mark.parametrize("name,backend", grid(lambda row: [()], ("cpu", "triton")))
+def test_autocast_does_not_lower_the_fused_precision(name, backend):
+    # (the torch backend's eager formula follows autocast: its matmuls run in bf16)
+    row = BY_NAME[name]
+    case = make_case(row, row.layouts[0])
+    results = []
+    for autocast in (False, True):
+        leaves = case.leaves()
+        with kdkernels.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = row.call(leaves, case, _reducing(row))
+        results.append((loss, *torch.autograd.grad(loss.sum(), leaves[: case.n_diff])))
+    assert results[1][0].dtype == results[0][0].dtype == torch.float32
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-7)
+    for cast, plain in zip(results[1][1:], results[0][1:]):
+        torch.testing.assert_close(cast, plain, rtol=1e-5, atol=1e-7)
 
 
 SYNC_FREE = [row for row in LOSSES if row.host_reads is None]
