@@ -8,8 +8,8 @@ the op and of the extension's kernel op; ``torch.compile(fullgraph=True)`` equal
 bitwise repeatable; ``retain_graph`` repeats the gradient and ``grad_output`` scales it; the
 fused backward allocates no more than the gradient and copies nothing; autocast does not lower
 the fused precision; the forward reads no tensor value on the host; double backward equals the
-torch backend's. The GPU variants (marked
-``gpu``) run the same clauses on CUDA tensors with the ``triton`` and ``cuda`` backends.
+torch backend's. The GPU variants (marked ``gpu``) run opcheck, compile and peak memory on CUDA
+tensors with the ``triton`` and ``cuda`` backends.
 
 Per-loss files keep what only that loss has (its math edge cases, layouts, module, API errors);
 bad inputs are the table of ``test_bad_inputs_contract.py``.
@@ -29,9 +29,6 @@ import kdkernels
 from kdkernels.ops.fused_loss import FusedLoss
 from tests.fused_losses import BY_NAME, LOSSES, Case, loss_and_grads, make_case
 from tests.helpers import HOST_SYNC_OPS, RecordOps, assert_close_to_reference, peak_extra_bytes
-
-FP = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-
 
 def _skip_unless_runnable(backend: str, device: str = "cpu") -> list:
     reason = kdkernels.backends.why_unavailable(backend, device)
@@ -290,21 +287,17 @@ def _opcheck_case(row):
     return make_case(row, _channels_layout(row))
 
 
-@pytest.mark.parametrize("name", [row.name for row in LOSSES])
-def test_opcheck_op_cpu(name, monkeypatch):
+@pytest.mark.parametrize("name,backend", grid(lambda row: [()], ("cpu",)))
+def test_opcheck_op(name, backend, monkeypatch):
     """Schema, fake, autograd registration and AOT dispatch of ``kdkernels::<name>``: every
-    reduction, both grad-flag combinations."""
-    if "cpu" not in kdkernels.backends.available("cpu"):
-        pytest.skip(f"backend 'cpu': {kdkernels.backends.why_unavailable('cpu', 'cpu')}")
+    reduction, both grad-flag combinations, with and without the optional tensors."""
     row = BY_NAME[name]
-    _opcheck_op(row, _opcheck_case(row), "cpu", monkeypatch)
+    _opcheck_op(row, _opcheck_case(row), backend, monkeypatch)
 
 
-@pytest.mark.parametrize("name", [row.name for row in LOSSES])
-def test_opcheck_kernel_op_cpu(name, monkeypatch):
+@pytest.mark.parametrize("name,backend", grid(lambda row: [()], ("cpu",)))
+def test_opcheck_kernel_op(name, backend, monkeypatch):
     """The extension's ``kdkernels::<kernel_name>``: schema and fake against the CPU kernel."""
-    if "cpu" not in kdkernels.backends.available("cpu"):
-        pytest.skip(f"backend 'cpu': {kdkernels.backends.why_unavailable('cpu', 'cpu')}")
     row = BY_NAME[name]
     _opcheck_kernel(row, _opcheck_case(row), monkeypatch)
 
