@@ -1,10 +1,11 @@
-"""One table of the five fused losses, for the tests that apply to all of them (NaN/inf rules,
-higher-order autograd, float64 precision, version counters).
+"""One table of the seven fused losses, for the tests that apply to all of them (the contract in
+``test_fused_loss_contract.py``, NaN/inf rules, higher-order autograd, version counters).
 
-Each :class:`FusedLoss` knows how to make inputs in each of its layouts, how to call the public
-function, and the float64 reference (``kdkernels.ops.reference``, where the non-finite rules are
-written down). A :class:`Case` is one set of inputs: the differentiable tensors, the constants, and
-where its positions / classes are, so a test can put a NaN or an inf at a chosen place.
+Each :class:`LossRow` knows its declaration (``kdkernels.ops.<name>``'s :class:`FusedLoss`), how to
+make inputs in each of its layouts, how to call the public function, and the float64 reference
+(``kdkernels.ops.reference``, where the non-finite rules are written down). A :class:`Case` is one
+set of inputs: the differentiable tensors, the constants, and where its positions / classes are,
+so a test can put a NaN or an inf at a chosen place.
 """
 
 from __future__ import annotations
@@ -17,11 +18,21 @@ import torch
 import kdkernels
 from tests.conftest import backend_params
 import kdkernels.functional as KF
+from kdkernels.ops.bounded_regression import BOUNDED_REGRESSION
+from kdkernels.ops.fused_loss import FusedLoss
+from kdkernels.ops.kd_loss import KD_LOSS
+from kdkernels.ops.kl_div import KL_DIV
+from kdkernels.ops.margin_partial_l2 import MARGIN_PARTIAL_L2
+from kdkernels.ops.pairwise_similarity import PAIRWISE_SIMILARITY
 from kdkernels.ops.reference.bounded_regression import bounded_regression_reference
 from kdkernels.ops.reference.kd_loss import kd_loss_reference
 from kdkernels.ops.reference.kl_div import kl_div_reference
 from kdkernels.ops.reference.margin_partial_l2 import margin_partial_l2_reference
+from kdkernels.ops.reference.pairwise_similarity import pairwise_similarity_reference
+from kdkernels.ops.reference.rkd_angle import rkd_angle_reference
 from kdkernels.ops.reference.weighted_soft_ce import weighted_soft_ce_reference
+from kdkernels.ops.rkd_angle import RKD_ANGLE
+from kdkernels.ops.weighted_soft_ce import WEIGHTED_SOFT_CE
 
 # Backends to run on this machine (Triton through the interpreter without a GPU).
 BACKENDS = [b for b in ("cpu", "triton", "torch") if b in kdkernels.backends.available("cpu")]
@@ -40,32 +51,54 @@ class Case:
     mask: torch.Tensor | None  # positions shape, or None where the loss takes no mask
     kwargs: dict  # other arguments (temperature, margin, ...)
 
-    def with_dtype(self, dtype) -> "Case":
-        inputs = [x.to(dtype) if x.is_floating_point() else x for x in self.inputs[:2]] + self.inputs[2:]
+    def rounded(self, dtypes) -> "Case":
+        """The same case with every floating input rounded to its dtype in ``dtypes`` (one dtype,
+        or one per input) and kept in float64: the reference then sees what a kernel sees."""
+        dtypes = _per_input(dtypes, len(self.inputs))
+        inputs = [x.to(d).double() if x.is_floating_point() else x for x, d in zip(self.inputs, dtypes)]
         return dataclasses.replace(self, inputs=inputs)
 
     def leaves(self, dtype=None) -> list:
-        """Fresh leaf copies of the inputs (layout kept), differentiable ones requiring grad."""
+        """Fresh leaf copies of the inputs (layout kept), differentiable ones requiring grad;
+        ``dtype``: one for every floating input, or a list with one per input."""
         out = []
-        for k, x in enumerate(self.inputs):
+        for k, (x, d) in enumerate(zip(self.inputs, _per_input(dtype, len(self.inputs)))):
             y = x.detach().clone(memory_format=torch.preserve_format)
-            if dtype is not None and y.is_floating_point():
-                y = y.to(dtype, memory_format=torch.preserve_format)
+            if d is not None and y.is_floating_point():
+                y = y.to(d, memory_format=torch.preserve_format)
             if k < self.n_diff:
                 y.requires_grad_()
             out.append(y)
         return out
 
 
+def _per_input(dtype, n: int) -> list:
+    return list(dtype) if isinstance(dtype, (list, tuple)) else [dtype] * n
+
+
 @dataclasses.dataclass
-class FusedLoss:
+class LossRow:
     name: str
-    layouts: tuple  # names understood by ``make``
-    make: Callable[[str], Case]
+    spec: FusedLoss  # the declaration: ``.op``, ``.kernel_name``, ``.inputs``, ``.differentiable``
+    layouts: tuple  # names understood by ``make``, each a different path through the kernels
+    make: Callable[[str], Case]  # also understands ``large`` and ``tiny``
     call: Callable  # call(inputs, case, reduction) -> loss (the public function)
     reference: Callable  # reference(inputs, case, reduction) -> float64 loss
     softmax: bool  # a position is a whole class vector (kd_loss, weighted_soft_ce)
     has_mask: bool
+    reductions: tuple = ("none", "sum", "mean", "batchmean")  # those the public function takes
+    # The non-finite rules of kdkernels/ops/reference/__init__.py are written for this loss.
+    nan_rules: bool = True
+    # Why torch.autograd.gradcheck cannot hold (None: it must).
+    no_gradcheck: str | None = None
+    # Why the forward reads a tensor value on the host (None: it must not).
+    host_reads: str | None = None
+    # The loss has the inputs' dtype, as torch's (else: fp32, fp64 for fp64 inputs).
+    keeps_input_dtype: bool = False
+    # Layouts for the dtype clause (None: the first and the last).
+    dtype_layouts: tuple | None = None
+    # Scratch memory the CPU kernels may hold besides the gradient, per thread (bytes, of a case).
+    workspace: Callable[[Case], int] = lambda case: 0
 
 
 def _logits(layout: str, g: torch.Generator):
@@ -79,10 +112,16 @@ def _logits(layout: str, g: torch.Generator):
         return r(3, 2), r(3, 2), -1
     if layout == "long":
         return r(2, LONG), r(2, LONG), -1
+    if layout == "large":  # rows split over threads / programs, classes over several blocks
+        return r(16, 3000), r(16, 3000), -1
+    if layout == "tiny":  # gradcheck
+        return r(3, 4, 2), r(3, 4, 2), 1
     if layout == "strided":  # classes with stride 4 (a transposed view)
         return r(7, 4).t(), r(7, 4).t(), -1
     if layout == "nchw":
         return r(2, 5, 3, 2), r(2, 5, 3, 2), 1
+    if layout == "dim0":  # classes outermost
+        return r(5, 3, 2), r(5, 3, 2), 0
     if layout == "channels_last":
         s, t = r(2, 5, 3, 2), r(2, 5, 3, 2)
         return s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last), 1
@@ -120,7 +159,7 @@ def _wsce_case(layout, g):
 
 def _wsce_call(inputs, case, reduction):
     s, t, w = inputs
-    return KF.weighted_soft_ce(s, t, w.to(s.dtype), case.kwargs["temperature"], reduction, case.dim, case.mask)
+    return KF.weighted_soft_ce(s, t, w, case.kwargs["temperature"], reduction, case.dim, case.mask)
 
 
 def _wsce_reference(inputs, case, reduction):
@@ -129,10 +168,13 @@ def _wsce_reference(inputs, case, reduction):
 
 
 def _kl_case(layout, g):
+    if layout == "tiny":  # no exact zero target: the loss is smooth there (gradcheck)
+        x, y = torch.randn(3, 5, generator=g), torch.rand(3, 5, generator=g) + 0.1
+        return Case([x.log_softmax(-1), y], 2, -1, None, {})
     if layout == "strided":
         x, y = torch.randn(7, 4, generator=g).t(), torch.rand(7, 4, generator=g).t()
     else:
-        shape = {"rows": (4, 7), "short": (3,), "long": (2, LONG)}[layout]
+        shape = {"rows": (4, 7), "short": (3,), "long": (2, LONG), "large": (50, 4000)}[layout]
         x, y = torch.randn(*shape, generator=g), torch.rand(*shape, generator=g)
     y[..., 0] = 0.0  # an exactly-zero target: our documented gradient convention
     return Case([x.log_softmax(-1) if x.dim() > 1 else x, y], 2, -1, None, {})
@@ -155,6 +197,11 @@ def _margin_case(layout, g):
         s, t, dim = torch.randn(2, 6, 5, generator=g), torch.randn(2, 6, 5, generator=g), -1
     elif layout == "long":  # more elements than a kernel block
         s, t, dim = torch.randn(2, 3, 40, 40, generator=g), torch.randn(2, 3, 40, 40, generator=g), 1
+    elif layout == "large":  # several chunks of partial sums
+        s, t, dim = torch.randn(3, 5, 37, 41, generator=g), torch.randn(3, 5, 37, 41, generator=g), 1
+    elif layout == "tiny":  # away from the S = T kink (gradcheck)
+        s, t, dim = torch.randn(1, 3, 2, 2, generator=g), torch.randn(1, 3, 2, 2, generator=g), 1
+        s = torch.where((s - t).abs() < 0.05, s + 0.1, s)
     else:
         raise ValueError(layout)
     margin = -torch.rand(s.shape[dim], generator=g)
@@ -172,7 +219,7 @@ def _margin_reference(inputs, case, reduction):
 
 
 def _bounded_case(layout, g):
-    rows, k = {"rows": (6, 4), "short": (3, 1), "long": (3, 4 * 81)}[layout]
+    rows, k = {"rows": (6, 4), "short": (3, 1), "long": (3, 4 * 81), "large": (2100, 4), "tiny": (4, 3)}[layout]
     s, t, y = (torch.randn(rows, k, generator=g) for _ in range(3))
     mask = torch.rand(rows, generator=g) > 0.3
     mask[0] = True
@@ -189,25 +236,74 @@ def _bounded_reference(inputs, case, reduction):
     return bounded_regression_reference(s, t, y, case.kwargs["margin"], reduction, case.mask)
 
 
+def _pairwise_case(layout, g):
+    # (B, Cs, H, W) maps or (B, N, C) nodes; the channel counts differ
+    b, cs, ct, h, w = {"BCHW": (2, 5, 7, 3, 4), "BNC": (2, 6, 3, 5, 7), "large": (2, 8, 6, 10, 10), "tiny": (1, 3, 2, 2, 2)}[layout]
+    s, t = torch.randn(b, cs, h, w, generator=g), torch.randn(b, ct, h, w, generator=g)
+    if layout != "BCHW":  # the maps' pixels as nodes: a (B, N, C) view, channels strided
+        s, t = s.flatten(2).transpose(1, 2), t.flatten(2).transpose(1, 2)
+    if layout == "large":  # contiguous nodes, as the kernels write their gradients
+        s, t = s.contiguous(), t.contiguous()
+    return Case([s, t], 2, -1, None, {})
+
+
+def _pairwise_call(inputs, case, reduction):
+    return KF.pairwise_similarity_loss(inputs[0], inputs[1], reduction)
+
+
+def _nodes(x):
+    return x.flatten(2).transpose(1, 2) if x.dim() == 4 else x
+
+
+def _pairwise_reference(inputs, case, reduction):
+    return pairwise_similarity_reference(_nodes(inputs[0]), _nodes(inputs[1]), reduction)
+
+
+def _rkd_case(layout, g):
+    # (B, Ds) and (B, Dt) embeddings: equal widths, B above one Triton tile with differing widths
+    b, ds, dt = {"rows": (7, 8, 8), "tiles": (37, 5, 19), "large": (40, 8, 6), "tiny": (4, 3, 2)}[layout]
+    return Case([torch.randn(b, ds, generator=g), torch.randn(b, dt, generator=g)], 2, -1, None, {})
+
+
+def _rkd_call(inputs, case, reduction):
+    return KF.rkd_angle_loss(inputs[0], inputs[1])
+
+
+def _rkd_reference(inputs, case, reduction):
+    return rkd_angle_reference(inputs[0], inputs[1])
+
+
+SOFTMAX_LAYOUTS = ("rows", "short", "long", "strided", "nchw", "dim0", "channels_last")
 LOSSES = [
-    FusedLoss("kd_loss", ("rows", "short", "long", "strided", "nchw", "channels_last"),
-              lambda layout, g: _softmax_case(layout, g, temperature=3.0), _kd_call, _kd_reference, True, True),
-    FusedLoss("weighted_soft_ce", ("rows", "short", "long", "strided", "nchw", "channels_last"),
-              _wsce_case, _wsce_call, _wsce_reference, True, True),
-    FusedLoss("kl_div", ("rows", "short", "long", "strided"), _kl_case, _kl_call, _kl_reference, False, False),
-    FusedLoss("margin_partial_l2", ("nchw", "channels_last", "tokens", "long"),
-              _margin_case, _margin_call, _margin_reference, False, False),
-    FusedLoss("bounded_regression", ("rows", "short", "long"),
-              _bounded_case, _bounded_call, _bounded_reference, False, True),
+    LossRow("kd_loss", KD_LOSS, SOFTMAX_LAYOUTS, lambda layout, g: _softmax_case(layout, g, temperature=3.0),
+            _kd_call, _kd_reference, True, True),
+    LossRow("weighted_soft_ce", WEIGHTED_SOFT_CE, SOFTMAX_LAYOUTS, _wsce_case, _wsce_call, _wsce_reference, True, True,
+            host_reads="checks the values of CPU class weights (free on a CPU; skipped on other devices)"),
+    LossRow("kl_div", KL_DIV, ("rows", "short", "long", "strided"), _kl_case, _kl_call, _kl_reference, False, False,
+            keeps_input_dtype=True),
+    LossRow("margin_partial_l2", MARGIN_PARTIAL_L2, ("nchw", "channels_last", "tokens", "long"),
+            _margin_case, _margin_call, _margin_reference, False, False, dtype_layouts=("nchw", "channels_last", "tokens"),
+            host_reads="checks the values of CPU margins (free on a CPU; skipped on other devices)"),
+    LossRow("bounded_regression", BOUNDED_REGRESSION, ("rows", "short", "long"),
+            _bounded_case, _bounded_call, _bounded_reference, False, True),
+    LossRow("pairwise_similarity", PAIRWISE_SIMILARITY, ("BCHW", "BNC"), _pairwise_case, _pairwise_call,
+            _pairwise_reference, False, False, reductions=("none", "sum", "mean"), nan_rules=False,
+            # a tile of student and of teacher similarities, at most 256×256 fp32 (the C++ tile)
+            workspace=lambda case: 2 * 4 * min(case.inputs[0].shape[1] if case.inputs[0].dim() == 3
+                                               else case.inputs[0][0, 0].numel(), 256) ** 2,
+            no_gradcheck="the norms are detached (the official formula): the gradient is by design not the "
+            "derivative of the value; parity with float64 autograd of the formula stands in"),
+    LossRow("rkd_angle", RKD_ANGLE, ("rows", "tiles"), _rkd_case, _rkd_call, _rkd_reference, False, False,
+            reductions=("mean",), nan_rules=False, dtype_layouts=("rows",)),
 ]
 BY_NAME = {loss.name: loss for loss in LOSSES}
 
 
-def make_case(loss: FusedLoss, layout: str, seed: int = 0) -> Case:
+def make_case(loss: LossRow, layout: str, seed: int = 0) -> Case:
     return loss.make(layout, torch.Generator().manual_seed(seed))
 
 
-def loss_and_grads(loss: FusedLoss, case: Case, reduction: str, backend: str | None, dtype=None):
+def loss_and_grads(loss: LossRow, case: Case, reduction: str, backend: str | None, dtype=None):
     """Loss and the gradients of ``sum(loss · w)`` (fixed weights w) w.r.t. the differentiable
     inputs, through ``backend`` (None: the float64 reference)."""
     leaves = case.leaves(torch.float64 if backend is None else dtype)

@@ -1,6 +1,12 @@
 """Small helpers shared by the test files."""
 
+import json
+import os
+import tempfile
+
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "") -> None:
@@ -12,3 +18,38 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtyp
     scale = expected.abs().max().clamp_min(1.0)
     err = (actual - expected).abs().max() / scale
     assert err <= tol, f"{name}: max error {err:.3e} (relative to {scale:.3e}) > {tol:.1e}"
+
+
+class RecordOps(TorchDispatchMode):
+    """Records every op that reaches the dispatcher (``.ops``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that read a tensor's value on the host: a device synchronisation on a GPU.
+HOST_SYNC_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::item"}
+
+
+def peak_extra_bytes(run) -> int:
+    """Highest ``Total Allocated`` of the CPU allocator during ``run()`` above the level before it,
+    from the torch profiler's allocator events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    finally:
+        os.remove(path)
+    events = [a for a in events if a.get("Device Type", 0) == 0]
+    assert events, "the profiler recorded no allocation"
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(a["Total Allocated"] for a in events) - start

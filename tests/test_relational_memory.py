@@ -2,37 +2,15 @@
 CPU memory of a forward + backward, read from the torch profiler's allocator events, stays far
 below one such buffer (and far below what the eager formula takes, measured the same way)."""
 
-import json
-import os
-import tempfile
-
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import kdkernels
 from kdkernels.functional.pairwise_similarity import pairwise_similarity_loss
 from kdkernels.functional.rkd_angle import rkd_angle_loss
+from tests.helpers import peak_extra_bytes
 
 MiB = 1 << 20
-
-
-def peak_extra_bytes(run) -> int:
-    """Highest ``Total Allocated`` of the CPU allocator during ``run()`` above the level before it."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
-    finally:
-        os.remove(path)
-    events = [a for a in events if a.get("Device Type", 0) == 0]
-    assert events, "the profiler recorded no allocation"
-    start = events[0]["Total Allocated"] - events[0]["Bytes"]
-    return max(a["Total Allocated"] for a in events) - start
 
 
 def _fwd_bwd(loss_fn, student, teacher):
