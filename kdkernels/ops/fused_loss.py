@@ -34,6 +34,7 @@ Adding a fused loss: CONTRIBUTING.md lists the files.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 from typing import Callable
@@ -84,26 +85,26 @@ class FusedLoss:
     kernel_backends: tuple[str, ...] = ("triton", "cpu", "cuda")
 
     # ------------------------------------------------------------------ the signature, parsed
-    @property
+    @functools.cached_property
     def kernel_name(self) -> str:
         return self.kernel.__name__
 
-    @property
+    @functools.cached_property  # parsed once: the ops call these on every step
     def _kernel_params(self) -> list[inspect.Parameter]:
         return list(inspect.signature(self.kernel).parameters.values())
 
-    @property
+    @functools.cached_property
     def inputs(self) -> list[inspect.Parameter]:
         """The loss's inputs: the kernel's parameters before ``grad_scale``."""
         params = self._kernel_params
         return params[: [p.name for p in params].index("grad_scale")]
 
-    @property
+    @functools.cached_property
     def differentiable(self) -> list[str]:
         """The inputs that can get a gradient (one ``<input>_grad`` flag each), in order."""
         return [p.name[: -len(_GRAD_SUFFIX)] for p in self._kernel_params if p.name.endswith(_GRAD_SUFFIX)]
 
-    @property
+    @functools.cached_property
     def kernel_reduces(self) -> bool:
         return "reduce" in inspect.signature(self.kernel).parameters
 
@@ -130,9 +131,13 @@ class FusedLoss:
         reduce = bool(rest.pop(0)) if self.kernel_reduces else False
         return inputs, reduce, rest
 
-    def accumulation_dtype(self, inputs: list) -> torch.dtype:
+    @functools.cached_property
+    def _dtype_positions(self) -> list[int]:
         names = [p.name for p in self.inputs]
-        return accumulation_dtype(*(inputs[names.index(n)] for n in self.dtype_inputs))
+        return [names.index(n) for n in self.dtype_inputs]
+
+    def accumulation_dtype(self, inputs: list) -> torch.dtype:
+        return accumulation_dtype(*(inputs[k] for k in self._dtype_positions))
 
     def _kernel_fake(self, *args):
         inputs, reduce, flags = self._split_kernel_args(args)
