@@ -1,7 +1,8 @@
 // Declarations of the CPU entry points of the kernel ops of kdkernels._C (defined in csrc/cpu/*.cpp,
-// registered through csrc/cpu/dispatch.h and csrc/cpu_dispatch.cpp). Schemas live in
-// kdkernels.cpp; the Python side (kdkernels/ops/*.py) documents what each op computes. The CUDA
-// ops need no declaration: each csrc/cuda/<loss>_bindings.cpp defines and registers its own.
+// registered through csrc/cpu/dispatch.h and csrc/cpu_dispatch.cpp). The ops' schemas come from
+// each loss's declaration in kdkernels/ops/<loss>.py (its kernel signature), which also documents
+// what the op computes. The CUDA ops need no declaration: each csrc/cuda/<loss>_bindings.cpp
+// defines and registers its own.
 #pragma once
 
 #include <ATen/core/Tensor.h>
