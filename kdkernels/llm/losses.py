@@ -27,7 +27,7 @@ from numbers import Real
 import torch
 
 from kdkernels._validation import check_int, check_mask, check_reduction, check_temperature, check_tensor
-from kdkernels.ops._reduction import CODES, NONE, SUM
+from kdkernels.ops._reduction import NONE, SUM, reduction_code
 from kdkernels.ops.divergences import DIVERGENCES as DIVERGENCES_OP
 from kdkernels.ops.reference.divergences import (
     DIVERGENCES,
@@ -367,10 +367,8 @@ def _dense_distill_loss(
             divisor = num_items_in_batch
         else:
             scale = 1.0 / float(num_items_in_batch)
-    elif reduction == "batchmean":
-        code, scale = SUM, 1.0 / max(positions_shape[0] if positions_shape else 1, 1)
     else:
-        code, scale = CODES[reduction], 1.0
+        code, scale = reduction_code(reduction, positions_shape[0] if positions_shape else 1)
     loss = DIVERGENCES_OP(
         s3, t3, mask2, divergence, beta, temperature, scale_by_t2, *softcap, *logit_scale, reduction=code, scale=scale
     )

@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from kdkernels import backends
+from kdkernels import _extension, backends
 from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops import _gradients
 from kdkernels.ops._reduction import NONE, grad_scale_and_divisor, reduce_differentiable, reduce_positions
@@ -106,7 +106,7 @@ class FusedLoss:
 
     @functools.cached_property
     def kernel_reduces(self) -> bool:
-        return "reduce" in inspect.signature(self.kernel).parameters
+        return any(p.name == "reduce" for p in self._kernel_params)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.inputs]
@@ -114,7 +114,7 @@ class FusedLoss:
             raise TypeError(f"{self.name}: the inputs that get gradients must come first, in the order of their flags")
         # Register everything once, at import (frozen dataclass: bypass __setattr__).
         object.__setattr__(self, "op", self._define_op())
-        if _extension_present() and {"cpu", "cuda"} & set(self.kernel_backends):
+        if _extension.has_extension() and {"cpu", "cuda"} & set(self.kernel_backends):
             self._define_kernel_op()
 
     # ------------------------------------------------------------------ ops
@@ -160,9 +160,13 @@ class FusedLoss:
             return x.new_empty(x.shape)
         return _gradients.gradient_buffer(x, wanted)
 
-    def _op_fake(self, *args):
+    def _split_op_args(self, args) -> tuple[list, int, float, list[bool], str]:
+        """``(inputs, reduction, scale, grad flags, backend)`` of the op's arguments."""
         n = len(self.inputs)
-        inputs, reduction, flags = list(args[:n]), args[n], args[n + 2 : -1]
+        return list(args[:n]), args[n], args[n + 1], list(args[n + 2 : -1]), args[-1]
+
+    def _op_fake(self, *args):
+        inputs, reduction, _scale, flags, _backend = self._split_op_args(args)
         if reduction == NONE:
             loss = self._per_position_buffer(inputs)
         else:
@@ -179,18 +183,13 @@ class FusedLoss:
         return inspect.Signature(params, return_annotation=returns)
 
     def _define_op(self):
-        n_inputs = len(self.inputs)
         spec = self
 
         def fused(*args):
-            inputs = list(args[:n_inputs])
-            reduction, scale = args[n_inputs], args[n_inputs + 1]
-            flags = list(args[n_inputs + 2 : -1])
-            backend = args[-1]
-            first = inputs[0]
+            inputs, reduction, scale, flags, backend = spec._split_op_args(args)
             positions, mask = spec.counted(*inputs)
             grad_scale, divisor = grad_scale_and_divisor(
-                reduction, scale, positions, mask, first.device, spec.accumulation_dtype(inputs)
+                reduction, scale, positions, mask, inputs[0].device, spec.accumulation_dtype(inputs)
             )
             kernel_args = [*inputs, grad_scale]
             if spec.kernel_reduces:
@@ -229,8 +228,7 @@ class FusedLoss:
     # ------------------------------------------------------------------ the twin, reduced
     def reduced_twin(self, *args):
         """The op's loss (reduced) from the op's own arguments, in differentiable operations."""
-        n = len(self.inputs)
-        inputs, reduction, scale = args[:n], args[n], args[n + 1]
+        inputs, reduction, scale, _flags, _backend = self._split_op_args(args)
         positions, mask = self.counted(*inputs)
         return reduce_differentiable(self.twin(*inputs), reduction, scale, positions, mask)
 
@@ -241,17 +239,12 @@ class FusedLoss:
         of the inputs that require grad (when grad mode is on)."""
         device = inputs[0].device
         backend = backends.resolve(device, self.kernel_backends + ("torch",))
-        if backend == "torch":
-            return self.reduced_twin(*inputs, reduction, scale)
         grad_enabled = torch.is_grad_enabled()
         flags = [grad_enabled and inputs[k].requires_grad for k in range(len(self.differentiable))]
-        return self.op(*inputs, reduction, scale, *flags, backend)[0]
-
-
-def _extension_present() -> bool:
-    from kdkernels import _extension
-
-    return _extension.has_extension()
+        args = (*inputs, reduction, scale, *flags, backend)
+        if backend == "torch":
+            return self.reduced_twin(*args)
+        return self.op(*args)[0]
 
 
 def _inline_when_traced(op, body: Callable) -> None:
