@@ -469,6 +469,9 @@ class Candidate:
     skip_reason: str | None = None
     is_kdkernels: bool = False
     note: str | None = None
+    # Its own float64 reference (loss, grads) when it computes another loss than the configuration's
+    # (e.g. a baseline loss timed alongside); None = the configuration's reference.
+    reference: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
 
 
 @dataclasses.dataclass
@@ -749,7 +752,8 @@ def run_config(spec: BenchSpec, config: Config, device: torch.device, args, peak
             print(f"  {cand.name}: skipped ({cand.skip_reason})", flush=True)
             continue
         try:
-            res["check"] = _check(cand, check_inputs, ref_loss, ref_grads)
+            own = cand.reference(check_inputs) if cand.reference is not None else (ref_loss, ref_grads)
+            res["check"] = _check(cand, check_inputs, *own)
             res["peak_extra_bytes"] = peak_extra_bytes(cand.fn, inputs, device)
             res["peak_extra_x_nv_fp32"] = res["peak_extra_bytes"] / nv_fp32
             runnable.append((cand, res))

@@ -7,6 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <tuple>
 
@@ -51,5 +52,13 @@ TensorTriple pairwise_similarity_batches_cpu(const at::Tensor& student, const at
 // rkd_angle_anchors: student (B, Ds), teacher (B, Dt), any strides and dtypes.
 TensorTriple rkd_angle_anchors_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& grad_scale,
                                    bool student_grad, bool teacher_grad);
+
+// divergence_rows: student/teacher (outer, classes, inner) any strides and dtypes; mask (outer, inner) bool.
+TensorTriple divergence_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                 const c10::optional<at::Tensor>& mask, c10::string_view divergence, double beta,
+                                 double temperature, bool scale_by_t2, c10::optional<double> student_softcap,
+                                 c10::optional<double> teacher_softcap, c10::optional<double> student_logit_scale,
+                                 c10::optional<double> teacher_logit_scale, const at::Tensor& grad_scale,
+                                 bool student_grad, bool teacher_grad);
 
 }  // namespace kdkernels

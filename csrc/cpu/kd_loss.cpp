@@ -15,7 +15,7 @@
 //   grad_s = gs·T·(p_s - p_t),  grad_t = gs·T·p_t·(log p_t - log p_s - L').
 //
 // Three layouts: "rows" (class stride 1: the shared walker of two_distribution_row.h with
-// KlPolicy below; the student gradient alone comes from pass 1's cached exponentials, one exp per
+// row::KlPolicy of kl_row_policy.h; the student gradient alone comes from pass 1's cached exponentials, one exp per
 // element and input in all), "channels" (inner stride 1: vectorised across Vec::size()
 // neighbouring positions, looping over the classes), and a scalar fallback for any other strides
 // (which sums in double). Each position is computed by one thread: deterministic.
@@ -32,6 +32,7 @@
 #include "../kdkernels.h"
 #include "dispatch.h"
 #include "gradient_buffer.h"
+#include "kl_row_policy.h"
 #include "two_distribution_row.h"
 #include "vec_utils.h"
 
@@ -106,41 +107,6 @@ inline Stats<acc_t> finish(acc_t ma, acc_t mb, acc_t sa, acc_t sb, acc_t za, acc
   r.kl = kl_of(ma, mb, r.log_za, r.log_zb, zb, w);
   return r;
 }
-
-// ---------------------------------------------------------------------------------------------
-// Rows layout: classes contiguous; the shared walker (two_distribution_row.h) with this policy.
-// Cross term W = Σ e^{x_b}(x_b − x_a), so that L' = W/Z_b − log Z_b + log Z_a.
-template <typename acc_t>
-struct KlPolicy {
-  using V = Vec<acc_t>;
-  static constexpr int kTerms = 1;
-  acc_t scale;   // grad_scale·T
-  acc_t kl = 0;  // the row's L' (for the teacher gradient)
-
-  void accumulate(V* terms, const V& xa, const V& xb, const V& /*ea*/, const V& eb, int64_t /*c*/) const {
-    // Classes with p_t = 0 contribute 0, whatever the student (never 0 * inf = NaN).
-    terms[0] = terms[0] + V::blendv(V(0), eb * (xb - xa), eb != V(0));
-  }
-  static void rescale(V* terms, const row::Rescale<acc_t>& r, const V& zb) {
-    terms[0] = r.zero_b ? V(0) : (terms[0] + V(r.delta) * zb) * V(r.fb);
-  }
-  // grad_s = gs·T·(p_s − p_t). Both products rounded before the subtraction: the compiler may not
-  // contract one of them into an FMA with it (x·a − round(x·b) ≠ 0 for a = b), which would lose the
-  // exact 0 of equal inputs.
-  struct StudentGrad {
-    V fa, fb;
-    V operator()(const V& ea, const V& eb, int64_t /*c*/) const {
-      return at::vec::fmadd(ea, fa, V(0)) - at::vec::fmadd(eb, fb, V(0));
-    }
-  };
-  StudentGrad student_grad_block(acc_t fa, acc_t fb) const { return {V(scale * fa), V(scale * fb)}; }
-  //   grad_s = gs·T·(p_s − p_t),  grad_t = gs·T·p_t·(log p_t − log p_s − L')
-  void grads(const V& log_ps, const V& log_pt, int64_t /*c*/, V* g_s, V* g_t) const {
-    const V pt = log_pt.exp();
-    if (g_s != nullptr) *g_s = V(scale) * (log_ps.exp() - pt);
-    if (g_t != nullptr) *g_t = V::blendv(V(scale) * pt * (log_pt - log_ps - V(kl)), V(0), pt == V(0));
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // Scalar fallback: any strides.
@@ -353,7 +319,7 @@ void kd_loss_rows_impl(const at::Tensor& student, const at::Tensor& teacher, con
   // needs log p_s and log p_t of every class, so it re-reads the logits).
   const bool reuse_exps = rows_ok && student_grad && !teacher_grad;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1));
-  const KlPolicy<acc_t> policy{scale};
+  const row::KlPolicy<acc_t> policy{scale};
   at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
     row::ExpCache<acc_t> cache;
     if (reuse_exps) cache.resize(C);
@@ -373,7 +339,7 @@ void kd_loss_rows_impl(const at::Tensor& student, const at::Tensor& teacher, con
           zero_strided(gt, GT.sc, C);
           continue;
         }
-        KlPolicy<acc_t> row_policy = policy;
+        row::KlPolicy<acc_t> row_policy = policy;
         row_policy.kl = kl_of(st.max_a, st.max_b, st.log_za, st.log_zb, st.z_b, st.terms[0]);
         loss_p[p] = t2 * row_policy.kl;
         if (reuse_exps && st.finite()) {

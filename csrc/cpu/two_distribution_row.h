@@ -214,6 +214,16 @@ RowStats<acc_t, Policy::kTerms> walk_row(const Policy& policy, const s_t* s, con
   return st;
 }
 
+// The factors that turn block k's cached exponentials into probabilities (requires st.finite()):
+//   p_a = e^{x_a}·fa,  fa = e^{(m_a,k − m_a)/T}/Z_a,  and fb likewise;
+// 0 where the block's running maximum was -inf (its exponentials are 0).
+template <typename acc_t, int kTerms>
+inline std::array<acc_t, 2> probability_factors(const ExpCache<acc_t>& cache, int64_t k,
+                                                const RowStats<acc_t, kTerms>& st, acc_t inv_t) {
+  return {cache.live_a[k] ? std::exp((cache.shift_a[k] - st.shift_a) * inv_t - st.log_za) : acc_t(0),
+          cache.live_b[k] ? std::exp((cache.shift_b[k] - st.shift_b) * inv_t - st.log_zb) : acc_t(0)};
+}
+
 // The student gradient of a row from pass 1's exponentials (requires st.finite()): in block k,
 //   p_s = e^{x_a}·e^{(m_a,k − m_a)/T}/Z_a,  p_t = e^{x_b}·e^{(m_b,k − m_b)/T}/Z_b,
 // and the policy's functor turns (e_a, e_b) into the gradient with those two factors.
@@ -227,8 +237,7 @@ void student_grad_from_cache(const Policy& policy, s_t* gs, int64_t C, acc_t inv
   for (int64_t c0 = 0, k = 0; c0 < C; c0 += kRowBlock, ++k) {
     const int64_t c1 = std::min(C, c0 + kRowBlock);
     const int64_t cv = c0 + (c1 - c0) / L * L;
-    const acc_t fa = cache.live_a[k] ? std::exp((cache.shift_a[k] - st.shift_a) * inv_t - st.log_za) : acc_t(0);
-    const acc_t fb = cache.live_b[k] ? std::exp((cache.shift_b[k] - st.shift_b) * inv_t - st.log_zb) : acc_t(0);
+    const auto [fa, fb] = probability_factors(cache, k, st, inv_t);
     const auto grad = policy.student_grad_block(fa, fb);
     for (int64_t c = c0; c < cv; c += L) store_vec(grad(V::loadu(ea + c), V::loadu(eb + c), c), gs + c);
     if (cv < c1) store_vec_n(grad(V::loadu(ea + cv, c1 - cv), V::loadu(eb + cv, c1 - cv), cv), gs + cv, c1 - cv);
@@ -237,9 +246,9 @@ void student_grad_from_cache(const Policy& policy, s_t* gs, int64_t C, acc_t inv
 
 // The gradients of a row recomputed from its logits (any gradient; every row, finite or not):
 // log p_s = (s − shift_a)/T − log Z_a, log p_t likewise, and the policy's formula. gs / gt nullptr
-// = not wanted.
-template <typename Policy, typename acc_t, typename s_t, typename t_t, int kTerms>
-void grads_from_logits(const Policy& policy, const s_t* s, const t_t* t, s_t* gs, t_t* gt, int64_t C, acc_t inv_t,
+// = not wanted; their dtypes may differ from the logits' (a transformed row is read as acc_t).
+template <typename Policy, typename acc_t, typename s_t, typename t_t, typename gs_t, typename gt_t, int kTerms>
+void grads_from_logits(const Policy& policy, const s_t* s, const t_t* t, gs_t* gs, gt_t* gt, int64_t C, acc_t inv_t,
                        const RowStats<acc_t, kTerms>& st) {
   using V = Vec<acc_t>;
   constexpr int64_t L = V::size();

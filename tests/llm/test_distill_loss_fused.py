@@ -1,7 +1,7 @@
 """``distill_loss`` with a dense teacher runs through the fused op ``kdkernels::divergences``: on
-every backend that runs here (Triton through its interpreter; cpu and torch through the op's twin)
-it equals the float64 reference, values and both gradients, with masks, −inf teacher rows, a
-padded vocabulary, softcaps and every reduction."""
+every backend that runs here (Triton through its interpreter, the CPU kernel, torch through the
+op's twin) it equals the float64 reference, values and both gradients, with masks, −inf teacher
+rows, a padded vocabulary, softcaps and every reduction."""
 
 import pytest
 import torch
@@ -11,8 +11,7 @@ from kdkernels.functional import distill_loss
 from kdkernels.ops.reference.divergences import distill_loss_reference
 from tests.conftest import backend_params
 
-# The cpu backend has no kernel for it yet (asked for, it raises: the last test).
-BACKENDS = backend_params("cpu", ("triton", "torch"))
+BACKENDS = backend_params("cpu", ("triton", "cpu", "torch"))
 
 
 def _reference(s, t, **kw):
@@ -50,13 +49,3 @@ def test_dense_teacher_matches_the_reference(divergence, reduction, backend):
     torch.testing.assert_close(ours, expected)
     for ours_grad, expected_grad in zip(ours_grads, expected_grads):
         torch.testing.assert_close(ours_grad, expected_grad)
-
-
-def test_cpu_backend_has_no_divergence_kernel_yet():
-    # Asked for explicitly, a backend without a kernel for the loss says so (the default falls back).
-    s, t = torch.randn(3, 8), torch.randn(3, 8)
-    if "cpu" not in kdkernels.backends.available("cpu"):
-        pytest.skip("the extension is not built")
-    with kdkernels.use_backend("cpu"):
-        with pytest.raises(RuntimeError, match="no cpu kernel yet"):
-            distill_loss(s, t)

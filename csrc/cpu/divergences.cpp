@@ -1,0 +1,535 @@
+// CPU kernel of kdkernels::divergence_rows: the LLM divergence family per position (forward and
+// reverse KL, generalized JSD, skew KLs, total variation) of a student and a dense teacher, and
+// its gradients. The formulas, their directions and the edge cases are those of
+// kdkernels/ops/reference/divergences.py; kdkernels/ops/triton/divergences.py is the same kernel in
+// Triton. With p = softmax(z_s/T), q = softmax(z_t/T) of the transformed logits
+// z = cap·tanh(scale·x/cap) (each step only if configured), u = log p, v = log q:
+//
+//   forward_kl  KL(q ‖ p)         reverse_kl  KL(p ‖ q)
+//   jsd         β KL(q ‖ m) + (1−β) KL(p ‖ m),  m = β q + (1−β) p   (β = 0: forward, β = 1: reverse KL)
+//   skew_forward_kl  KL(q ‖ β q + (1−β) p)      skew_reverse_kl  KL(p ‖ β p + (1−β) q)
+//   tvd         ½ Σ |q − p|
+//
+// times T² with scale_by_t2. Rows layout only (classes contiguous, the LLM case): each row walks
+// through the shared two-distribution walker (two_distribution_row.h).
+//   * The KL divergences are its KL policy (kl_row_policy.h), walked (student, teacher) for the
+//     forward KL and (teacher, student) for the reverse one: one pass gives the loss, and the
+//     student gradient of the forward KL is a rescale of pass 1's cached exponentials, as kd_loss.
+//   * The mixtures (JSD, skew KLs, TVD) need both normalisers before any term: pass 1 is a plain
+//     two-softmax walk that caches the exponentials; pass 2 turns them into p and q, evaluates the
+//     terms and the bucket gradients g = ∂D/∂u, h = ∂D/∂v (kept in a per-thread scratch); pass 3,
+//     when a gradient is wanted, writes ∂D/∂z_s = (g − p Σg)/T and ∂D/∂z_t = (h − q Σh)/T.
+//     All passes after the first read L2-resident rows: each logit comes from memory once.
+// A transformed model's row is first written (transformed) into a scratch row that the passes
+// read; the gradients are multiplied by the transform's slope before they are stored.
+// Other layouts are copied to rows first, and mixed dtypes promoted to one (both: a slow path,
+// never the LLM one). A NaN or +inf logit in a counted row makes its loss and gradients NaN.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/ScalarType.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../kdkernels.h"
+#include "dispatch.h"
+#include "gradient_buffer.h"
+#include "kl_row_policy.h"
+#include "two_distribution_row.h"
+#include "vec_utils.h"
+
+namespace kdkernels {
+namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
+namespace {
+
+using cpu::fast_log;
+using cpu::hsum;
+using cpu::load_vec;
+using cpu::load_vec_n;
+using cpu::neg_inf;
+using cpu::store_vec;
+using cpu::store_vec_n;
+using cpu::Vec;
+
+// Work per parallel task, in logits of one input.
+constexpr int64_t kGrainElements = 32768;
+
+// The divergence after β's endpoints are resolved (the conventions of the Triton kernel's
+// divergence_kind: β = 0 / 1 of a mixture is the KL it reduces to, without log 0 terms).
+enum Kind : int {
+  kForwardKl,
+  kReverseKl,
+  kJsd,
+  kSkewForwardKl,
+  kSkewReverseKl,
+  kTvd,
+  kZeroTeacherReference,  // skew_forward_kl at β = 1: KL(q ‖ q)
+  kZeroStudentReference,  // skew_reverse_kl at β = 1: KL(p ‖ p)
+};
+
+Kind kind_of(c10::string_view divergence, double beta) {
+  if (divergence == "forward_kl") return kForwardKl;
+  if (divergence == "reverse_kl") return kReverseKl;
+  if (divergence == "jsd") return beta == 0 ? kForwardKl : beta == 1 ? kReverseKl : kJsd;
+  if (divergence == "skew_forward_kl") return beta == 0 ? kForwardKl : beta == 1 ? kZeroTeacherReference : kSkewForwardKl;
+  if (divergence == "skew_reverse_kl") return beta == 0 ? kReverseKl : beta == 1 ? kZeroStudentReference : kSkewReverseKl;
+  if (divergence == "tvd") return kTvd;
+  TORCH_CHECK(false, "divergence_rows: unknown divergence '", std::string(divergence), "'");
+}
+
+// One model's logit transform z = cap·tanh(scale·x/cap) (Gemma's soft-capping, a logit scale),
+// −inf kept −inf, and its slope dz/dx = scale·(1 − tanh²) (scale alone at −inf).
+template <typename acc_t>
+struct LogitTransform {
+  using V = Vec<acc_t>;
+  bool has_scale = false, has_cap = false;
+  acc_t scale = 1, cap = 1;
+
+  bool active() const { return has_scale || has_cap; }
+  V apply(V x) const {
+    if (has_scale) x = x * V(scale);
+    if (has_cap) x = V::blendv(V(cap) * (x / V(cap)).tanh(), x, x == V(neg_inf<acc_t>()));
+    return x;
+  }
+  V slope(const V& z) const {
+    V s(1);
+    if (has_cap) {
+      const V t = z / V(cap);
+      s = V::blendv((V(1) - t) * (V(1) + t), V(1), z == V(neg_inf<acc_t>()));
+    }
+    if (has_scale) s = s * V(scale);
+    return s;
+  }
+};
+
+template <typename acc_t>
+struct Setup {
+  Kind kind;
+  acc_t beta, inv_t;
+  acc_t factor;  // T² with scale_by_t2, else 1
+  acc_t scale;   // grad_scale·factor/T: ∂(grad_scale·factor·D)/∂z = scale·T·∂D/∂z
+  LogitTransform<acc_t> student, teacher;
+};
+
+// One thread's scratch, reused row after row.
+template <typename acc_t>
+struct Scratch {
+  row::ExpCache<acc_t> cache;
+  std::vector<acc_t> zs, zt;  // transformed rows (padded to whole vectors)
+  std::vector<acc_t> g, h;    // the mixtures' bucket gradients
+};
+
+// A row's inputs as the passes read them (raw logits, or the scratch's transformed rows) and the
+// transformed rows the slopes come from (nullptr: no transform on that side).
+template <typename acc_t, typename in_t>
+struct RowInputs {
+  const in_t* s;
+  const in_t* t;
+  const acc_t* zs;
+  const acc_t* zt;
+};
+
+template <typename acc_t>
+inline Vec<acc_t> slope_at(const LogitTransform<acc_t>& tr, const acc_t* z, int64_t c) {
+  return z == nullptr ? Vec<acc_t>(1) : tr.slope(Vec<acc_t>::loadu(z + c));
+}
+
+// The KL policy with each side's gradient times its transform's slope.
+template <typename acc_t>
+struct SlopedKlPolicy : row::KlPolicy<acc_t> {
+  using V = Vec<acc_t>;
+  using Base = row::KlPolicy<acc_t>;
+  const LogitTransform<acc_t>* ta = nullptr;
+  const LogitTransform<acc_t>* tb = nullptr;
+  const acc_t* za = nullptr;  // side a's transformed row, nullptr = untransformed
+  const acc_t* zb = nullptr;
+
+  struct StudentGrad {
+    typename Base::StudentGrad inner;
+    const SlopedKlPolicy* self;
+    V operator()(const V& ea, const V& eb, int64_t c) const {
+      const V g = inner(ea, eb, c);
+      return self->za == nullptr ? g : g * self->ta->slope(V::loadu(self->za + c));
+    }
+  };
+  StudentGrad student_grad_block(acc_t fa, acc_t fb) const { return {Base::student_grad_block(fa, fb), this}; }
+  void grads(const V& log_pa, const V& log_pb, int64_t c, V* g_a, V* g_b) const {
+    Base::grads(log_pa, log_pb, c, g_a, g_b);
+    if (g_a != nullptr && za != nullptr) *g_a = *g_a * slope_at(*ta, za, c);
+    if (g_b != nullptr && zb != nullptr) *g_b = *g_b * slope_at(*tb, zb, c);
+  }
+};
+
+// Pass 1 of the mixtures: the two softmaxes only.
+template <typename acc_t>
+struct SoftmaxPolicy {
+  using V = Vec<acc_t>;
+  static constexpr int kTerms = 1;
+  void accumulate(V*, const V&, const V&, const V&, const V&, int64_t) const {}
+  static void rescale(V*, const row::Rescale<acc_t>&, const V&) {}
+};
+
+struct RowResult {
+  bool counted;  // the teacher has a distribution (a NaN one counts)
+  double loss;   // factor·D
+};
+
+// KL(b ‖ a) with (a, b) = (student, teacher) for the forward KL, (teacher, student) for the reverse.
+template <typename acc_t, typename in_t, typename out_t>
+RowResult kl_row(const Setup<acc_t>& su, const RowInputs<acc_t, in_t>& in, out_t* gs, out_t* gt, int64_t C,
+                 Scratch<acc_t>& scratch) {
+  const bool reverse = su.kind == kReverseKl;
+  SlopedKlPolicy<acc_t> policy;
+  policy.scale = su.scale;
+  policy.ta = reverse ? &su.teacher : &su.student;
+  policy.tb = reverse ? &su.student : &su.teacher;
+  policy.za = reverse ? in.zt : in.zs;
+  policy.zb = reverse ? in.zs : in.zt;
+  const in_t* a = reverse ? in.t : in.s;
+  const in_t* b = reverse ? in.s : in.t;
+  out_t* ga = reverse ? gt : gs;
+  out_t* gb = reverse ? gs : gt;
+  // Side a's gradient alone is a rescale of pass 1's exponentials (kd_loss's student gradient).
+  const bool reuse = ga != nullptr && gb == nullptr;
+  const auto st = row::walk_row(policy, a, b, C, su.inv_t, reuse ? &scratch.cache : nullptr);
+  const acc_t teacher_max = reverse ? st.max_a : st.max_b;
+  if (teacher_max == neg_inf<acc_t>()) return {false, 0.0};
+  // No special case for a side that is −inf everywhere: the reference's log-softmax is NaN there,
+  // and so is this (W/Z_b − log Z_b + log 0 with W = +inf). NaN/+inf logits: the walker's NaN log Z.
+  policy.kl = st.terms[0] / st.z_b - st.log_zb + st.log_za;
+  if (reuse && st.finite()) {
+    row::student_grad_from_cache(policy, ga, C, su.inv_t, st, scratch.cache);
+  } else if (ga != nullptr || gb != nullptr) {
+    row::grads_from_logits(policy, a, b, ga, gb, C, su.inv_t, st);
+  }
+  return {true, static_cast<double>(su.factor * policy.kl)};
+}
+
+// The mixtures' per-class terms: (term, g = ∂D/∂u, h = ∂D/∂v), the Triton kernel's _bucket_terms.
+// Terms of a class where the distribution in front is 0 are selected away (never 0·log 0).
+template <int kKind, typename acc_t>
+inline void bucket_terms(const Vec<acc_t>& u, const Vec<acc_t>& v, const Vec<acc_t>& p, const Vec<acc_t>& q,
+                         acc_t beta, Vec<acc_t>& term, Vec<acc_t>& g, Vec<acc_t>& h) {
+  using V = Vec<acc_t>;
+  const V zero(0), vb(beta), vb1(acc_t(1) - beta);
+  if constexpr (kKind == kJsd) {
+    const V lm = fast_log(vb * q + vb1 * p);
+    g = vb1 * V::blendv(zero, p * (u - lm), p != zero);
+    h = vb * V::blendv(zero, q * (v - lm), q != zero);
+    term = g + h;  // the mixture's own terms cancel: D = Σ (g + h)
+  } else if constexpr (kKind == kSkewForwardKl || kKind == kSkewReverseKl) {
+    // KL(x ‖ β x + (1−β) y): x = q, y = p for the forward skew, the other way round for the reverse.
+    const bool fwd = kKind == kSkewForwardKl;
+    const V& x = fwd ? q : p;
+    const V& lx = fwd ? v : u;
+    const V& y = fwd ? p : q;
+    const V m = vb * x + vb1 * y;
+    const V lm = fast_log(m);
+    const V live = x != zero;
+    term = V::blendv(zero, x * (lx - lm), live);
+    const V d_x = V::blendv(zero, x * (lx - lm + V(1)) - vb * x * x / m, live);
+    const V d_y = V::blendv(zero, zero - vb1 * x * y / m, m != zero);
+    g = fwd ? d_y : d_x;
+    h = fwd ? d_x : d_y;
+  } else {
+    static_assert(kKind == kTvd, "bucket_terms: a mixture kind");
+    term = V(0.5) * (q - p).abs();
+    V sign = V::blendv(V::blendv(zero, V(-1), p < q), V(1), p > q);
+    sign = V::blendv(sign, p, p != p);  // NaN compares false: keep it (p − q is NaN there)
+    sign = V::blendv(sign, q, q != q);
+    g = V(0.5) * p * sign;
+    h = V(-0.5) * q * sign;
+  }
+}
+
+// The mixtures: pass 1 caches the exponentials, pass 2 the terms and bucket gradients, pass 3 the
+// logit gradients. p and q come from the cache (finite rows) or from exp(u), exp(v) (the rest:
+// NaN propagates).
+template <int kKind, typename acc_t, typename in_t, typename out_t>
+RowResult mixture_row(const Setup<acc_t>& su, const RowInputs<acc_t, in_t>& in, out_t* gs, out_t* gt, int64_t C,
+                      Scratch<acc_t>& scratch) {
+  using V = Vec<acc_t>;
+  constexpr int64_t L = V::size();
+  constexpr acc_t ninf = neg_inf<acc_t>();
+  const auto st = row::walk_row(SoftmaxPolicy<acc_t>{}, in.s, in.t, C, su.inv_t, &scratch.cache);
+  if (st.max_b == ninf) return {false, 0.0};
+  const bool finite = st.finite();
+  const bool grads = gs != nullptr || gt != nullptr;
+  const V vinv(su.inv_t), vsa(st.shift_a), vsb(st.shift_b), vlza(st.log_za), vlzb(st.log_zb);
+  const acc_t* ea = scratch.cache.ea.data();
+  const acc_t* eb = scratch.cache.eb.data();
+  acc_t* G = scratch.g.data();
+  acc_t* H = scratch.h.data();
+
+  // Visits the row vector by vector with (c, lanes, u, v, p, q); tail lanes are −inf logits.
+  // kFromCache: p, q from pass 1's exponentials (finite rows), else exp(u), exp(v) (NaN propagates).
+  // What a visitor does not use (u and v in pass 3, say) the compiler drops, loads included.
+  auto sweep = [&](auto from_cache, auto&& visit) {
+    constexpr bool kFromCache = decltype(from_cache)::value;
+    for (int64_t c0 = 0, k = 0; c0 < C; c0 += row::kRowBlock, ++k) {
+      const int64_t c1 = std::min(C, c0 + row::kRowBlock);
+      std::array<acc_t, 2> f{0, 0};
+      if constexpr (kFromCache) f = row::probability_factors(scratch.cache, k, st, su.inv_t);
+      const V vfa(f[0]), vfb(f[1]);
+      for (int64_t c = c0; c < c1; c += L) {
+        const int64_t n = std::min(L, c1 - c);
+        const V sv = n == L ? load_vec<acc_t>(in.s + c) : load_vec_n<acc_t>(in.s + c, n, ninf);
+        const V tv = n == L ? load_vec<acc_t>(in.t + c) : load_vec_n<acc_t>(in.t + c, n, ninf);
+        const V u = (sv - vsa) * vinv - vlza;
+        const V v = (tv - vsb) * vinv - vlzb;
+        if constexpr (kFromCache) {
+          visit(c, n, u, v, V::loadu(ea + c, n) * vfa, V::loadu(eb + c, n) * vfb);
+        } else {
+          visit(c, n, u, v, u.exp(), v.exp());
+        }
+      }
+    }
+  };
+  auto sweep_row = [&](auto&& visit) {
+    if (finite) {
+      sweep(std::true_type{}, visit);
+    } else {
+      sweep(std::false_type{}, visit);
+    }
+  };
+
+  V sum_term(0), sum_g(0), sum_h(0);
+  sweep_row([&](int64_t c, int64_t n, const V& u, const V& v, const V& p, const V& q) {
+    V term, g, h;
+    bucket_terms<kKind>(u, v, p, q, su.beta, term, g, h);
+    if (n < L) {  // padding lanes: never summed
+      term = V::set(V(0), term, n);
+      g = V::set(V(0), g, n);
+      h = V::set(V(0), h, n);
+    }
+    sum_term = sum_term + term;
+    sum_g = sum_g + g;
+    sum_h = sum_h + h;
+    if (gs != nullptr) g.store(G + c, n);
+    if (gt != nullptr) h.store(H + c, n);
+  });
+  const acc_t divergence = hsum(sum_term);
+  if (grads) {
+    const V vscale(su.scale), total_g(hsum(sum_g)), total_h(hsum(sum_h));
+    sweep_row([&](int64_t c, int64_t n, const V&, const V&, const V& p, const V& q) {
+      if (gs != nullptr) {
+        const V d = (V::loadu(G + c, n) - p * total_g) * vscale * slope_at(su.student, in.zs, c);
+        n == L ? store_vec(d, gs + c) : store_vec_n(d, gs + c, n);
+      }
+      if (gt != nullptr) {
+        const V d = (V::loadu(H + c, n) - q * total_h) * vscale * slope_at(su.teacher, in.zt, c);
+        n == L ? store_vec(d, gt + c) : store_vec_n(d, gt + c, n);
+      }
+    });
+  }
+  return {true, static_cast<double>(su.factor * divergence)};
+}
+
+// KL(x ‖ x) of the skews at β = 1: 0, NaN where the reference side's row is NaN (a NaN or +inf
+// logit); the gradients 0 (NaN on that side likewise). The other model is not used at all.
+template <typename acc_t, typename in_t, typename out_t>
+RowResult zero_row(const Setup<acc_t>& su, const RowInputs<acc_t, in_t>& in, out_t* gs, out_t* gt, int64_t C,
+                   Scratch<acc_t>&) {
+  constexpr acc_t ninf = neg_inf<acc_t>();
+  acc_t ms = ninf, mt = ninf;
+  for (int64_t c = 0; c < C; ++c) {
+    ms = cpu::nan_max(ms, static_cast<acc_t>(in.s[c]));
+    mt = cpu::nan_max(mt, static_cast<acc_t>(in.t[c]));
+  }
+  if (mt == ninf) return {false, 0.0};
+  const bool teacher_side = su.kind == kZeroTeacherReference;
+  const acc_t m = teacher_side ? mt : ms;
+  const acc_t value = (m != m || m == std::numeric_limits<acc_t>::infinity()) ? std::numeric_limits<acc_t>::quiet_NaN()
+                                                                              : acc_t(0);
+  for (int64_t c = 0; c < C; ++c) {
+    if (gs != nullptr) gs[c] = static_cast<out_t>(teacher_side ? acc_t(0) : value);
+    if (gt != nullptr) gt[c] = static_cast<out_t>(teacher_side ? value : acc_t(0));
+  }
+  return {true, static_cast<double>(value)};
+}
+
+template <typename acc_t, typename in_t, typename out_t>
+RowResult divergence_row(const Setup<acc_t>& su, const RowInputs<acc_t, in_t>& in, out_t* gs, out_t* gt, int64_t C,
+                         Scratch<acc_t>& scratch) {
+  switch (su.kind) {
+    case kForwardKl:
+    case kReverseKl:
+      return kl_row(su, in, gs, gt, C, scratch);
+    case kJsd:
+      return mixture_row<kJsd>(su, in, gs, gt, C, scratch);
+    case kSkewForwardKl:
+      return mixture_row<kSkewForwardKl>(su, in, gs, gt, C, scratch);
+    case kSkewReverseKl:
+      return mixture_row<kSkewReverseKl>(su, in, gs, gt, C, scratch);
+    case kTvd:
+      return mixture_row<kTvd>(su, in, gs, gt, C, scratch);
+    default:
+      return zero_row(su, in, gs, gt, C, scratch);
+  }
+}
+
+// Writes `raw`'s C logits, transformed, into `out` (padded with −inf to whole vectors).
+template <typename acc_t, typename in_t>
+void transform_row(const LogitTransform<acc_t>& tr, const in_t* raw, acc_t* out, int64_t C) {
+  using V = Vec<acc_t>;
+  constexpr int64_t L = V::size();
+  for (int64_t c = 0; c < C; c += L) {
+    const int64_t n = std::min(L, C - c);
+    const V x = n == L ? load_vec<acc_t>(raw + c) : load_vec_n<acc_t>(raw + c, n, neg_inf<acc_t>());
+    tr.apply(x).store(out + c);
+  }
+}
+
+// (outer, classes, inner) tensors with class stride 1 and one dtype.
+template <typename scalar_t, typename acc_t = cpu::acc_type_t<scalar_t, scalar_t>>
+void divergence_rows_impl(const Setup<acc_t>& su, const at::Tensor& s, const at::Tensor& t, const bool* mask,
+                          at::Tensor& loss, at::Tensor* gs_t, at::Tensor* gt_t) {
+  constexpr int64_t L = Vec<acc_t>::size();
+  const int64_t O = s.size(0), C = s.size(1), I = s.size(2);
+  const int64_t padded = (C + L - 1) / L * L;
+  const scalar_t* S = s.const_data_ptr<scalar_t>();
+  const scalar_t* T = t.const_data_ptr<scalar_t>();
+  scalar_t* GS = gs_t != nullptr ? gs_t->mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* GT = gt_t != nullptr ? gt_t->mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* out = loss.mutable_data_ptr<acc_t>();
+  const bool mixture = su.kind == kJsd || su.kind == kSkewForwardKl || su.kind == kSkewReverseKl || su.kind == kTvd;
+  const bool transformed = su.student.active() || su.teacher.active();
+
+  at::parallel_for(0, O * I, std::max<int64_t>(1, kGrainElements / C), [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> scratch;
+    scratch.cache.resize(C);
+    if (transformed) {
+      scratch.zs.resize(padded);
+      scratch.zt.resize(padded);
+    }
+    if (mixture && GS != nullptr) scratch.g.resize(C);
+    if (mixture && GT != nullptr) scratch.h.resize(C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r / I, i = r % I;
+      const scalar_t* s_row = S + o * s.stride(0) + i * s.stride(2);
+      const scalar_t* t_row = T + o * t.stride(0) + i * t.stride(2);
+      scalar_t* gs = GS != nullptr ? GS + o * gs_t->stride(0) + i * gs_t->stride(2) : nullptr;
+      scalar_t* gt = GT != nullptr ? GT + o * gt_t->stride(0) + i * gt_t->stride(2) : nullptr;
+      RowResult result{false, 0.0};
+      if (mask == nullptr || mask[r]) {
+        if (transformed) {
+          // Both sides read as acc_t: one instantiation of the passes per dtype, not three.
+          transform_row(su.student, s_row, scratch.zs.data(), C);
+          transform_row(su.teacher, t_row, scratch.zt.data(), C);
+          const RowInputs<acc_t, acc_t> in{scratch.zs.data(), scratch.zt.data(),
+                                           su.student.active() ? scratch.zs.data() : nullptr,
+                                           su.teacher.active() ? scratch.zt.data() : nullptr};
+          result = divergence_row(su, in, gs, gt, C, scratch);
+        } else {
+          result = divergence_row(su, RowInputs<acc_t, scalar_t>{s_row, t_row, nullptr, nullptr}, gs, gt, C, scratch);
+        }
+      }
+      out[r] = result.counted ? static_cast<acc_t>(result.loss) : acc_t(0);
+      if (!result.counted) {
+        if (gs != nullptr) std::fill(gs, gs + C, scalar_t(0));
+        if (gt != nullptr) std::fill(gt, gt + C, scalar_t(0));
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+Setup<acc_t> setup_of(Kind kind, double beta, double temperature, bool scale_by_t2,
+                      const c10::optional<double>& s_cap, const c10::optional<double>& t_cap,
+                      const c10::optional<double>& s_scale, const c10::optional<double>& t_scale, double grad_scale) {
+  Setup<acc_t> su;
+  su.kind = kind;
+  su.beta = static_cast<acc_t>(beta);
+  su.inv_t = static_cast<acc_t>(1.0 / temperature);
+  const double factor = scale_by_t2 ? temperature * temperature : 1.0;
+  su.factor = static_cast<acc_t>(factor);
+  su.scale = static_cast<acc_t>(grad_scale * factor / temperature);
+  auto transform = [](const c10::optional<double>& cap, const c10::optional<double>& scale) {
+    LogitTransform<acc_t> tr;
+    tr.has_cap = cap.has_value();
+    tr.has_scale = scale.has_value();
+    tr.cap = static_cast<acc_t>(cap.value_or(1.0));
+    tr.scale = static_cast<acc_t>(scale.value_or(1.0));
+    return tr;
+  };
+  su.student = transform(s_cap, s_scale);
+  su.teacher = transform(t_cap, t_scale);
+  return su;
+}
+
+// `x` as an (outer, classes, inner) tensor of `dtype` with class stride 1 (a copy unless it is one).
+at::Tensor as_rows(const at::Tensor& x, at::ScalarType dtype) {
+  const bool rows = x.size(1) == 1 || x.stride(1) == 1;
+  at::Tensor y = x.scalar_type() == dtype ? x : x.to(dtype);
+  return rows && y.stride(1) == x.stride(1) ? y : y.transpose(1, 2).contiguous().transpose(1, 2);
+}
+
+}  // namespace
+
+TensorTriple divergence_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                 const c10::optional<at::Tensor>& mask, c10::string_view divergence, double beta,
+                                 double temperature, bool scale_by_t2, c10::optional<double> student_softcap,
+                                 c10::optional<double> teacher_softcap, c10::optional<double> student_logit_scale,
+                                 c10::optional<double> teacher_logit_scale, const at::Tensor& grad_scale,
+                                 bool student_grad, bool teacher_grad) {
+  TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3, "divergence_rows: student and teacher must be 3-D (O, C, I)");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "divergence_rows: student ", student.sizes(), " and teacher ",
+              teacher.sizes(), " differ in shape");
+  TORCH_CHECK(at::isFloatingType(student.scalar_type()) && at::isFloatingType(teacher.scalar_type()),
+              "divergence_rows: expected floating-point logits");
+  TORCH_CHECK(temperature > 0, "divergence_rows: temperature must be positive, got ", temperature);
+  TORCH_CHECK(grad_scale.numel() == 1, "divergence_rows: grad_scale must have one element");
+  const Kind kind = kind_of(divergence, beta);
+  const int64_t O = student.size(0), C = student.size(1), I = student.size(2);
+  const bool* mask_p = nullptr;
+  at::Tensor mask_c;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "divergence_rows: mask must be bool");
+    TORCH_CHECK(mask->numel() == O * I, "divergence_rows: mask must have shape (", O, ", ", I, ")");
+    mask_c = mask->contiguous();
+    mask_p = mask_c.numel() > 0 ? mask_c.const_data_ptr<bool>() : nullptr;
+  }
+  const bool use_double = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
+  at::Tensor loss = at::empty({O, I}, student.options().dtype(use_double ? at::kDouble : at::kFloat));
+  at::Tensor grad_student = cpu::gradient_buffer(student, student_grad);
+  at::Tensor grad_teacher = cpu::gradient_buffer(teacher, teacher_grad);
+  if (O * I == 0) return {loss, grad_student, grad_teacher};
+  if (C == 0) {
+    loss.zero_();
+    return {loss, grad_student, grad_teacher};
+  }
+  const at::ScalarType common = c10::promoteTypes(student.scalar_type(), teacher.scalar_type());
+  const at::Tensor s = as_rows(student, common);
+  const at::Tensor t = as_rows(teacher, common);
+  // The gradients go straight into the returned buffers when those are rows of the common dtype.
+  auto work_buffer = [&](const at::Tensor& grad, const at::Tensor& rows, bool wanted) {
+    if (!wanted) return grad;
+    const bool direct = grad.scalar_type() == common && (C == 1 || grad.stride(1) == 1);
+    return direct ? grad : cpu::gradient_buffer(rows, true);
+  };
+  at::Tensor gs_work = work_buffer(grad_student, s, student_grad);
+  at::Tensor gt_work = work_buffer(grad_teacher, t, teacher_grad);
+  const double gscale = grad_scale.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, common, "divergence_rows_cpu", [&] {
+    using acc_t = cpu::acc_type_t<scalar_t, scalar_t>;
+    const Setup<acc_t> su = setup_of<acc_t>(kind, beta, temperature, scale_by_t2, student_softcap, teacher_softcap,
+                                            student_logit_scale, teacher_logit_scale, gscale);
+    divergence_rows_impl<scalar_t>(su, s, t, mask_p, loss, student_grad ? &gs_work : nullptr,
+                                   teacher_grad ? &gt_work : nullptr);
+  });
+  if (student_grad && !gs_work.is_same(grad_student)) grad_student.copy_(gs_work);
+  if (teacher_grad && !gt_work.is_same(grad_teacher)) grad_teacher.copy_(gt_work);
+  return {loss, grad_student, grad_teacher};
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace kdkernels
+
+KDKERNELS_REGISTER_CPU_KERNEL(divergence_rows_cpu);
