@@ -515,6 +515,50 @@ def kdkernels_backends(device: torch.device, requested: list[str] | None) -> lis
     return [(b, kdkernels.backends.why_unavailable(b, device)) for b in names]
 
 
+def kdkernels_candidates(
+    device: torch.device, requested: list[str] | None, loss: Callable[..., torch.Tensor], missing: str | None = None
+) -> list[Candidate]:
+    """One ``kdkernels[<backend>]`` row per backend of :func:`kdkernels_backends`: ``loss(*inputs)``
+    under ``kdkernels.use_backend(backend)``; skipped with ``missing`` (the fused loss is absent) or
+    the reason the backend cannot run."""
+    import kdkernels
+
+    def under_backend(backend: str) -> Callable[..., torch.Tensor]:
+        def fused(*inputs):
+            with kdkernels.use_backend(backend):
+                return loss(*inputs)
+
+        return fused
+
+    return [
+        Candidate(f"kdkernels[{backend}]", fn=under_backend(backend), skip_reason=missing or reason, is_kdkernels=True)
+        for backend, reason in kdkernels_backends(device, requested)
+    ]
+
+
+def float64_reference(loss: Callable[..., torch.Tensor]):
+    """The ``reference`` of a :class:`BenchSpec` whose first input alone gets a gradient:
+    ``inputs -> (loss, [gradient of the first input])``, ``loss`` evaluated on float64 copies."""
+
+    def reference(inputs):
+        first = inputs[0].detach().double().requires_grad_()
+        value = loss(first, *(x.detach().double() for x in inputs[1:]))
+        value.backward()
+        return value.detach(), [first.grad]
+
+    return reference
+
+
+def random_logits(config: Config, device: torch.device, seed: int) -> list[torch.Tensor]:
+    """``make_inputs`` of a two-distribution loss: student and teacher (N, V) logits of std 3 (a
+    spread like real models': soft, far from uniform), the student's requiring grad."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (config.n, config.v)
+    s = (torch.randn(shape, generator=g, device=device, dtype=config.dtype) * 3).requires_grad_()
+    t = torch.randn(shape, generator=g, device=device, dtype=config.dtype) * 3
+    return [s, t]
+
+
 def liger_candidate(name: str, device: torch.device, build) -> Candidate:
     """A Liger-Kernel candidate, or a skipped one saying why (its kernels are Triton on GPU)."""
     if device.type != "cuda":
@@ -543,6 +587,29 @@ class CompiledCache:
             torch._dynamo.reset()
             self.key, self.compiled = key, torch.compile(self.fn, dynamic=False if self.static else None)
         return self.compiled
+
+    def candidate(self, config: Config, no_compile: bool) -> Candidate:
+        """The ``compile`` row of ``config`` (skipped under --no-compile). Unless static, the batch
+        dim of the first two inputs (student and teacher) is marked dynamic, so that one graph per
+        (V, dtype) serves every N."""
+        if no_compile:
+            return Candidate("compile", skip_reason="--no-compile")
+        fn = self.get(config)
+
+        def compiled_fn(*inputs):
+            if not self.static:
+                for x in inputs[:2]:
+                    torch._dynamo.maybe_mark_dynamic(x, 0)
+            return fn(*inputs)
+
+        return Candidate("compile", fn=compiled_fn)
+
+
+def two_reads_one_write(config: Config) -> int:
+    """``bytes_moved`` of a loss on two (N, V) inputs of ``config.dtype`` whose gradient goes to
+    one of them: read both, write that gradient."""
+    elem = torch.empty((), dtype=config.dtype).element_size()
+    return 3 * config.n * config.v * elem
 
 
 def _check(cand: Candidate, inputs, ref_loss, ref_grads) -> dict[str, Any]:

@@ -31,7 +31,6 @@ _BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_BENCH, os.path.dirname(_BENCH)]
 import _harness as H  # noqa: E402
 
-import kdkernels  # noqa: E402
 from kdkernels.functional import kd_loss  # noqa: E402
 
 
@@ -50,44 +49,10 @@ def main() -> None:
     T = args.temperature
     compiled = H.CompiledCache(lambda s, t: composite(s, t, T), args.compile_static)
 
-    def make_inputs(config: H.Config, device: torch.device, seed: int) -> list[torch.Tensor]:
-        g = torch.Generator(device=device).manual_seed(seed)
-        shape = (config.n, config.v)
-        # Logits with a spread like real models' (std 3): soft, but far from uniform, at T=4.
-        s = (torch.randn(shape, generator=g, device=device, dtype=config.dtype) * 3).requires_grad_()
-        t = torch.randn(shape, generator=g, device=device, dtype=config.dtype) * 3
-        return [s, t]
-
-    def reference(inputs):
-        s, t = inputs
-        s64 = s.detach().double().requires_grad_()
-        loss = composite(s64, t.detach().double(), T)
-        loss.backward()
-        return loss.detach(), [s64.grad]
-
     def make_candidates(config: H.Config, device: torch.device) -> list[H.Candidate]:
-        cands = []
-        for backend, reason in H.kdkernels_backends(device, args.backends):
-
-            def fused(s, t, backend=backend):
-                with kdkernels.use_backend(backend):
-                    return kd_loss(s, t, T)
-
-            cands.append(H.Candidate(f"kdkernels[{backend}]", fn=fused, skip_reason=reason, is_kdkernels=True))
-
+        cands = H.kdkernels_candidates(device, args.backends, lambda s, t: kd_loss(s, t, T))
         cands.append(H.Candidate("eager", fn=lambda s, t: composite(s, t, T)))
-        if args.no_compile:
-            cands.append(H.Candidate("compile", skip_reason="--no-compile"))
-        else:
-            fn = compiled.get(config)
-
-            def compiled_fn(s, t, fn=fn):
-                if not args.compile_static:
-                    torch._dynamo.maybe_mark_dynamic(s, 0)
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-                return fn(s, t)
-
-            cands.append(H.Candidate("compile", fn=compiled_fn))
+        cands.append(compiled.candidate(config, args.no_compile))
 
         def build_liger(LigerKLDIVLoss):
             loss_mod = LigerKLDIVLoss(reduction="batchmean", log_target=True)
@@ -100,16 +65,12 @@ def main() -> None:
         cands.append(H.liger_candidate("liger", device, build_liger))
         return cands
 
-    def bytes_moved(config: H.Config) -> int:
-        elem = torch.empty((), dtype=config.dtype).element_size()
-        return 3 * config.n * config.v * elem  # read s, read t, write grad s
-
     spec = H.BenchSpec(
         name="kd_loss",
-        make_inputs=make_inputs,
+        make_inputs=H.random_logits,  # std 3: soft, but far from uniform, at T=4
         make_candidates=make_candidates,
-        reference=reference,
-        bytes_moved=bytes_moved,
+        reference=H.float64_reference(lambda s, t: composite(s, t, T)),
+        bytes_moved=H.two_reads_one_write,  # read s, read t, write grad s
         settings={"temperature": T, "reduction": "batchmean", "teacher_requires_grad": False},
     )
     H.run_benchmark(spec, args, device)

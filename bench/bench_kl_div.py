@@ -31,7 +31,6 @@ _BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_BENCH, os.path.dirname(_BENCH)]
 import _harness as H  # noqa: E402
 
-import kdkernels  # noqa: E402
 
 
 def _kdkernels_kl_div():
@@ -69,37 +68,13 @@ def main() -> None:
         y = y.log_softmax(-1) if log_target else y.softmax(-1)
         return [x.to(config.dtype).requires_grad_(), y.to(config.dtype)]
 
-    def reference(inputs):
-        x, y = inputs
-        x64 = x.detach().double().requires_grad_()
-        loss = F.kl_div(x64, y.detach().double(), reduction=reduction, log_target=log_target)
-        loss.backward()
-        return loss.detach(), [x64.grad]
-
     def make_candidates(config: H.Config, device: torch.device) -> list[H.Candidate]:
-        cands = []
-        for backend, reason in H.kdkernels_backends(device, args.backends):
+        def fused(x, y):
+            return kl_div(x, y, reduction=reduction, log_target=log_target)
 
-            def fused(x, y, backend=backend):
-                with kdkernels.use_backend(backend):
-                    return kl_div(x, y, reduction=reduction, log_target=log_target)
-
-            cands.append(
-                H.Candidate(f"kdkernels[{backend}]", fn=fused, skip_reason=kl_div_missing or reason, is_kdkernels=True)
-            )
+        cands = H.kdkernels_candidates(device, args.backends, fused, missing=kl_div_missing)
         cands.append(H.Candidate("eager", fn=torch_kl_div))
-        if args.no_compile:
-            cands.append(H.Candidate("compile", skip_reason="--no-compile"))
-        else:
-            fn = compiled.get(config)
-
-            def compiled_fn(x, y, fn=fn):
-                if not args.compile_static:
-                    torch._dynamo.maybe_mark_dynamic(x, 0)
-                    torch._dynamo.maybe_mark_dynamic(y, 0)
-                return fn(x, y)
-
-            cands.append(H.Candidate("compile", fn=compiled_fn))
+        cands.append(compiled.candidate(config, args.no_compile))
 
         def build_liger(LigerKLDIVLoss):
             return LigerKLDIVLoss(reduction=reduction, log_target=log_target)
@@ -107,16 +82,12 @@ def main() -> None:
         cands.append(H.liger_candidate("liger", device, build_liger))
         return cands
 
-    def bytes_moved(config: H.Config) -> int:
-        elem = torch.empty((), dtype=config.dtype).element_size()
-        return 3 * config.n * config.v * elem  # read input, read target, write grad input
-
     spec = H.BenchSpec(
         name="kl_div",
         make_inputs=make_inputs,
         make_candidates=make_candidates,
-        reference=reference,
-        bytes_moved=bytes_moved,
+        reference=H.float64_reference(torch_kl_div),
+        bytes_moved=H.two_reads_one_write,  # read input, read target, write grad input
         settings={"reduction": reduction, "log_target": log_target, "target_requires_grad": False},
     )
     H.run_benchmark(spec, args, device)

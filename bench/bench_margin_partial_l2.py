@@ -31,7 +31,6 @@ _BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_BENCH, os.path.dirname(_BENCH)]
 import _harness as H  # noqa: E402
 
-import kdkernels  # noqa: E402
 from kdkernels.functional.margin_partial_l2 import margin_partial_l2  # noqa: E402
 
 CPU_FEATURES = ["64x256x56x56"]
@@ -82,47 +81,18 @@ def main() -> None:
         m = -1.5 * torch.rand(c, generator=g, device=device)
         return [s, t, m]
 
-    def reference(inputs):
-        s, t, m = inputs
-        s64 = s.detach().double().requires_grad_()
-        loss = composite(s64, t.detach().double(), m.double())
-        loss.backward()
-        return loss.detach(), [s64.grad]
-
     def make_candidates(config: H.Config, device: torch.device) -> list[H.Candidate]:
-        cands = []
-        for backend, reason in H.kdkernels_backends(device, args.backends):
-
-            def fused(s, t, m, backend=backend):
-                with kdkernels.use_backend(backend):
-                    return margin_partial_l2(s, t, m)
-
-            cands.append(H.Candidate(f"kdkernels[{backend}]", fn=fused, skip_reason=reason, is_kdkernels=True))
+        cands = H.kdkernels_candidates(device, args.backends, margin_partial_l2)
         cands.append(H.Candidate("eager", fn=composite))
-        if args.no_compile:
-            cands.append(H.Candidate("compile", skip_reason="--no-compile"))
-        else:
-            fn = compiled.get(config)
-
-            def compiled_fn(s, t, m, fn=fn):
-                if not args.compile_static:
-                    torch._dynamo.maybe_mark_dynamic(s, 0)
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-                return fn(s, t, m)
-
-            cands.append(H.Candidate("compile", fn=compiled_fn))
+        cands.append(compiled.candidate(config, args.no_compile))
         return cands
-
-    def bytes_moved(config: H.Config) -> int:
-        elem = torch.empty((), dtype=config.dtype).element_size()
-        return 3 * config.n * config.v * elem  # read s, read t, write grad s
 
     spec = H.BenchSpec(
         name="margin_partial_l2",
         make_inputs=make_inputs,
         make_candidates=make_candidates,
-        reference=reference,
-        bytes_moved=bytes_moved,
+        reference=H.float64_reference(composite),
+        bytes_moved=H.two_reads_one_write,  # read s, read t, write grad s
         settings={
             "reduction": "sum",
             "layout": "channels_last" if args.channels_last else "contiguous (NCHW)",

@@ -29,7 +29,6 @@ _BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_BENCH, os.path.dirname(_BENCH)]
 import _harness as H  # noqa: E402
 
-import kdkernels  # noqa: E402
 from kdkernels.functional.weighted_soft_ce import weighted_soft_ce  # noqa: E402
 
 GPU_SHAPES = [(8192, 32000)]
@@ -64,56 +63,19 @@ def main() -> None:
 
     compiled = H.CompiledCache(lambda s, t: composite(s, t, weight_for(s.shape[-1]), T), args.compile_static)
 
-    def make_inputs(config: H.Config, device: torch.device, seed: int) -> list[torch.Tensor]:
-        g = torch.Generator(device=device).manual_seed(seed)
-        shape = (config.n, config.v)
-        s = (torch.randn(shape, generator=g, device=device, dtype=config.dtype) * 3).requires_grad_()
-        t = torch.randn(shape, generator=g, device=device, dtype=config.dtype) * 3
-        return [s, t]
-
-    def reference(inputs):
-        s, t = inputs
-        s64 = s.detach().double().requires_grad_()
-        loss = composite(s64, t.detach().double(), weight_for(s.shape[-1]).double(), T)
-        loss.backward()
-        return loss.detach(), [s64.grad]
-
     def make_candidates(config: H.Config, device: torch.device) -> list[H.Candidate]:
-        cands = []
         w = weight_for(config.v)
-        for backend, reason in H.kdkernels_backends(device, args.backends):
-
-            def fused(s, t, backend=backend):
-                with kdkernels.use_backend(backend):
-                    return weighted_soft_ce(s, t, w, T)
-
-            cands.append(H.Candidate(f"kdkernels[{backend}]", fn=fused, skip_reason=reason, is_kdkernels=True))
-
+        cands = H.kdkernels_candidates(device, args.backends, lambda s, t: weighted_soft_ce(s, t, w, T))
         cands.append(H.Candidate("eager", fn=lambda s, t: composite(s, t, w, T)))
-        if args.no_compile:
-            cands.append(H.Candidate("compile", skip_reason="--no-compile"))
-        else:
-            fn = compiled.get(config)
-
-            def compiled_fn(s, t, fn=fn):
-                if not args.compile_static:
-                    torch._dynamo.maybe_mark_dynamic(s, 0)
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-                return fn(s, t)
-
-            cands.append(H.Candidate("compile", fn=compiled_fn))
+        cands.append(compiled.candidate(config, args.no_compile))
         return cands
-
-    def bytes_moved(config: H.Config) -> int:
-        elem = torch.empty((), dtype=config.dtype).element_size()
-        return 3 * config.n * config.v * elem  # read s, read t, write grad s
 
     spec = H.BenchSpec(
         name="weighted_soft_ce",
-        make_inputs=make_inputs,
+        make_inputs=H.random_logits,
         make_candidates=make_candidates,
-        reference=reference,
-        bytes_moved=bytes_moved,
+        reference=H.float64_reference(lambda s, t: composite(s, t, weight_for(s.shape[-1]).double(), T)),
+        bytes_moved=H.two_reads_one_write,  # read s, read t, write grad s
         settings={"temperature": T, "reduction": "mean", "class_weight": "ones, background 1.5", "teacher_requires_grad": False},
     )
     H.run_benchmark(spec, args, device)

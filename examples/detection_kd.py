@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from _training import batches
 from kdkernels.distill import ChenDetectionKD, Distiller, LocalizationDistillation
 from kdkernels.distill.detection.gfl_detector import CompactGFL
 
@@ -134,16 +135,6 @@ def teacher_model() -> CompactGFL:
 
 def student_model() -> CompactGFL:
     return CompactGFL(len(CLASSES), width=8, channels=32, stacked_convs=1)
-
-
-def batches(n: int, batch_size: int, steps: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(n, generator=g)])
-        idx, order = order[:batch_size], order[batch_size:]
-        yield idx
 
 
 def lr_at(step: int, steps: int, lr: float) -> float:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from _common import add_run_flags, json_args, save_figure, spread, write_results
+from _training import batches, progress
 from kdkernels.distill import AdversarialTrainer, Distiller, GANCompressionDistillation, generator_parameters
 from kdkernels.distill.discriminators import PatchDiscriminator
 from kdkernels.distill.methods.gan_compression import discriminator_gan_loss, generator_gan_loss
@@ -112,24 +113,6 @@ class ResnetGenerator(nn.Module):
 
     def forward(self, x):
         return self.model(x)
-
-
-def progress(iterable, total: int, desc: str, quiet: bool):
-    if quiet:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False)
-
-
-def batches(count: int, batch: int, steps: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
-        if len(order) < batch:
-            order = torch.cat([order, torch.randperm(count, generator=g)])
-        yield order[:batch]
-        order = order[batch:]
 
 
 def make_discriminator(d_channels: int) -> nn.Module:

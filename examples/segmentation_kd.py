@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from _common import add_run_flags, json_args, save_figure, spread, write_results
+from _training import batches, progress
 from kdkernels.distill import AdversarialTrainer, Distiller, Method, StructuredKD, generator_parameters
 
 CLASSES = ("background", "disc", "square", "triangle")
@@ -138,24 +139,6 @@ def mean_iou(prediction: torch.Tensor, labels: torch.Tensor) -> float:
     tp = confusion.diag()
     iou = tp / (confusion.sum(0) + confusion.sum(1) - tp).clamp(min=1)
     return iou.mean().item()
-
-
-def batches(count: int, batch: int, steps: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
-        if len(order) < batch:
-            order = torch.cat([order, torch.randperm(count, generator=g)])
-        yield order[:batch]
-        order = order[batch:]
-
-
-def progress(iterable, total: int, desc: str, quiet: bool):
-    if quiet:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
 def train_teacher(images, labels, steps: int, batch: int, quiet: bool) -> nn.Module:

@@ -3,11 +3,12 @@
 loss goes non-finite — plus that calibration sets every method's first-step loss to the CE and
 that the first-step warning fires where the default weight is far off (FitNets' 100 here)."""
 
-import importlib.util
 import pathlib
 
 import pytest
 import torch
+
+from tests.script_module import load_script
 
 pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
@@ -15,17 +16,10 @@ pytest.importorskip("scipy")
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_methods.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_methods", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_quick_study(tmp_path):
     threads = torch.get_num_threads()
     try:
-        summary = load_bench().main(["--quick", "--out", str(tmp_path)])
+        summary = load_script(BENCH, "bench_methods").main(["--quick", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     keys = [k for k in summary if "/" in k]

@@ -51,6 +51,17 @@ def _reference(student, teacher, margin, reduction, channel_dim):
     return s64, expected
 
 
+def _assert_matches_reference(student, teacher, margin, reduction, channel_dim):
+    """The fused loss and its student gradient (of ``loss.backward()``) against the float64
+    reference; ``student`` is a leaf that requires grad."""
+    loss = margin_partial_l2(student, teacher, margin, reduction, channel_dim)
+    loss.backward()
+    s64, expected = _reference(student, teacher, margin, reduction, channel_dim)
+    expected.backward()
+    assert_close_to_reference(loss.cpu(), expected, torch.float32, "loss")
+    assert_close_to_reference(student.grad.cpu(), s64.grad, torch.float32, "student grad")
+
+
 def _backward(loss, expected):
     """Backward of both with one random upstream gradient (exercises grad_output != 1)."""
     weights = torch.rand(expected.shape, dtype=torch.float64) + 0.5
@@ -85,13 +96,7 @@ def test_teacher_layout_differs_from_student(device_backend):
     device, _ = device_backend
     student, teacher, margin, channel_dim = _features("nchw", device)
     teacher = teacher.contiguous(memory_format=torch.channels_last)
-    student.requires_grad_()
-    loss = margin_partial_l2(student, teacher, margin, "sum", channel_dim)
-    loss.backward()
-    s64, expected = _reference(student, teacher, margin, "sum", channel_dim)
-    expected.backward()
-    assert_close_to_reference(loss.cpu(), expected, torch.float32, "loss")
-    assert_close_to_reference(student.grad.cpu(), s64.grad, torch.float32, "student grad")
+    _assert_matches_reference(student.requires_grad_(), teacher, margin, "sum", channel_dim)
 
 
 def test_non_dense_student_is_read_correctly(device_backend):
@@ -99,13 +104,7 @@ def test_non_dense_student_is_read_correctly(device_backend):
     student, teacher, margin, channel_dim = _features("nchw_long_runs", device)
     student = student[:, :, ::2]  # a view with gaps: copied once
     teacher = teacher[:, :, ::2]
-    leaf = student.detach().requires_grad_()
-    loss = margin_partial_l2(leaf, teacher, margin, "mean", channel_dim)
-    loss.backward()
-    s64, expected = _reference(leaf, teacher, margin, "mean", channel_dim)
-    expected.backward()
-    assert_close_to_reference(loss.cpu(), expected, torch.float32, "loss")
-    assert_close_to_reference(leaf.grad.cpu(), s64.grad, torch.float32, "student grad")
+    _assert_matches_reference(student.detach().requires_grad_(), teacher, margin, "mean", channel_dim)
 
 
 def test_none_keeps_the_channels_last_layout(device_backend):

@@ -16,6 +16,15 @@ def _run(loss, case, reduction, backend):
     return loss_and_grads(loss, case, reduction, backend, torch.float32)
 
 
+def _case_with_value_at_position_0(name, layout, which, value):
+    """The loss named ``name`` and a case of it whose input ``which`` (0: student, 1: teacher)
+    holds ``value`` at one element of position 0."""
+    loss = BY_NAME[name]
+    case = make_case(loss, layout)
+    case.inputs[which][element_at_position(case, 0)] = value
+    return loss, case
+
+
 def _close(actual, expected, name):
     torch.testing.assert_close(actual.double(), expected.double(), rtol=2e-4, atol=2e-5, equal_nan=True, msg=lambda m: f"{name}: {m}")
 
@@ -24,9 +33,7 @@ def _close(actual, expected, name):
 @pytest.mark.parametrize("poisoned", [0, 1], ids=["nan_student", "nan_teacher"])
 @pytest.mark.parametrize("name,layout", GRID)
 def test_nan_in_a_counted_position_is_nan_and_masked_positions_stay_zero(name, layout, poisoned, backend):
-    loss = BY_NAME[name]
-    case = make_case(loss, layout)
-    case.inputs[poisoned][element_at_position(case, 0)] = float("nan")
+    loss, case = _case_with_value_at_position_0(name, layout, poisoned, float("nan"))
     masked = first_masked_out(case)
     if masked is not None:  # whatever a masked-out position holds, it stays out
         for k in (0, 1):
@@ -76,9 +83,7 @@ def test_minus_inf_teacher_is_an_excluded_class_exactly(name, layout, backend):
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("name,layout", SOFTMAX_GRID)
 def test_minus_inf_student_where_the_teacher_has_mass_is_plus_inf(name, layout, backend):
-    loss = BY_NAME[name]
-    case = make_case(loss, layout)
-    case.inputs[0][element_at_position(case, 0)] = float("-inf")
+    loss, case = _case_with_value_at_position_0(name, layout, 0, float("-inf"))
     out, grads = _run(loss, case, "none", backend)
     assert out.reshape(-1)[0] == float("inf")
     assert torch.isfinite(out.reshape(-1)[1:]).all()
@@ -91,9 +96,7 @@ def test_minus_inf_student_where_the_teacher_has_mass_is_plus_inf(name, layout, 
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("name,layout", SOFTMAX_GRID)
 def test_plus_inf_logit_makes_the_row_nan(name, layout, backend):
-    loss = BY_NAME[name]
-    case = make_case(loss, layout)
-    case.inputs[0][element_at_position(case, 0)] = float("inf")
+    loss, case = _case_with_value_at_position_0(name, layout, 0, float("inf"))
     out, _ = _run(loss, case, "none", backend)
     assert out.reshape(-1)[0].isnan()
     assert not out.reshape(-1)[1:].isnan().any()

@@ -21,10 +21,15 @@ INPUT_NORMS = ("batch", "tanh", None)
 PATCH_NORMS = ("instance", "batch", None)
 
 
-def _check_positive_int(owner: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name}: expected a positive int, got {value!r}")
-    return value
+def _check_positive_ints(owner: str, **values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name}: expected a positive int, got {value!r}")
+
+
+def _check_one_of(owner: str, name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{owner}: {name}: expected one of {allowed}, got {value!r}")
 
 
 class SelfAttention2d(nn.Module):
@@ -63,11 +68,8 @@ class SAGANDiscriminator(nn.Module):
 
     def __init__(self, in_channels: int, *, conv_dim: int = 64, depth: int = 4, input_norm: str | None = "batch") -> None:
         super().__init__()
-        _check_positive_int("SAGANDiscriminator", "in_channels", in_channels)
-        _check_positive_int("SAGANDiscriminator", "conv_dim", conv_dim)
-        _check_positive_int("SAGANDiscriminator", "depth", depth)
-        if input_norm not in INPUT_NORMS:
-            raise ValueError(f"SAGANDiscriminator: input_norm: expected one of {INPUT_NORMS}, got {input_norm!r}")
+        _check_positive_ints("SAGANDiscriminator", in_channels=in_channels, conv_dim=conv_dim, depth=depth)
+        _check_one_of("SAGANDiscriminator", "input_norm", input_norm, INPUT_NORMS)
         self.depth = depth
         self.input_norm = {"batch": nn.BatchNorm2d(in_channels), "tanh": nn.Tanh(), None: nn.Identity()}[input_norm]
         layers, channels = [], in_channels
@@ -104,11 +106,8 @@ class PatchDiscriminator(nn.Module):
 
     def __init__(self, in_channels: int, *, base_channels: int = 64, layers: int = 3, norm: str | None = "instance") -> None:
         super().__init__()
-        _check_positive_int("PatchDiscriminator", "in_channels", in_channels)
-        _check_positive_int("PatchDiscriminator", "base_channels", base_channels)
-        _check_positive_int("PatchDiscriminator", "layers", layers)
-        if norm not in PATCH_NORMS:
-            raise ValueError(f"PatchDiscriminator: norm: expected one of {PATCH_NORMS}, got {norm!r}")
+        _check_positive_ints("PatchDiscriminator", in_channels=in_channels, base_channels=base_channels, layers=layers)
+        _check_one_of("PatchDiscriminator", "norm", norm, PATCH_NORMS)
 
         def normalisation(c: int) -> nn.Module:
             return {"instance": lambda: nn.InstanceNorm2d(c), "batch": lambda: nn.BatchNorm2d(c), None: nn.Identity}[norm]()

@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill_nets import SmallCNN, TinyEncoder, images
+from training_steps import loss_before_and_after
 from kdkernels.distill import (
     FSP,
     OFD,
@@ -255,12 +256,9 @@ def test_fitnets_two_stages():
     # Stage 1: guided layer + regressor on the hint alone; the rest of the student is untouched.
     stage1 = Distiller(student, teacher, [FitNets("relu1", "relu1", student_channels=4, teacher_channels=8)])
     optimizer = torch.optim.SGD(params + list(stage1.methods.parameters()), lr=0.05, weight_decay=5e-4)
-    fc_before, first = student.fc.weight.detach().clone(), stage1(x).total.detach()
-    for _ in range(5):
-        optimizer.zero_grad()
-        stage1(x).total.backward()
-        optimizer.step()
-    assert stage1(x).total < first and torch.equal(student.fc.weight, fc_before)
+    fc_before = student.fc.weight.detach().clone()
+    first, last = loss_before_and_after(lambda: stage1(x).total, optimizer, steps=5)
+    assert last < first and torch.equal(student.fc.weight, fc_before)
     stage1.remove_hooks()
     # Stage 2: the whole student with KD.
     stage2 = Distiller(student, teacher, [HintonKD()])

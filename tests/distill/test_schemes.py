@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from distill_nets import SmallCNN, images
 from kdkernels.distill import BYOT, BornAgainEnsemble, Distiller, MutualLearning, born_again
+from training_steps import loss_before_and_after
 
 
 def kl(p_logits, q_logits):
@@ -41,12 +42,8 @@ def test_mutual_learning_updates_every_peer_and_lowers_the_loss():
     before = [p.fc.weight.detach().clone() for p in peers]
     optimizer = torch.optim.Adam(dml.parameters(), lr=1e-2)
     x, y = images(), torch.randint(0, 5, (6,))
-    first = dml(x, y).total.detach()
-    for _ in range(8):
-        optimizer.zero_grad()
-        dml(x, y).total.backward()
-        optimizer.step()
-    assert dml(x, y).total < first
+    first, last = loss_before_and_after(lambda: dml(x, y).total, optimizer, steps=8)
+    assert last < first
     assert all(not torch.equal(b, p.fc.weight) for b, p in zip(before, peers))
 
 
@@ -94,12 +91,8 @@ def test_byot_trains_and_predicts_every_head():
     model, byot = make_byot()
     optimizer = torch.optim.Adam(byot.parameters(), lr=1e-2)
     x, y = images(), torch.randint(0, 5, (6,))
-    first = byot(x, y).total.detach()
-    for _ in range(8):
-        optimizer.zero_grad()
-        byot(x, y).total.backward()
-        optimizer.step()
-    assert byot(x, y).total < first
+    first, last = loss_before_and_after(lambda: byot(x, y).total, optimizer, steps=8)
+    assert last < first
     assert [z.shape for z in byot.predict(x)] == [(6, 5), (6, 5)]
 
 

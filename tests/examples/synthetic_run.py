@@ -2,6 +2,7 @@
 examples/<name>.py --synthetic`` with this checkout first on the path), and fails the test with the
 end of its stderr unless it exits with 0. Each test then checks what that example wrote."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -28,3 +29,10 @@ def run_synthetic(example: str, *args: str, out=None, timeout: float, default_ba
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def run_seeded_comparison(example: str, out: pathlib.Path, timeout: float = 300) -> tuple[dict, str]:
+    """Runs an example that reports through ``examples/_common.write_results`` (``--synthetic
+    --quiet --threads 1``); returns its ``results.json`` (parsed) and ``table.md``."""
+    run_synthetic(example, "--quiet", "--threads", "1", out=out, timeout=timeout)
+    return json.loads((out / "results.json").read_text()), (out / "table.md").read_text()

@@ -2,11 +2,11 @@
 dataset is deterministic, and its COCO evaluator gives the numbers of hand-made cases."""
 
 import csv
-import importlib.util
-import sys
 
 import pytest
 import torch
+
+from tests.script_module import load_script
 
 from .synthetic_run import ROOT, run_synthetic
 
@@ -16,11 +16,7 @@ EXAMPLE = ROOT / "examples" / "detection_kd.py"
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("detection_kd_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE, "detection_kd_example")
 
 
 def test_synthetic_run_writes_table_and_plot(tmp_path):

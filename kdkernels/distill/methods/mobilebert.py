@@ -30,6 +30,7 @@ from kdkernels.distill.capture import FeatureSpec, SpecLike
 from kdkernels.distill.method import Method, check_same_shape, check_weight, paired
 from kdkernels.functional.weighted_soft_ce import weighted_soft_ce
 
+HIDDEN_WIDTH_HINT = "MobileBERT's student and teacher share the inter-block width"  # the shape error's hint
 LAYER_NORM_EPS = 1e-12  # tf.contrib.layers.layer_norm's variance epsilon (unverified for the MobileBERT code)
 
 
@@ -103,6 +104,15 @@ class _LayerwiseMethod(Method):
     def gated_mean(self, losses: list[torch.Tensor]) -> torch.Tensor:
         return gated_layer_mean(losses, self.layer_gates)
 
+    def paired_layer_losses(self, student, teacher, layer_loss, shape_hint: str) -> list:
+        """``layer_loss(s_ℓ, t_ℓ)`` for each layer pair, after checking the pair has one shape
+        (``shape_hint`` says why it must, in the error)."""
+        losses = []
+        for s, t, spec in zip(student, teacher, self.student_features):
+            check_same_shape(self.name, str(spec), s, t, shape_hint)
+            losses.append(layer_loss(s, t))
+        return losses
+
 
 class FeatureMapTransfer(_LayerwiseMethod):
     """MobileBERT feature-map transfer: Σ_ℓ g_ℓ · MSE(LN(H_ℓᵗ), LN(H_ℓˢ)) / L between hidden states
@@ -120,11 +130,7 @@ class FeatureMapTransfer(_LayerwiseMethod):
         super().__init__(student_layers, teacher_layers, weight, name)
 
     def forward(self, student, teacher, target):
-        losses = []
-        for s, t, spec in zip(student, teacher, self.student_features):
-            check_same_shape(self.name, str(spec), s, t, "MobileBERT's student and teacher share the inter-block width")
-            losses.append(feature_map_transfer_loss(s, t))
-        return self.gated_mean(losses)
+        return self.gated_mean(self.paired_layer_losses(student, teacher, feature_map_transfer_loss, HIDDEN_WIDTH_HINT))
 
 
 class AttentionDistributionTransfer(_LayerwiseMethod):
@@ -142,11 +148,8 @@ class AttentionDistributionTransfer(_LayerwiseMethod):
         super().__init__(student_layers, teacher_layers, weight, name)
 
     def forward(self, student, teacher, target):
-        losses = []
-        for s, t, spec in zip(student, teacher, self.student_features):
-            check_same_shape(self.name, str(spec), s, t, "student and teacher need the same number of heads and sequence length")
-            losses.append(attention_transfer_loss(s, t))
-        return self.gated_mean(losses)
+        shape_hint = "student and teacher need the same number of heads and sequence length"
+        return self.gated_mean(self.paired_layer_losses(student, teacher, attention_transfer_loss, shape_hint))
 
 
 class MeanVarianceTransfer(_LayerwiseMethod):
@@ -206,10 +209,7 @@ class MeanVarianceTransfer(_LayerwiseMethod):
                 check_same_shape(self.name, str(spec), s, stacked[0], "hidden states of equal shape")
             pairs = [mean_variance_transfer_loss(s, stacked) for s in student]
         else:
-            pairs = []
-            for s, t, spec in zip(student, teacher, self.student_features):
-                check_same_shape(self.name, str(spec), s, t, "MobileBERT's student and teacher share the inter-block width")
-                pairs.append(mean_variance_transfer_loss(s, t))
+            pairs = self.paired_layer_losses(student, teacher, mean_variance_transfer_loss, HIDDEN_WIDTH_HINT)
         return {
             "mean": self.mean_weight * self.gated_mean([m for m, _ in pairs]),
             "variance": self.variance_weight * self.gated_mean([v for _, v in pairs]),

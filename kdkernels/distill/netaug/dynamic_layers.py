@@ -25,6 +25,18 @@ def _check_width(layer: str, what: str, width: int, limit: int) -> None:
         raise ValueError(f"{layer}: {what} is {width}, but the layer holds {limit} (the supernet's widest configuration)")
 
 
+def _load_leading(layer, training: bool, **tensors: torch.Tensor | None):
+    """Copies each given tensor into the leading block of ``layer``'s tensor of that name (as
+    large or larger: a widened copy keeps the rest of its initialisation; None is skipped) and
+    sets ``layer``'s train mode; returns ``layer``."""
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if value is not None:
+                getattr(layer, name)[tuple(slice(0, n) for n in value.shape)].copy_(value)
+    layer.train(training)
+    return layer
+
+
 class DynamicConv2d(nn.Conv2d):
     """A ``Conv2d`` that runs on the leading ``active_out`` filters and the input's channels.
 
@@ -57,14 +69,8 @@ class DynamicConv2d(nn.Conv2d):
             dilation=conv.dilation, groups=groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
             device=conv.weight.device, dtype=conv.weight.dtype,
         )
-        with torch.no_grad():
-            w = conv.weight
-            layer.weight[: w.shape[0], : w.shape[1]].copy_(w)
-            if conv.bias is not None:
-                layer.bias[: conv.bias.shape[0]].copy_(conv.bias)
         layer.active_out = conv.out_channels
-        layer.train(conv.training)
-        return layer
+        return _load_leading(layer, conv.training, weight=conv.weight, bias=conv.bias)
 
     def active_weights(self, in_channels: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """(weight, bias, groups) of the active configuration for ``in_channels`` inputs."""
@@ -90,12 +96,7 @@ class DynamicConv2d(nn.Conv2d):
             in_channels, weight.shape[0], self.kernel_size, stride=self.stride, padding=self.padding,
             dilation=self.dilation, groups=groups, bias=bias is not None, device=weight.device, dtype=weight.dtype,
         )
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if bias is not None:
-                conv.bias.copy_(bias)
-        conv.train(self.training)
-        return conv
+        return _load_leading(conv, self.training, weight=weight, bias=bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", active_out={self.active_out}"
@@ -111,13 +112,8 @@ class DynamicLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, in_features: int, out_features: int) -> "DynamicLinear":
         layer = cls(in_features, out_features, bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            layer.weight[: linear.out_features, : linear.in_features].copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias[: linear.out_features].copy_(linear.bias)
         layer.active_out = linear.out_features
-        layer.train(linear.training)
-        return layer
+        return _load_leading(layer, linear.training, weight=linear.weight, bias=linear.bias)
 
     def active_weights(self, in_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         name = type(self).__name__
@@ -132,12 +128,7 @@ class DynamicLinear(nn.Linear):
     def export(self, in_features: int) -> nn.Linear:
         weight, bias = self.active_weights(in_features)
         linear = nn.Linear(in_features, weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias)
-        linear.train(self.training)
-        return linear
+        return _load_leading(linear, self.training, weight=weight, bias=bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", active_out={self.active_out}"
@@ -154,17 +145,10 @@ class DynamicBatchNorm2d(nn.BatchNorm2d):
             num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats,
             device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype,
         )
-        c = bn.num_features
-        with torch.no_grad():
-            if bn.affine:
-                layer.weight[:c].copy_(bn.weight)
-                layer.bias[:c].copy_(bn.bias)
-            if bn.track_running_stats:
-                layer.running_mean[:c].copy_(bn.running_mean)
-                layer.running_var[:c].copy_(bn.running_var)
-                layer.num_batches_tracked.copy_(bn.num_batches_tracked)
-        layer.train(bn.training)
-        return layer
+        return _load_leading(
+            layer, bn.training, weight=bn.weight, bias=bn.bias, running_mean=bn.running_mean,
+            running_var=bn.running_var, num_batches_tracked=bn.num_batches_tracked,
+        )
 
     def _active(self, channels: int):
         _check_width(type(self).__name__, "the input width", channels, self.num_features)
@@ -195,13 +179,7 @@ class DynamicBatchNorm2d(nn.BatchNorm2d):
             num_features, eps=self.eps, momentum=self.momentum, affine=self.affine, track_running_stats=self.track_running_stats,
             device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype,
         )
-        with torch.no_grad():
-            if self.affine:
-                bn.weight.copy_(weight)
-                bn.bias.copy_(bias)
-            if self.track_running_stats:
-                bn.running_mean.copy_(running_mean)
-                bn.running_var.copy_(running_var)
-                bn.num_batches_tracked.copy_(self.num_batches_tracked)
-        bn.train(self.training)
-        return bn
+        return _load_leading(
+            bn, self.training, weight=weight, bias=bias, running_mean=running_mean,
+            running_var=running_var, num_batches_tracked=self.num_batches_tracked,
+        )
