@@ -37,7 +37,6 @@ _BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_BENCH, os.path.dirname(_BENCH)]
 import _harness as H  # noqa: E402
 
-import kdkernels  # noqa: E402
 from kdkernels.functional import distill_loss, kd_loss  # noqa: E402
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
@@ -77,71 +76,30 @@ def composite(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float, T:
     return per_position.sum() * (T * T) / per_position.numel()
 
 
-def float64_reference(loss_fn):
-    def reference(inputs):
-        s, t = inputs
-        s64 = s.detach().double().requires_grad_()
-        loss = loss_fn(s64, t.detach().double())
-        loss.backward()
-        return loss.detach(), [s64.grad]
-
-    return reference
-
-
 def run_divergence(divergence: str, args, device: torch.device) -> dict:
     beta = BETA.get(divergence, 0.5)
     T = TEMPERATURE
     compiled = H.CompiledCache(lambda s, t: composite(s, t, divergence, beta, T), args.compile_static)
 
-    def make_inputs(config: H.Config, device: torch.device, seed: int) -> list[torch.Tensor]:
-        g = torch.Generator(device=device).manual_seed(seed)
-        shape = (config.n, config.v)
-        s = (torch.randn(shape, generator=g, device=device, dtype=config.dtype) * 3).requires_grad_()
-        t = torch.randn(shape, generator=g, device=device, dtype=config.dtype) * 3
-        return [s, t]
-
     def make_candidates(config: H.Config, device: torch.device) -> list[H.Candidate]:
-        cands = []
-        for backend, reason in H.kdkernels_backends(device, args.backends):
-
-            def fused(s, t, backend=backend):
-                with kdkernels.use_backend(backend):
-                    return distill_loss(s, t, divergence=divergence, beta=beta, temperature=T)
-
-            def yardstick(s, t, backend=backend):
-                with kdkernels.use_backend(backend):
-                    return kd_loss(s, t, temperature=T)
-
-            cands.append(H.Candidate(f"kdkernels[{backend}]", fn=fused, skip_reason=reason, is_kdkernels=True))
-            cands.append(H.Candidate(
-                f"kd_loss[{backend}]", fn=yardstick, skip_reason=reason,
-                note="forward KL by kd_loss: the yardstick", reference=float64_reference(lambda s, t: composite(s, t, "forward_kl", 0.5, T)),
-            ))
-        cands.append(H.Candidate("eager", fn=lambda s, t: composite(s, t, divergence, beta, T)))
-        if args.no_compile:
-            cands.append(H.Candidate("compile", skip_reason="--no-compile"))
-        else:
-            fn = compiled.get(config)
-
-            def compiled_fn(s, t, fn=fn):
-                if not args.compile_static:
-                    torch._dynamo.maybe_mark_dynamic(s, 0)
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-                return fn(s, t)
-
-            cands.append(H.Candidate("compile", fn=compiled_fn))
-        return cands
-
-    def bytes_moved(config: H.Config) -> int:
-        elem = torch.empty((), dtype=config.dtype).element_size()
-        return 3 * config.n * config.v * elem  # read s, read t, write grad s
+        fused = H.kdkernels_candidates(
+            device, args.backends, lambda s, t: distill_loss(s, t, divergence=divergence, beta=beta, temperature=T)
+        )
+        yardsticks = H.kdkernels_candidates(device, args.backends, lambda s, t: kd_loss(s, t, temperature=T))
+        for cand in yardsticks:  # forward KL by kd_loss, with its own reference
+            cand.name = cand.name.replace("kdkernels", "kd_loss")
+            cand.is_kdkernels = False
+            cand.note = "forward KL by kd_loss: the yardstick"
+            cand.reference = H.float64_reference(lambda s, t: composite(s, t, "forward_kl", 0.5, T))
+        eager = H.Candidate("eager", fn=lambda s, t: composite(s, t, divergence, beta, T))
+        return fused + yardsticks + [eager, compiled.candidate(config, args.no_compile)]
 
     spec = H.BenchSpec(
         name=f"divergences_{divergence}",
-        make_inputs=make_inputs,
+        make_inputs=H.random_logits,
         make_candidates=make_candidates,
-        reference=float64_reference(lambda s, t: composite(s, t, divergence, beta, T)),
-        bytes_moved=bytes_moved,
+        reference=H.float64_reference(lambda s, t: composite(s, t, divergence, beta, T)),
+        bytes_moved=H.two_reads_one_write,
         settings={"divergence": divergence, "beta": beta, "temperature": T, "scale_by_t2": True,
                   "reduction": "batchmean", "teacher_requires_grad": False},
     )

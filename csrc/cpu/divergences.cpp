@@ -233,9 +233,10 @@ inline void bucket_terms(const Vec<acc_t>& u, const Vec<acc_t>& v, const Vec<acc
     const V m = vb * x + vb1 * y;
     const V lm = fast_log(m);
     const V live = x != zero;
+    const V x_over_m = x / m;  // one division for both derivatives
     term = V::blendv(zero, x * (lx - lm), live);
-    const V d_x = V::blendv(zero, x * (lx - lm + V(1)) - vb * x * x / m, live);
-    const V d_y = V::blendv(zero, zero - vb1 * x * y / m, m != zero);
+    const V d_x = V::blendv(zero, x * (lx - lm + V(1)) - vb * x * x_over_m, live);
+    const V d_y = V::blendv(zero, zero - vb1 * y * x_over_m, m != zero);
     g = fwd ? d_y : d_x;
     h = fwd ? d_x : d_y;
   } else {
@@ -318,16 +319,26 @@ RowResult mixture_row(const Setup<acc_t>& su, const RowInputs<acc_t, in_t>& in, 
   const acc_t divergence = hsum(sum_term);
   if (grads) {
     const V vscale(su.scale), total_g(hsum(sum_g)), total_h(hsum(sum_h));
-    sweep_row([&](int64_t c, int64_t n, const V&, const V&, const V& p, const V& q) {
-      if (gs != nullptr) {
-        const V d = (V::loadu(G + c, n) - p * total_g) * vscale * slope_at(su.student, in.zs, c);
-        n == L ? store_vec(d, gs + c) : store_vec_n(d, gs + c, n);
-      }
-      if (gt != nullptr) {
-        const V d = (V::loadu(H + c, n) - q * total_h) * vscale * slope_at(su.teacher, in.zt, c);
-        n == L ? store_vec(d, gt + c) : store_vec_n(d, gt + c, n);
-      }
-    });
+    auto pass3 = [&](auto sloped) {
+      constexpr bool kSloped = decltype(sloped)::value;  // a transform on either side
+      sweep_row([&](int64_t c, int64_t n, const V&, const V&, const V& p, const V& q) {
+        if (gs != nullptr) {
+          V d = (V::loadu(G + c, n) - p * total_g) * vscale;
+          if constexpr (kSloped) d = d * slope_at(su.student, in.zs, c);
+          n == L ? store_vec(d, gs + c) : store_vec_n(d, gs + c, n);
+        }
+        if (gt != nullptr) {
+          V d = (V::loadu(H + c, n) - q * total_h) * vscale;
+          if constexpr (kSloped) d = d * slope_at(su.teacher, in.zt, c);
+          n == L ? store_vec(d, gt + c) : store_vec_n(d, gt + c, n);
+        }
+      });
+    };
+    if (in.zs != nullptr || in.zt != nullptr) {
+      pass3(std::true_type{});
+    } else {
+      pass3(std::false_type{});
+    }
   }
   return {true, static_cast<double>(su.factor * divergence)};
 }
