@@ -266,8 +266,14 @@ RowResult mixture_row(const Setup<acc_t>& su, const RowInputs<acc_t, in_t>& in, 
   const V vinv(su.inv_t), vsa(st.shift_a), vsb(st.shift_b), vlza(st.log_za), vlzb(st.log_zb);
   const acc_t* ea = scratch.cache.ea.data();
   const acc_t* eb = scratch.cache.eb.data();
+  // The bucket gradients wait for pass 3 in the gradient rows themselves when those hold acc_t
+  // (pass 3 then updates them in place: a smaller working set), else in the scratch.
   acc_t* G = scratch.g.data();
   acc_t* H = scratch.h.data();
+  if constexpr (std::is_same_v<out_t, acc_t>) {
+    if (gs != nullptr) G = gs;
+    if (gt != nullptr) H = gt;
+  }
 
   // Visits the row vector by vector with (c, lanes, u, v, p, q); tail lanes are −inf logits.
   // kFromCache: p, q from pass 1's exponentials (finite rows), else exp(u), exp(v) (NaN propagates).
@@ -420,8 +426,8 @@ void divergence_rows_impl(const Setup<acc_t>& su, const at::Tensor& s, const at:
       scratch.zs.resize(padded);
       scratch.zt.resize(padded);
     }
-    if (mixture && GS != nullptr) scratch.g.resize(C);
-    if (mixture && GT != nullptr) scratch.h.resize(C);
+    if (!std::is_same_v<scalar_t, acc_t> && mixture && GS != nullptr) scratch.g.resize(C);
+    if (!std::is_same_v<scalar_t, acc_t> && mixture && GT != nullptr) scratch.h.resize(C);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r / I, i = r % I;
       const scalar_t* s_row = S + o * s.stride(0) + i * s.stride(2);
