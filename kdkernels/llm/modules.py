@@ -1,13 +1,12 @@
-"""``nn.Module`` wrappers of :func:`kdkernels.llm.distill_loss` and the TRL-compatible JSD.
-
-Fused kernels: pending issue 11's row walker (today they compute through the reference).
-"""
+"""``nn.Module`` wrappers of :func:`kdkernels.llm.distill_loss`, the TRL-compatible JSD and
+:func:`kdkernels.llm.fused_linear_distill_loss`."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from kdkernels.llm.fused_linear import fused_linear_distill_loss
 from kdkernels.llm.losses import IGNORE_INDEX, distill_loss, generalized_jsd_loss
 
 
@@ -73,3 +72,48 @@ class GeneralizedJSDLoss(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None, num_items_in_batch=None):
         return generalized_jsd_loss(student_logits, teacher_logits, labels, self.beta, self.temperature, self.reduction, num_items_in_batch)
+
+
+class FusedLinearDistillLoss(nn.Module):
+    """Holds the configuration of :func:`~kdkernels.llm.fused_linear_distill_loss`;
+    ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None,
+    teacher_bias=None, *, mask=None, labels=None, num_items_in_batch=None)`` — e.g. with the models'
+    final hidden states and ``model.lm_head.weight``: no logits are computed."""
+
+    def __init__(
+        self,
+        divergence: str = "forward_kl",
+        *,
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        scale_by_t2: bool = True,
+        ignore_index: int = IGNORE_INDEX,
+        reduction: str = "batchmean",
+        vocab_size: int | None = None,
+        softcap=None,
+        logit_scale=None,
+        chunk_rows: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = dict(
+            divergence=divergence,
+            beta=beta,
+            temperature=temperature,
+            scale_by_t2=scale_by_t2,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            vocab_size=vocab_size,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            chunk_rows=chunk_rows,
+        )
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None, teacher_bias=None,
+                *, mask=None, labels=None, num_items_in_batch=None):
+        return fused_linear_distill_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+            mask=mask, labels=labels, num_items_in_batch=num_items_in_batch, **self.config,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())

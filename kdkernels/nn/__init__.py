@@ -7,11 +7,12 @@ from kdkernels.nn.margin_partial_l2 import MarginPartialL2Loss
 from kdkernels.nn.pairwise_similarity import PairwiseSimilarityLoss
 from kdkernels.nn.rkd_angle import RKDAngleLoss
 from kdkernels.nn.weighted_soft_ce import WeightedSoftCELoss
-from kdkernels.llm.modules import DistillLoss, GeneralizedJSDLoss
+from kdkernels.llm.modules import DistillLoss, FusedLinearDistillLoss, GeneralizedJSDLoss
 
 __all__ = [
     "BoundedRegressionLoss",
     "DistillLoss",
+    "FusedLinearDistillLoss",
     "GeneralizedJSDLoss",
     "KDLoss",
     "KLDivLoss",

@@ -1,0 +1,284 @@
+r"""Distillation from hidden states and LM heads without the (N, V) logits.
+
+:func:`fused_linear_distill_loss` computes :func:`kdkernels.llm.distill_loss` of
+``z_s = h_s W_sᵀ + b_s`` and ``z_t = h_t W_tᵀ + b_t`` — the same divergences, temperature, T²,
+masks / labels, reductions, ``num_items_in_batch``, ``vocab_size``, soft-capping and logit scaling —
+but never holds the logits of all positions: it walks the positions in row blocks of ``chunk_rows``
+(Liger-Kernel's fused-linear losses chunk the same way). Per block:
+
+1. ``z_s = h_s[block] W_sᵀ (+ b_s)`` and ``z_t`` likewise: two GEMMs, (rows, V) each;
+2. the fused divergence kernel of the backend (:data:`kdkernels.ops.divergences.DIVERGENCES`; the
+   torch backend its reference formula through autograd) gives the per-position losses and
+   ``∂loss/∂z`` of the block, already scaled by the reduction;
+3. ``∂/∂h_s[block] = (∂/∂z_s) W_s``, ``∂/∂W_s += (∂/∂z_s)ᵀ h_s[block]``, ``∂/∂b_s += Σ_rows ∂/∂z_s``
+   (and the teacher's when its tensors require grad): the block's logits and their gradients are
+   freed before the next block.
+
+So the extra memory is the gradients of the hidden states and weights plus O(chunk_rows · V),
+and the work is that of the eager composite: the same four GEMMs (two forward, two backward per
+head that learns), with the softmax passes fused. The gradients are computed in the forward (as
+every kdkernels loss); ``reduction="none"`` recomputes the blocks in the backward instead, with
+each position's incoming gradient.
+
+Not (yet) what issue 17 asks beyond this: the vocabulary is not tiled (each block holds full rows
+of V), there is no Triton ``tl.dot`` kernel, and no vocabulary-parallel ``process_group``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from kdkernels import backends
+from kdkernels._validation import check_int, check_tensor
+from kdkernels.llm.losses import IGNORE_INDEX, _validate
+from kdkernels.ops._reduction import counted_positions
+from kdkernels.ops.divergences import DIVERGENCES as DIVERGENCES_OP
+
+# Logit bytes per block at the default chunk size: two (rows, V) logit blocks and their gradients
+# stay in the last-level cache's order of magnitude, and rows · H is GEMM-sized.
+_DEFAULT_BLOCK_BYTES = 16 << 20
+
+
+def _check_head(hidden, weight, bias, positions, who: str) -> None:
+    check_tensor(hidden, f"{who}_hidden")
+    check_tensor(weight, f"{who}_weight")
+    if hidden.dim() < 1:
+        raise ValueError(f"{who}_hidden: expected (…, hidden) hidden states, got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{who}_weight: expected a (vocabulary, hidden) LM-head weight, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{who}_weight: hidden size {weight.shape[1]} does not match {who}_hidden's last dimension {hidden.shape[-1]}"
+        )
+    if positions is not None and tuple(hidden.shape[:-1]) != positions:
+        raise ValueError(f"{who}_hidden: expected leading shape {positions} to match student_hidden, got {tuple(hidden.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{who}_weight: dtype {weight.dtype} differs from {who}_hidden's {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{who}_weight: on {weight.device}, expected {who}_hidden's device {hidden.device}")
+    if bias is not None:
+        check_tensor(bias, f"{who}_bias")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{who}_bias: expected shape ({weight.shape[0]},) (the vocabulary), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise ValueError(f"{who}_bias: expected {hidden.dtype} on {hidden.device}, got {bias.dtype} on {bias.device}")
+
+
+def _logits(hidden, weight, bias):
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+class _Heads:
+    """Both heads' tensors, flattened to (N, H) rows and cut to the compared vocabulary."""
+
+    def __init__(self, hs, ws, bs, ht, wt, bt, vocab):
+        self.hs, self.ht = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
+        self.ws, self.wt = ws[:vocab], wt[:vocab]
+        self.bs = None if bs is None else bs[:vocab]
+        self.bt = None if bt is None else bt[:vocab]
+
+
+def _block_losses_and_grads(backend, zs, zt, mask, options, grad_scale, student_grad, teacher_grad):
+    """Per-position losses of a block of logits and the gradients of ``grad_scale · Σ loss`` (or of
+    ``Σ grad_scale_i · loss_i`` for a per-row ``grad_scale``) with respect to them."""
+    s3, t3 = zs.unsqueeze(-1), zt.unsqueeze(-1)
+    m2 = None if mask is None else mask.unsqueeze(-1)
+    rowwise = grad_scale.numel() > 1
+    if backend == "torch" or rowwise:
+        # The reference formula through autograd (and every backend for per-row scales, which the
+        # kernels do not take: reduction="none"'s backward).
+        if backend != "torch":
+            kernel = DIVERGENCES_OP.kernel_for(backend)
+            loss, gs, gt = kernel(s3, t3, m2, *options, torch.ones((), dtype=torch.float64), student_grad, teacher_grad)
+            row = grad_scale.to(gs.dtype if student_grad else gt.dtype).reshape(-1, 1, 1)
+            return loss.squeeze(-1), (gs * row).squeeze(-1) if student_grad else None, (gt * row).squeeze(-1) if teacher_grad else None
+        with torch.enable_grad():
+            s_leaf = s3.detach().requires_grad_(student_grad)
+            t_leaf = t3.detach().requires_grad_(teacher_grad)
+            loss = DIVERGENCES_OP.twin(s_leaf, t_leaf, m2, *options)
+            wanted = [x for x, w in ((s_leaf, student_grad), (t_leaf, teacher_grad)) if w]
+            weighted = (loss.squeeze(-1) * grad_scale.to(loss.dtype).reshape(-1)).sum()
+            grads = iter(torch.autograd.grad(weighted, wanted)) if wanted else iter(())
+        gs = next(grads).squeeze(-1) if student_grad else None
+        gt = next(grads).squeeze(-1) if teacher_grad else None
+        return loss.detach().squeeze(-1), gs, gt
+    kernel = DIVERGENCES_OP.kernel_for(backend)
+    loss, gs, gt = kernel(s3, t3, m2, *options, grad_scale.reshape(()), student_grad, teacher_grad)
+    return loss.squeeze(-1), gs.squeeze(-1) if student_grad else None, gt.squeeze(-1) if teacher_grad else None
+
+
+def _walk_blocks(heads: _Heads, mask, options, grad_scale, wants, chunk_rows, backend):
+    """One pass over the row blocks: the per-position losses (N,) and the gradients of the
+    ``wants`` = (hs, ws, bs, ht, wt, bt) flags, accumulated in float32 (float64 for float64)."""
+    n = heads.hs.shape[0]
+    acc = torch.float64 if heads.hs.dtype == torch.float64 else torch.float32
+    losses = torch.empty(n, dtype=acc, device=heads.hs.device)
+    want_hs, want_ws, want_bs, want_ht, want_wt, want_bt = wants
+    student_grad = want_hs or want_ws or want_bs
+    teacher_grad = want_ht or want_wt or want_bt
+    g_hs = torch.empty_like(heads.hs) if want_hs else None
+    g_ht = torch.empty_like(heads.ht) if want_ht else None
+    g_ws = torch.zeros(heads.ws.shape, dtype=acc, device=heads.ws.device) if want_ws else None
+    g_wt = torch.zeros(heads.wt.shape, dtype=acc, device=heads.wt.device) if want_wt else None
+    g_bs = torch.zeros(heads.ws.shape[0], dtype=acc, device=heads.ws.device) if want_bs else None
+    g_bt = torch.zeros(heads.wt.shape[0], dtype=acc, device=heads.wt.device) if want_bt else None
+    for r0 in range(0, n, chunk_rows):
+        rows = slice(r0, min(n, r0 + chunk_rows))
+        hs, ht = heads.hs[rows], heads.ht[rows]
+        zs = _logits(hs, heads.ws, heads.bs)
+        zt = _logits(ht, heads.wt, heads.bt)
+        scale = grad_scale[rows] if grad_scale.numel() > 1 else grad_scale
+        block_mask = None if mask is None else mask[rows]
+        losses[rows], gzs, gzt = _block_losses_and_grads(backend, zs, zt, block_mask, options, scale, student_grad, teacher_grad)
+        del zs, zt
+        for gz, h, w, g_h, g_w, g_b in ((gzs, hs, heads.ws, g_hs, g_ws, g_bs), (gzt, ht, heads.wt, g_ht, g_wt, g_bt)):
+            if gz is None:
+                continue
+            if g_h is not None:
+                torch.mm(gz, w, out=g_h[rows])
+            if g_w is not None:
+                g_w.addmm_(gz.t().to(acc), h.to(acc))
+            if g_b is not None:
+                g_b += gz.sum(0, dtype=acc)
+    return losses, (g_hs, g_ws, g_bs, g_ht, g_wt, g_bt)
+
+
+def _padded(grad, like):
+    """A gradient of the compared vocabulary's rows, back in ``like``'s shape (0 for the padding) and dtype."""
+    if grad is None:
+        return None
+    if grad.shape[0] == like.shape[0]:
+        return grad.to(like.dtype)
+    full = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+    full[: grad.shape[0]] = grad
+    return full
+
+
+class _FusedLinearDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, mask, grad_scale, options, vocab, chunk_rows, backend, rowwise):
+        heads = _Heads(hs, ws, bs, ht, wt, bt, vocab)
+        wants = tuple(bool(x is not None and flag) for x, flag in zip((hs, ws, bs, ht, wt, bt), ctx.needs_input_grad[:6]))
+        if rowwise or not any(wants):  # "none" (or no gradient): the blocks are recomputed in the backward
+            losses, _ = _walk_blocks(heads, mask, options, grad_scale, (False,) * 6, chunk_rows, backend)
+            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, mask)
+            ctx.recompute = (options, vocab, chunk_rows, backend, wants)
+            return losses if rowwise else losses.sum() * grad_scale
+        losses, grads = _walk_blocks(heads, mask, options, grad_scale, wants, chunk_rows, backend)
+        ctx.recompute = None
+        like = (hs, ws, bs, ht, wt, bt)
+        ctx.grads = [None if g is None else (_padded(g, x) if k in (1, 2, 4, 5) else g.reshape(x.shape))
+                     for k, (g, x) in enumerate(zip(grads, like))]
+        return losses.sum() * grad_scale  # the gradients already carry grad_scale
+
+    @staticmethod
+    @once_differentiable  # the gradients are computed, not traced: a double backward raises
+    def backward(ctx, grad_out):
+        if ctx.recompute is not None:
+            options, vocab, chunk_rows, backend, wants = ctx.recompute
+            hs, ws, bs, ht, wt, bt, mask = ctx.saved_tensors
+            heads = _Heads(hs, ws, bs, ht, wt, bt, vocab)
+            _, grads = _walk_blocks(heads, mask, options, grad_out.reshape(-1), wants, chunk_rows, backend)
+            # (a scalar reduction without gradients in the forward never reaches here: nothing wanted)
+            like = (hs, ws, bs, ht, wt, bt)
+            out = [None if g is None else (_padded(g, x) if k in (1, 2, 4, 5) else g.reshape(x.shape))
+                   for k, (g, x) in enumerate(zip(grads, like))]
+        else:
+            out = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]
+        return (*out, None, None, None, None, None, None, None)
+
+
+def fused_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "batchmean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    r""":func:`kdkernels.llm.distill_loss` of ``z_s = student_hidden @ student_weightᵀ + student_bias``
+    and ``z_t = teacher_hidden @ teacher_weightᵀ + teacher_bias`` without the (N, V) logits: the
+    positions are walked in blocks of ``chunk_rows`` rows (module docstring).
+
+    Args:
+        student_hidden / teacher_hidden: (…, H_s) / (…, H_t) final hidden states, same leading
+            shape (the hidden sizes may differ).
+        student_weight / teacher_weight: (V_s, H_s) / (V_t, H_t) LM-head weights (``nn.Linear``'s
+            layout); ``*_bias``: (V,) or None.
+        divergence, beta, temperature, scale_by_t2, mask, labels, ignore_index, reduction,
+        num_items_in_batch, vocab_size, softcap, logit_scale: as :func:`distill_loss` (the logits of
+            a linear head are finite, so every counted position has a teacher distribution:
+            ``mean`` divides by the counted positions).
+        chunk_rows: positions per block (default: about 16 MiB of fp32 logits per head and block).
+
+    Returns:
+        The loss: a scalar, or the positions' shape for ``reduction="none"``; float32 (float64
+        for float64 inputs). Gradients flow to every hidden state, weight and bias that requires
+        grad (the teacher's too, if its tensors do).
+    """
+    _check_head(student_hidden, student_weight, student_bias, None, "student")
+    positions = tuple(student_hidden.shape[:-1])
+    _check_head(teacher_hidden, teacher_weight, teacher_bias, positions, "teacher")
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError(f"teacher_hidden: on {teacher_hidden.device}, expected student_hidden's device {student_hidden.device}")
+    if chunk_rows is not None:
+        check_int(chunk_rows, "chunk_rows")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows: expected ≥ 1, got {chunk_rows}")
+    v_s, v_t = student_weight.shape[0], teacher_weight.shape[0]
+    if vocab_size is None and v_s != v_t:
+        raise ValueError(
+            f"teacher_weight: a vocabulary of {v_t} rows differs from student_weight's {v_s}; "
+            "pass vocab_size= to compare only the shared leading classes"
+        )
+    if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) and vocab_size > min(v_s, v_t):
+        raise ValueError(f"vocab_size: expected ≤ {min(v_s, v_t)} (the rows of both weights), got {vocab_size}")
+    # The logits' validation, on stand-ins of their shapes (0-d tensors expanded: no memory).
+    stand_in_s = student_hidden.new_empty(()).expand(*positions, student_weight.shape[0])
+    stand_in_t = teacher_hidden.new_empty(()).expand(*positions, teacher_weight.shape[0])
+    kw = _validate(
+        stand_in_s, stand_in_t, None, divergence, beta, temperature, scale_by_t2, "renormalize", "logits", 1.0,
+        mask, labels, ignore_index, reduction, num_items_in_batch, vocab_size, softcap, logit_scale, "off",
+    )
+    vocab = kw["vocab_size"] if kw["vocab_size"] is not None else student_weight.shape[0]
+    n = stand_in_s[..., 0].numel()
+    counted = kw["mask"]
+    mask_rows = None if counted is None else counted.reshape(-1)
+    acc = torch.float64 if student_hidden.dtype == torch.float64 or teacher_hidden.dtype == torch.float64 else torch.float32
+    reduction, items = kw["reduction"], kw["num_items_in_batch"]
+    rowwise = reduction == "none"
+    if items is not None:
+        grad_scale = 1.0 / (items.to(device=student_hidden.device, dtype=acc) if isinstance(items, torch.Tensor) else
+                            torch.tensor(float(items), dtype=acc, device=student_hidden.device))
+    elif reduction == "batchmean":
+        grad_scale = torch.tensor(1.0 / max(positions[0] if positions else 1, 1), dtype=acc, device=student_hidden.device)
+    elif reduction == "mean":
+        grad_scale = 1.0 / (counted_positions(mask_rows, acc) if mask_rows is not None else
+                            torch.tensor(float(max(n, 1)), dtype=acc, device=student_hidden.device))
+    else:  # sum, or none (whose backward scales each row by its incoming gradient)
+        grad_scale = torch.ones((), dtype=acc, device=student_hidden.device)
+    grad_scale = grad_scale.reshape(())
+    if chunk_rows is None:
+        chunk_rows = max(1, min(max(n, 1), _DEFAULT_BLOCK_BYTES // (4 * vocab)))
+    backend = backends.resolve(student_hidden.device, DIVERGENCES_OP.kernel_backends + ("torch",))
+    options = (kw["divergence"], kw["beta"], kw["temperature"], kw["scale_by_t2"], *kw["softcap"], *kw["logit_scale"])
+    losses = _FusedLinearDistill.apply(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+        mask_rows, grad_scale, options, vocab, chunk_rows, backend, rowwise,
+    )
+    return losses.reshape(positions) if rowwise else losses
