@@ -1,0 +1,53 @@
+"""Run under ``torch.distributed.run --nproc_per_node 2``: each rank holds a slice of the
+vocabulary (unequal: 17 and 14 of 31 classes) of the same student and teacher logits, computes
+``vocab_parallel_distill_loss`` for every divergence and reduction, and saves its loss and the
+gradients of its slices to ``<out>/rank<r>.pt`` (tests/llm/test_vocab_parallel.py compares them
+with one process holding the whole vocabulary)."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from kdkernels.llm.vocab_parallel import vocab_parallel_distill_loss
+
+SPLIT = 17  # rank 0: classes [0, 17), rank 1: [17, 31)
+
+
+def cases():
+    """(name, kwargs); the logits come from logits()."""
+    for divergence, beta in [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("skew_forward_kl", 0.2),
+                             ("skew_reverse_kl", 0.1), ("tvd", 0.5)]:
+        for reduction in ("batchmean", "mean", "none"):
+            yield f"{divergence}-{reduction}", dict(divergence=divergence, beta=beta, temperature=1.7, reduction=reduction)
+    yield "softcap-items", dict(divergence="jsd", beta=0.4, softcap=(5.0, None), reduction="sum", num_items_in_batch=9)
+
+
+def logits():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 4, 31, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(3, 4, 31, generator=g, dtype=torch.float64) * 3
+    t[0, 1] = float("-inf")  # no teacher distribution: not counted
+    t[1, 2, 20:] = float("-inf")  # the teacher's mass only on rank 0's classes here
+    mask = torch.rand(3, 4, generator=g) > 0.2
+    return s, t, mask
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    s, t, mask = logits()
+    cols = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
+    results = {}
+    for name, kw in cases():
+        s_shard = s[..., cols].clone().requires_grad_()
+        t_shard = t[..., cols].clone().requires_grad_()
+        loss = vocab_parallel_distill_loss(s_shard, t_shard, mask=mask, **kw)
+        g_s, g_t = torch.autograd.grad(loss.sum(), (s_shard, t_shard))
+        results[name] = (loss.detach(), g_s, g_t)
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

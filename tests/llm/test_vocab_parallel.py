@@ -1,0 +1,50 @@
+"""``vocab_parallel_distill_loss`` with 2 CPU ranks (gloo), each holding a slice of the vocabulary,
+equals ``distill_loss`` in one process holding all of it: the same loss on both ranks, and each
+rank's gradients are the full-vocabulary gradients' slice (every divergence; batchmean, mean and
+per-position losses; masks, a teacher row without mass, a teacher whose mass is all on one rank,
+soft-capping, ``num_items_in_batch``)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels.functional import distill_loss
+from kdkernels.llm.vocab_parallel import vocab_parallel_distill_loss
+from tests.llm import _vocab_parallel_ranks as ranks
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vocab_parallel")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29647",
+           os.path.join(REPO, "tests", "llm", "_vocab_parallel_ranks.py"), str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("name,kw", list(ranks.cases()), ids=[name for name, _ in ranks.cases()])
+def test_two_ranks_equal_one_process(two_rank_results, name, kw):
+    s, t, mask = ranks.logits()
+    s, t = s.requires_grad_(), t.requires_grad_()
+    with kdkernels.use_backend("torch"):
+        expected = distill_loss(s, t, mask=mask, **kw)
+    g_s, g_t = torch.autograd.grad(expected.sum(), (s, t))
+    for rank, results in enumerate(two_rank_results):
+        loss, r_s, r_t = results[name]
+        cols = slice(0, ranks.SPLIT) if rank == 0 else slice(ranks.SPLIT, None)
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(r_s, g_s[..., cols], rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(r_t, g_t[..., cols], rtol=1e-10, atol=1e-13, equal_nan=True)
+
+
+def test_needs_an_initialised_process_group():
+    with pytest.raises(RuntimeError, match="process_group: torch.distributed is not initialised"):
+        vocab_parallel_distill_loss(torch.randn(2, 5), torch.randn(2, 5))
