@@ -155,37 +155,44 @@ def _padded(grad, like):
     return full
 
 
+def _shaped(grads, like):
+    """The walked gradients in the shapes (and, for weights and biases, the full vocabularies and
+    dtypes) of the tensors they belong to."""
+    return [None if g is None else (_padded(g, x) if k in (1, 2, 4, 5) else g.reshape(x.shape))
+            for k, (g, x) in enumerate(zip(grads, like))]
+
+
 class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, mask, grad_scale, options, vocab, chunk_rows, backend, rowwise):
         heads = _Heads(hs, ws, bs, ht, wt, bt, vocab)
         wants = tuple(bool(x is not None and flag) for x, flag in zip((hs, ws, bs, ht, wt, bt), ctx.needs_input_grad[:6]))
-        if rowwise or not any(wants):  # "none" (or no gradient): the blocks are recomputed in the backward
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, mask)  # references, no copies: for a recomputation
+        ctx.recompute = (options, vocab, chunk_rows, backend, wants, grad_scale, rowwise)
+        ctx.grads = None
+        if rowwise or not any(wants):  # "none" (or no gradient yet): the blocks are recomputed in the backward
             losses, _ = _walk_blocks(heads, mask, options, grad_scale, (False,) * 6, chunk_rows, backend)
-            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, mask)
-            ctx.recompute = (options, vocab, chunk_rows, backend, wants)
             return losses if rowwise else losses.sum() * grad_scale
         losses, grads = _walk_blocks(heads, mask, options, grad_scale, wants, chunk_rows, backend)
-        ctx.recompute = None
-        like = (hs, ws, bs, ht, wt, bt)
-        ctx.grads = [None if g is None else (_padded(g, x) if k in (1, 2, 4, 5) else g.reshape(x.shape))
-                     for k, (g, x) in enumerate(zip(grads, like))]
+        ctx.grads = _shaped(grads, (hs, ws, bs, ht, wt, bt))
         return losses.sum() * grad_scale  # the gradients already carry grad_scale
 
     @staticmethod
     @once_differentiable  # the gradients are computed, not traced: a double backward raises
     def backward(ctx, grad_out):
-        if ctx.recompute is not None:
-            options, vocab, chunk_rows, backend, wants = ctx.recompute
-            hs, ws, bs, ht, wt, bt, mask = ctx.saved_tensors
-            heads = _Heads(hs, ws, bs, ht, wt, bt, vocab)
-            _, grads = _walk_blocks(heads, mask, options, grad_out.reshape(-1), wants, chunk_rows, backend)
-            # (a scalar reduction without gradients in the forward never reaches here: nothing wanted)
-            like = (hs, ws, bs, ht, wt, bt)
-            out = [None if g is None else (_padded(g, x) if k in (1, 2, 4, 5) else g.reshape(x.shape))
-                   for k, (g, x) in enumerate(zip(grads, like))]
+        if ctx.grads is not None:
+            # The forward's gradients, handed over once and scaled in place: a weight-sized copy
+            # here would double the peak memory of the gradients.
+            out = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.grads]
+            ctx.grads = None
         else:
-            out = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]
+            # reduction="none" (each row scaled by its incoming gradient), or a second backward
+            # through the same loss (retain_graph): the blocks are walked again.
+            options, vocab, chunk_rows, backend, wants, grad_scale, rowwise = ctx.recompute
+            hs, ws, bs, ht, wt, bt, mask = ctx.saved_tensors
+            scale = grad_out.reshape(-1) if rowwise else grad_out.reshape(()).to(grad_scale.dtype) * grad_scale
+            _, grads = _walk_blocks(_Heads(hs, ws, bs, ht, wt, bt, vocab), mask, options, scale, wants, chunk_rows, backend)
+            out = _shaped(grads, (hs, ws, bs, ht, wt, bt))
         return (*out, None, None, None, None, None, None, None)
 
 

@@ -160,3 +160,15 @@ def test_bad_inputs_name_the_argument():
         fused_linear_distill_loss(h_s, w_s, h_t, w_t, vocab_size=19, chunk_rows=0)
     with pytest.raises(ValueError, match="beta"):
         fused_linear_distill_loss(h_s, w_s, h_t, w_t, vocab_size=19, divergence="jsd", beta=1.5)
+
+
+def test_a_second_backward_walks_the_blocks_again():
+    """The forward's gradients are handed over once (scaled in place); a second backward through
+    the same graph (retain_graph) recomputes them, with its own incoming gradient."""
+    student, teacher = _heads(10, vs=19, vt=19)
+    with kdkernels.use_backend("cpu"):
+        loss = fused_linear_distill_loss(*student[:2], *teacher[:2], divergence="jsd", chunk_rows=4)
+    first = torch.autograd.grad(loss, student[:2], retain_graph=True)
+    second = torch.autograd.grad(loss, student[:2], grad_outputs=torch.tensor(3.0, dtype=loss.dtype))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(3 * a, b, rtol=1e-12, atol=1e-14)
