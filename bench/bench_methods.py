@@ -165,22 +165,26 @@ def validation_split(data: Data, used: torch.Tensor) -> Data:
 
 class ConvReg(nn.Sequential):
     """RepDistiller's FitNets regressor (``ConvReg``) for equal spatial sizes: a 1×1 conv with
-    bias, BatchNorm, ReLU (its hint, like ``relu2`` here, is a post-ReLU feature)."""
+    bias, BatchNorm, ReLU (its hint, like ``relu2`` / ``relu3`` here, is a post-ReLU feature)."""
 
     def __init__(self, student_channels: int, teacher_channels: int) -> None:
         super().__init__(nn.Conv2d(student_channels, teacher_channels, 1), nn.BatchNorm2d(teacher_channels), nn.ReLU())
 
 
-def hint_regressor(kind: str) -> nn.Module:
-    """FitNets' regressor at ``relu2`` (8 → 16 channels): ``"conv"``, the library's default 1×1
-    conv, or ``"convreg"``, RepDistiller's (see ``ConvReg``)."""
-    return ConvReg(8, 16) if kind == "convreg" else make_connector("conv", 8, 16)
+HINT_CHANNELS = {"relu2": (8, 16), "relu3": (16, 32)}  # (student, teacher) channels at the guided / hint layer
+
+
+def hint_regressor(kind: str, layer: str) -> nn.Module:
+    """FitNets' regressor from the student's to the teacher's channels at ``layer``: ``"conv"``,
+    the library's default 1×1 conv, or ``"convreg"``, RepDistiller's (see ``ConvReg``)."""
+    return ConvReg(*HINT_CHANNELS[layer]) if kind == "convreg" else make_connector("conv", *HINT_CHANNELS[layer])
 
 
 def fitnets_hint(args, weight: float) -> FitNets:
-    """The hint of both FitNets rows: the student's middle stage (8 channels) guided by the
-    teacher's (16), post-ReLU, RepDistiller's mean squared error."""
-    return FitNets("relu2", "relu2", connector=hint_regressor(args.hint_regressor), weight=weight)
+    """The hint of both FitNets rows: the student's stage ``args.hint_layer`` guided by the same
+    stage of the teacher (twice as wide), post-ReLU, RepDistiller's mean squared error. The default,
+    the middle stage, is RepDistiller's choice (``hint_layer=2`` of its ResNets)."""
+    return FitNets(args.hint_layer, args.hint_layer, connector=hint_regressor(args.hint_regressor, args.hint_layer), weight=weight)
 
 
 # Each method: the losses beside the student, with the published weights (see each class's
@@ -265,10 +269,10 @@ def run_fitnets_two_stage(student: nn.Module, teacher: nn.Module, x, y, data: Da
     the guided layer (``hint_parameters``) and the regressor on the hint alone, no labels, weight 1;
     stage 2 trains the whole student with Hinton KD, exactly as the ``hinton_kd`` row (published
     or calibrated weights). Stage 1 is extra training (``args.steps`` full-batch steps on the
-    student's first two stages) on top of stage 2's ``args.steps``; the regressor is dropped after
-    stage 1."""
+    student's stages up to the guided layer) on top of stage 2's ``args.steps``; the regressor is
+    dropped after stage 1."""
     stage1 = Distiller(student, teacher, [fitnets_hint(args, weight=1.0)])
-    guided = hint_parameters(student, "relu2", x[:2])
+    guided = hint_parameters(student, args.hint_layer, x[:2])
     hint_totals, _ = fit(stage1, lambda: stage1(x), args.steps, args.lr, guided + list(stage1.methods.parameters()))
     stage1.remove_hooks()
     result = run_distiller(student, teacher, [HintonKD()], x, y, data, args.steps, args.lr, calibrated)
@@ -477,6 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="measure on the test split, or on the training images outside each seed's transfer batch (to choose between variants)")
     parser.add_argument("--hint-regressor", choices=("conv", "convreg"), default="conv", help="FitNets' regressor (see hint_regressor)")
+    parser.add_argument("--hint-layer", choices=tuple(HINT_CHANNELS), default="relu2", help="FitNets' guided and hint layer (the same stage of both)")
     parser.add_argument("--update", action="store_true",
                         help="replace this run's rows in <out>/methods_digits.json (and its .md, .png), keeping the others; "
                         "refused unless the teacher's and CE's accuracies reproduce exactly")
