@@ -12,7 +12,8 @@ test, and the method's weighted loss over the CE at the first step.
 
 FitNets has two rows: RepDistiller's one stage (CE + 100 × hint) and the paper's two stages (the
 hint alone on the student's first stages, then Hinton KD; see ``run_fitnets_two_stage``), the
-second also compared with Hinton KD alone.
+second also compared with Hinton KD alone; both guide the student's last stage through
+RepDistiller's regressor (``--hint-layer``, ``--hint-regressor``; chosen on validation seeds).
 
     python bench/bench_methods.py                     # the full study (10 seeds; minutes on 2 cores)
     python bench/bench_methods.py --quick             # a smoke run (CI: tests/test_bench_methods_quick.py)
@@ -182,8 +183,10 @@ def hint_regressor(kind: str, layer: str) -> nn.Module:
 
 def fitnets_hint(args, weight: float) -> FitNets:
     """The hint of both FitNets rows: the student's stage ``args.hint_layer`` guided by the same
-    stage of the teacher (twice as wide), post-ReLU, RepDistiller's mean squared error. The default,
-    the middle stage, is RepDistiller's choice (``hint_layer=2`` of its ResNets)."""
+    stage of the teacher (twice as wide), post-ReLU, RepDistiller's mean squared error. The study's
+    default, the last stage (``relu3``) with RepDistiller's regressor, was chosen on validation
+    seeds; the paper and RepDistiller (``hint_layer=2`` of its ResNets) guide a middle stage
+    (``relu2`` here), which on this 4/8/16-channel student hurts (see the README)."""
     return FitNets(args.hint_layer, args.hint_layer, connector=hint_regressor(args.hint_regressor, args.hint_layer), weight=weight)
 
 
@@ -207,7 +210,7 @@ METHODS: dict[str, Callable[[argparse.Namespace], list]] = {
 }
 LABELS = {
     "hinton_kd": "Hinton KD (T=4, α=0.9)",
-    "fitnets": "FitNets (CE + 100·hint)",
+    "fitnets": "FitNets (CE + 100·hint)",  # + the hint's layer and regressor (see label)
     "fitnets_two_stage": "FitNets two-stage (hint, then KD)",
     "attention_transfer": "attention transfer (β=1000)",
     "fsp": "FSP (1, 1×1 connector)",
@@ -221,6 +224,12 @@ LABELS = {
 SCHEMES_WITHOUT_WEIGHTS = ("mutual_learning", "byot")
 # The rows --update may replace, and what each row is compared with besides the CE.
 SECOND_BASELINE = {"fitnets_two_stage": "hinton_kd"}  # its stage 2 is Hinton KD: does the hint stage add to it?
+
+
+def label(name: str, entry: dict | None = None) -> str:
+    """The row's name; FitNets' rows also say where their hint was (recorded with each result)."""
+    hint = (entry or {}).get("hint")
+    return LABELS[name] if hint is None else f"{LABELS[name][:-1]}; {hint})"
 
 
 def fit(module: nn.Module, step: Callable[[], object], steps: int, lr: float, parameters=None) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -303,16 +312,20 @@ def run_seed(data: Data, seed: int, args) -> dict:
     results["ce"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals))}
     ce_student = student
 
+    hint = f"{args.hint_layer}, {'ConvReg' if args.hint_regressor == 'convreg' else '1×1 conv'}"
     for name, factory in METHODS.items():
         for weighting in ("default", "calibrated"):
             if name in selected:
                 student = fresh_student()
                 results[f"{name}/{weighting}"] = run_distiller(student, teacher, factory(args), x, y, data, args.steps, args.lr, weighting == "calibrated")
+                if name == "fitnets":
+                    results[f"{name}/{weighting}"]["hint"] = hint
 
     for weighting in ("default", "calibrated"):
         if "fitnets_two_stage" in selected:
             student = fresh_student()
             results[f"fitnets_two_stage/{weighting}"] = run_fitnets_two_stage(student, teacher, x, y, data, args, weighting == "calibrated")
+            results[f"fitnets_two_stage/{weighting}"]["hint"] = hint
 
     # Born-again: the CE-trained student of this seed is generation 0; generation 1 has its
     # architecture and learns from it (KL at T = 1 plus the CE), as schemes.born_again builds it.
@@ -367,6 +380,8 @@ def summarise(per_seed: list[dict]) -> dict:
         second = f"{SECOND_BASELINE.get(name)}/{weighting}"
         if second in per_seed[0]:
             entry["vs"] = {"baseline": second, **paired(per_seed, key, second)}
+        if "hint" in per_seed[0][key]:
+            entry["hint"] = per_seed[0][key]["hint"]
         if "first_ratio" in per_seed[0][key]:
             entry["first_ratio"] = statistics.median(r[key]["first_ratio"] for r in per_seed)
             entry["warned"] = sum(r[key]["warned"] for r in per_seed)
@@ -406,16 +421,16 @@ def markdown(summary: dict, args, runs: list[dict]) -> str:
             warned = str(e.get("warned", "–"))
             weights = ", ".join(f"{n} {w:.3g}" for n, w in e.get("weights", {}).items() if n != "ce") or "–"
             p = "–" if math.isnan(e["wilcoxon_p"]) else f"{e['wilcoxon_p']:.3f}"
-            label = LABELS[name] if weighting == "default" else ""
+            row_label = label(name, e) if weighting == "default" else ""
             finite = "" if e["finite"] else " (non-finite loss!)"
             lines.append(
-                f"| {label} | {weighting} | {e['mean_diff_pp']:+.1f} ± {e['sd_diff_pp']:.1f}{finite} | {e['better']} / {e['worse']} | {p} | {ratio} | {warned} | {weights} |"
+                f"| {row_label} | {weighting} | {e['mean_diff_pp']:+.1f} ± {e['sd_diff_pp']:.1f}{finite} | {e['better']} / {e['worse']} | {p} | {ratio} | {warned} | {weights} |"
             )
     for name, weighting in [k.split("/") for k in summary if "/" in k and "vs" in summary[k]]:
         vs = summary[f"{name}/{weighting}"]["vs"]
         p = "–" if math.isnan(vs["wilcoxon_p"]) else f"{vs['wilcoxon_p']:.3f}"
-        base = LABELS[vs["baseline"].split("/")[0]]
-        lines.append(f"\n{LABELS[name]} [{weighting}] against {base} [{weighting}] alone (paired): "
+        base = label(vs["baseline"].split("/")[0])
+        lines.append(f"\n{label(name, summary[f'{name}/{weighting}'])} [{weighting}] against {base} [{weighting}] alone (paired): "
                      f"{vs['mean_diff_pp']:+.1f} ± {vs['sd_diff_pp']:.1f} pp, {vs['better']} / {vs['worse']}, p = {p}.")
     lines += ["", "Commands (each run's rows; `--update` replaces the rows it runs, after checking that the teacher's and CE's accuracies reproduce bit for bit):", ""]
     lines += [f"- `{run['command']}`: {run['methods']} ({run['minutes']:.1f} min, {run['threads']} threads, torch {run['torch']})" for run in runs]
@@ -457,7 +472,7 @@ def plot(summary: dict, path: pathlib.Path) -> None:
         ax.plot([e["mean_diff_pp"]], [y], marker="D", color=colour, markersize=7)
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"{LABELS[n]} [{w}]" for n, w in reversed(rows)], fontsize=8)
+    ax.set_yticklabels([f"{label(n, summary[f'{n}/{w}'])} [{w}]" for n, w in reversed(rows)], fontsize=8)
     ax.set_xlabel("test accuracy − CE alone (pp), per seed (dots) and mean (diamond)")
     ax.set_title(f"digits, student {'/'.join(map(str, STUDENT_WIDTHS))} ch: red = published weights, blue = calibrated", fontsize=9)
     fig.tight_layout()
@@ -480,8 +495,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed … first-seed + seeds − 1 (variants are chosen on seeds outside the study's)")
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="measure on the test split, or on the training images outside each seed's transfer batch (to choose between variants)")
-    parser.add_argument("--hint-regressor", choices=("conv", "convreg"), default="conv", help="FitNets' regressor (see hint_regressor)")
-    parser.add_argument("--hint-layer", choices=tuple(HINT_CHANNELS), default="relu2", help="FitNets' guided and hint layer (the same stage of both)")
+    # FitNets' hint: chosen on the validation split of seeds 100-109, by the calibrated one-stage
+    # row's mean paired Δ (bench/results/fitnets_validation/README.md).
+    parser.add_argument("--hint-layer", choices=tuple(HINT_CHANNELS), default="relu3", help="FitNets' guided and hint layer (the same stage of both)")
+    parser.add_argument("--hint-regressor", choices=("conv", "convreg"), default="convreg", help="FitNets' regressor (see hint_regressor)")
     parser.add_argument("--update", action="store_true",
                         help="replace this run's rows in <out>/methods_digits.json (and its .md, .png), keeping the others; "
                         "refused unless the teacher's and CE's accuracies reproduce exactly")
