@@ -463,7 +463,7 @@ def plot(summary: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [(name, w) for name in LABELS for w in ("default", "calibrated") if f"{name}/{w}" in summary]
-    fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(9.5, 0.42 * len(rows) + 1.2))
     for i, (name, weighting) in enumerate(rows):
         e = summary[f"{name}/{weighting}"]
         colour = "tab:red" if weighting == "default" else "tab:blue"
