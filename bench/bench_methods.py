@@ -10,10 +10,22 @@ teacher (8/16/32 channels) is trained once per seed on the whole labelled traini
 the mean paired difference in test accuracy, the seeds better / worse, a Wilcoxon signed-rank
 test, and the method's weighted loss over the CE at the first step.
 
+FitNets has two rows: RepDistiller's one stage (CE + 100 × hint) and the paper's two stages (the
+hint alone on the student's first stages, then Hinton KD; see ``run_fitnets_two_stage``), the
+second also compared with Hinton KD alone; both guide the student's last stage through
+RepDistiller's regressor (``--hint-layer``, ``--hint-regressor``; chosen on validation seeds).
+
     python bench/bench_methods.py                     # the full study (10 seeds; minutes on 2 cores)
     python bench/bench_methods.py --quick             # a smoke run (CI: tests/test_bench_methods_quick.py)
+    python bench/bench_methods.py --methods fitnets,fitnets_two_stage --update
+                                                      # rerun some rows of the stored study
+    python bench/bench_methods.py --methods fitnets --first-seed 100 --split validation --out /tmp/val
+                                                      # choose a variant away from the study's seeds and test images
 
-Writes ``<out>/methods_digits.{json,md,png}`` (default ``--out bench/results``).
+Writes ``<out>/methods_digits.{json,md,png}`` (default ``--out bench/results``). ``--update`` keeps
+the other rows of ``<out>/methods_digits.json`` and refuses unless this run reproduces its teacher
+and CE accuracies exactly, seed by seed (the training is deterministic on one thread with the same
+code; a change of a loss's kernel can still change that method's rows, so rerun them all then).
 """
 
 from __future__ import annotations
@@ -48,6 +60,8 @@ from kdkernels.distill import (
     SimilarityPreserving,
 )
 from kdkernels.distill.calibration import LossScaleWarning, calibrate_weights
+from kdkernels.distill.connectors import make_connector
+from kdkernels.distill.methods.fitnets import hint_parameters
 
 STUDENT_WIDTHS = (4, 8, 16)
 TEACHER_WIDTHS = (8, 16, 32)
@@ -127,10 +141,10 @@ def train_teacher(data: Data, seed: int, steps: int, batch: int = 256) -> nn.Mod
     return teacher.eval()
 
 
-def transfer_batch(data: Data, per_class: int, unlabelled: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def transfer_batch(data: Data, per_class: int, unlabelled: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``per_class`` labelled images per class plus ``unlabelled`` other training images whose
     label is -100 (ignored by every cross-entropy): the CE learns from the labelled ones, the
-    distillation terms from all."""
+    distillation terms from all. Also returns the indices (into the training split) it used."""
     idx = labelled_subset(data.y_train, per_class, seed)
     mask = torch.ones(len(data.y_train), dtype=torch.bool)
     mask[idx] = False
@@ -138,30 +152,66 @@ def transfer_batch(data: Data, per_class: int, unlabelled: int, seed: int) -> tu
     rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(10_000 + seed))[:unlabelled]]
     x = torch.cat([data.x_train[idx], data.x_train[rest]])
     y = torch.cat([data.y_train[idx], torch.full((len(rest),), -100, dtype=torch.long)])
-    return x, y
+    return x, y, torch.cat([idx, rest])
+
+
+def validation_split(data: Data, used: torch.Tensor) -> Data:
+    """The training images the student never sees (outside its transfer batch) in place of the
+    test split: to choose between variants without looking at the test images. (The teacher was
+    trained on them, so it is a validation set for the student only.)"""
+    mask = torch.ones(len(data.y_train), dtype=torch.bool)
+    mask[used] = False
+    return Data(data.x_train, data.y_train, data.x_train[mask], data.y_train[mask])
+
+
+class ConvReg(nn.Sequential):
+    """RepDistiller's FitNets regressor (``ConvReg``) for equal spatial sizes: a 1×1 conv with
+    bias, BatchNorm, ReLU (its hint, like ``relu2`` / ``relu3`` here, is a post-ReLU feature)."""
+
+    def __init__(self, student_channels: int, teacher_channels: int) -> None:
+        super().__init__(nn.Conv2d(student_channels, teacher_channels, 1), nn.BatchNorm2d(teacher_channels), nn.ReLU())
+
+
+HINT_CHANNELS = {"relu2": (8, 16), "relu3": (16, 32)}  # (student, teacher) channels at the guided / hint layer
+
+
+def hint_regressor(kind: str, layer: str) -> nn.Module:
+    """FitNets' regressor from the student's to the teacher's channels at ``layer``: ``"conv"``,
+    the library's default 1×1 conv, or ``"convreg"``, RepDistiller's (see ``ConvReg``)."""
+    return ConvReg(*HINT_CHANNELS[layer]) if kind == "convreg" else make_connector("conv", *HINT_CHANNELS[layer])
+
+
+def fitnets_hint(args, weight: float) -> FitNets:
+    """The hint of both FitNets rows: the student's stage ``args.hint_layer`` guided by the same
+    stage of the teacher (twice as wide), post-ReLU, RepDistiller's mean squared error. The study's
+    default, the last stage (``relu3``) with RepDistiller's regressor, was chosen on validation
+    seeds; the paper and RepDistiller (``hint_layer=2`` of its ResNets) guide a middle stage
+    (``relu2`` here), which on this 4/8/16-channel student hurts (see the README)."""
+    return FitNets(args.hint_layer, args.hint_layer, connector=hint_regressor(args.hint_regressor, args.hint_layer), weight=weight)
 
 
 # Each method: the losses beside the student, with the published weights (see each class's
 # docstring). Every method but Hinton KD (which carries its own (1 − α)·CE) adds the CE.
-METHODS: dict[str, Callable[[], list]] = {
-    "hinton_kd": lambda: [HintonKD()],
-    "fitnets": lambda: [CrossEntropy(), FitNets("relu2", "relu2", student_channels=8, teacher_channels=16, weight=100.0)],
-    "attention_transfer": lambda: [CrossEntropy(), AttentionTransfer(["relu1", "relu2", "relu3"], ["relu1", "relu2", "relu3"])],
-    "fsp": lambda: [
+METHODS: dict[str, Callable[[argparse.Namespace], list]] = {
+    "hinton_kd": lambda args: [HintonKD()],
+    "fitnets": lambda args: [CrossEntropy(), fitnets_hint(args, weight=100.0)],
+    "attention_transfer": lambda args: [CrossEntropy(), AttentionTransfer(["relu1", "relu2", "relu3"], ["relu1", "relu2", "relu3"])],
+    "fsp": lambda args: [
         CrossEntropy(),
         FSP([("relu1", "relu2"), ("relu2", "relu3")], [("relu1", "relu2"), ("relu2", "relu3")], connector="conv",
             student_channels=[(4, 8), (8, 16)], teacher_channels=[(8, 16), (16, 32)]),
     ],
-    "rkd": lambda: [CrossEntropy(), RKD("pool", "pool")],
-    "similarity_preserving": lambda: [CrossEntropy(), SimilarityPreserving("relu3", "relu3")],
-    "ofd": lambda: [
+    "rkd": lambda args: [CrossEntropy(), RKD("pool", "pool")],
+    "similarity_preserving": lambda args: [CrossEntropy(), SimilarityPreserving("relu3", "relu3")],
+    "ofd": lambda args: [
         CrossEntropy(),
         OFD(PRE_RELU, PRE_RELU, teacher_bns=["stage1.1", "stage2.1", "stage3.1"], student_channels=list(STUDENT_WIDTHS)),
     ],
 }
 LABELS = {
     "hinton_kd": "Hinton KD (T=4, α=0.9)",
-    "fitnets": "FitNets (CE + 100·hint)",
+    "fitnets": "FitNets (CE + 100·hint)",  # + the hint's layer and regressor (see label)
+    "fitnets_two_stage": "FitNets two-stage (hint, then KD)",
     "attention_transfer": "attention transfer (β=1000)",
     "fsp": "FSP (1, 1×1 connector)",
     "rkd": "RKD (25 / 50)",
@@ -172,12 +222,21 @@ LABELS = {
     "byot": "BYOT (T=3, α=0.1, λ=1e-6)",
 }
 SCHEMES_WITHOUT_WEIGHTS = ("mutual_learning", "byot")
+# The rows --update may replace, and what each row is compared with besides the CE.
+SECOND_BASELINE = {"fitnets_two_stage": "hinton_kd"}  # its stage 2 is Hinton KD: does the hint stage add to it?
 
 
-def fit(module: nn.Module, step: Callable[[], object], steps: int, lr: float) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Adam, full batch. Returns the total loss before each step and the first step's losses
-    (both read after training, so the loop has no host sync)."""
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=5e-4)
+def label(name: str, entry: dict | None = None) -> str:
+    """The row's name; FitNets' rows also say where their hint was (recorded with each result)."""
+    hint = (entry or {}).get("hint")
+    return LABELS[name] if hint is None else f"{LABELS[name][:-1]}; {hint})"
+
+
+def fit(module: nn.Module, step: Callable[[], object], steps: int, lr: float, parameters=None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Adam on ``parameters`` (default: all of ``module``'s), full batch. Returns the total loss
+    before each step and the first step's losses (both read after training, so the loop has no
+    host sync)."""
+    optimizer = torch.optim.Adam(module.parameters() if parameters is None else parameters, lr=lr, weight_decay=5e-4)
     module.train()
     totals, first = [], None
     for _ in range(steps):
@@ -214,10 +273,31 @@ def run_distiller(student: nn.Module, teacher: nn.Module, methods: list, x, y, d
     }
 
 
+def run_fitnets_two_stage(student: nn.Module, teacher: nn.Module, x, y, data: Data, args, calibrated: bool) -> dict:
+    """FitNets as the paper trains it (Romero et al. 2015, §2.3): stage 1 trains the student up to
+    the guided layer (``hint_parameters``) and the regressor on the hint alone, no labels, weight 1;
+    stage 2 trains the whole student with Hinton KD, exactly as the ``hinton_kd`` row (published
+    or calibrated weights). Stage 1 is extra training (``args.steps`` full-batch steps on the
+    student's stages up to the guided layer) on top of stage 2's ``args.steps``; the regressor is
+    dropped after stage 1."""
+    stage1 = Distiller(student, teacher, [fitnets_hint(args, weight=1.0)])
+    guided = hint_parameters(student, args.hint_layer, x[:2])
+    hint_totals, _ = fit(stage1, lambda: stage1(x), args.steps, args.lr, guided + list(stage1.methods.parameters()))
+    stage1.remove_hooks()
+    result = run_distiller(student, teacher, [HintonKD()], x, y, data, args.steps, args.lr, calibrated)
+    result["hint_loss"] = [hint_totals[0], hint_totals[-1]]  # stage 1, first and last step
+    result["finite"] = result["finite"] and all(map(math.isfinite, hint_totals))
+    return result
+
+
 def run_seed(data: Data, seed: int, args) -> dict:
+    """Every selected method on this seed, each from the same initial student, paired with CE alone."""
     t0 = time.perf_counter()
     teacher = train_teacher(data, seed, args.teacher_steps)
-    x, y = transfer_batch(data, args.per_class, args.unlabelled, seed)
+    x, y, used = transfer_batch(data, args.per_class, args.unlabelled, seed)
+    if args.split == "validation":
+        data = validation_split(data, used)
+    selected = set(args.methods)
     init = 1000 + seed
 
     def fresh_student() -> nn.Module:
@@ -232,51 +312,76 @@ def run_seed(data: Data, seed: int, args) -> dict:
     results["ce"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals))}
     ce_student = student
 
+    hint = f"{args.hint_layer}, {'ConvReg' if args.hint_regressor == 'convreg' else '1×1 conv'}"
     for name, factory in METHODS.items():
         for weighting in ("default", "calibrated"):
+            if name in selected:
+                student = fresh_student()
+                results[f"{name}/{weighting}"] = run_distiller(student, teacher, factory(args), x, y, data, args.steps, args.lr, weighting == "calibrated")
+                if name == "fitnets":
+                    results[f"{name}/{weighting}"]["hint"] = hint
+
+    for weighting in ("default", "calibrated"):
+        if "fitnets_two_stage" in selected:
             student = fresh_student()
-            results[f"{name}/{weighting}"] = run_distiller(student, teacher, factory(), x, y, data, args.steps, args.lr, weighting == "calibrated")
+            results[f"fitnets_two_stage/{weighting}"] = run_fitnets_two_stage(student, teacher, x, y, data, args, weighting == "calibrated")
+            results[f"fitnets_two_stage/{weighting}"]["hint"] = hint
 
     # Born-again: the CE-trained student of this seed is generation 0; generation 1 has its
     # architecture and learns from it (KL at T = 1 plus the CE), as schemes.born_again builds it.
-    for weighting in ("default", "calibrated"):
+    for weighting in ("default", "calibrated") if "born_again" in selected else ():
         student = fresh_student()
         methods = [HintonKD(temperature=1.0, alpha=1.0, name="born_again"), CrossEntropy()]
         results[f"born_again/{weighting}"] = run_distiller(student, ce_student, methods, x, y, data, args.steps, args.lr, weighting == "calibrated")
 
-    student = fresh_student()
-    torch.manual_seed(2000 + seed)
-    dml = MutualLearning([student, CNN()])
-    totals, _ = fit(dml, lambda: dml(x, y), args.steps, args.lr)
-    results["mutual_learning/default"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals))}
+    if "mutual_learning" in selected:
+        student = fresh_student()
+        torch.manual_seed(2000 + seed)
+        dml = MutualLearning([student, CNN()])
+        totals, _ = fit(dml, lambda: dml(x, y), args.steps, args.lr)
+        results["mutual_learning/default"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals))}
 
-    student = fresh_student()
-    byot = BYOT(student, stage_layers=["relu1", "relu2"], stage_channels=[4, 8], feature_layer="pool", feature_dim=16, num_classes=10)
-    totals, _ = fit(byot, lambda: byot(x, y), args.steps, args.lr)
-    results["byot/default"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals))}
+    if "byot" in selected:
+        student = fresh_student()
+        byot = BYOT(student, stage_layers=["relu1", "relu2"], stage_channels=[4, 8], feature_layer="pool", feature_dim=16, num_classes=10)
+        totals, _ = fit(byot, lambda: byot(x, y), args.steps, args.lr)
+        results["byot/default"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals))}
     results["seconds"] = time.perf_counter() - t0
     return results
 
 
-def summarise(per_seed: list[dict]) -> dict:
+def paired(per_seed: list[dict], key: str, baseline: str) -> dict:
+    """Accuracy of ``key`` − accuracy of ``baseline`` per seed (pp): mean, sd, seeds better /
+    worse, Wilcoxon signed-rank p."""
     from scipy.stats import wilcoxon
 
+    diffs = [100 * (r[key]["accuracy"] - r[baseline]["accuracy"]) for r in per_seed]
+    nonzero = [d for d in diffs if d != 0]
+    return {
+        "mean_diff_pp": statistics.mean(diffs),
+        "sd_diff_pp": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+        "better": sum(d > 0 for d in diffs),
+        "worse": sum(d < 0 for d in diffs),
+        "wilcoxon_p": float(wilcoxon(diffs).pvalue) if len(nonzero) >= 1 and len(diffs) >= 2 else float("nan"),
+        "diffs_pp": diffs,
+    }
+
+
+def summarise(per_seed: list[dict]) -> dict:
     keys = [k for k in per_seed[0] if "/" in k]
     summary = {"ce": statistics.mean(r["ce"]["accuracy"] for r in per_seed), "teacher": statistics.mean(r["teacher"] for r in per_seed)}
     for key in keys:
-        diffs = [100 * (r[key]["accuracy"] - r["ce"]["accuracy"]) for r in per_seed]
-        nonzero = [d for d in diffs if d != 0]
-        p = float(wilcoxon(diffs).pvalue) if len(nonzero) >= 1 and len(diffs) >= 2 else float("nan")
         entry = {
-            "mean_diff_pp": statistics.mean(diffs),
-            "sd_diff_pp": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-            "better": sum(d > 0 for d in diffs),
-            "worse": sum(d < 0 for d in diffs),
-            "wilcoxon_p": p,
+            **paired(per_seed, key, "ce"),
             "accuracy": statistics.mean(r[key]["accuracy"] for r in per_seed),
             "finite": all(r[key]["finite"] for r in per_seed),
-            "diffs_pp": diffs,
         }
+        name, weighting = key.split("/")
+        second = f"{SECOND_BASELINE.get(name)}/{weighting}"
+        if second in per_seed[0]:
+            entry["vs"] = {"baseline": second, **paired(per_seed, key, second)}
+        if "hint" in per_seed[0][key]:
+            entry["hint"] = per_seed[0][key]["hint"]
         if "first_ratio" in per_seed[0][key]:
             entry["first_ratio"] = statistics.median(r[key]["first_ratio"] for r in per_seed)
             entry["warned"] = sum(r[key]["warned"] for r in per_seed)
@@ -285,15 +390,17 @@ def summarise(per_seed: list[dict]) -> dict:
     return summary
 
 
-def markdown(summary: dict, args, seeds: int, seconds: float) -> str:
+def markdown(summary: dict, args, runs: list[dict]) -> str:
+    split = "Test" if args.split == "test" else "Validation (training images outside the transfer batch, not the test split)"
+    seeds = f"{args.seeds} seeds" + (f" (from seed {args.first_seed})" if args.first_seed else "")
     lines = [
         "# Distillation methods on scikit-learn's digits (issue 19)",
         "",
         f"Student CNN {'/'.join(map(str, STUDENT_WIDTHS))} channels, 16×16 inputs, {args.per_class} labelled images per class "
         f"plus {args.unlabelled} unlabelled training images (the distillation terms see all, the CE only the labelled), "
         f"{args.steps} full-batch Adam steps (lr {args.lr}); teacher CNN {'/'.join(map(str, TEACHER_WIDTHS))} trained once per seed "
-        f"on the whole training split ({args.teacher_steps} minibatch steps). {seeds} seeds; every run of a seed starts from the same student "
-        f"and the same labelled images. Test accuracy: teacher {100 * summary['teacher']:.1f} %, CE alone {100 * summary['ce']:.1f} %.",
+        f"on the whole training split ({args.teacher_steps} minibatch steps). {seeds}; every run of a seed starts from the same student "
+        f"and the same labelled images. {split} accuracy: teacher {100 * summary['teacher']:.1f} %, CE alone {100 * summary['ce']:.1f} %.",
         "",
         "Δ = accuracy with the method − accuracy with CE alone, in percentage points, mean ± sd over seeds; "
         "better / worse = seeds; p = Wilcoxon signed-rank test of the paired differences; "
@@ -314,13 +421,39 @@ def markdown(summary: dict, args, seeds: int, seconds: float) -> str:
             warned = str(e.get("warned", "–"))
             weights = ", ".join(f"{n} {w:.3g}" for n, w in e.get("weights", {}).items() if n != "ce") or "–"
             p = "–" if math.isnan(e["wilcoxon_p"]) else f"{e['wilcoxon_p']:.3f}"
-            label = LABELS[name] if weighting == "default" else ""
+            row_label = label(name, e) if weighting == "default" else ""
             finite = "" if e["finite"] else " (non-finite loss!)"
             lines.append(
-                f"| {label} | {weighting} | {e['mean_diff_pp']:+.1f} ± {e['sd_diff_pp']:.1f}{finite} | {e['better']} / {e['worse']} | {p} | {ratio} | {warned} | {weights} |"
+                f"| {row_label} | {weighting} | {e['mean_diff_pp']:+.1f} ± {e['sd_diff_pp']:.1f}{finite} | {e['better']} / {e['worse']} | {p} | {ratio} | {warned} | {weights} |"
             )
-    lines += ["", f"Command: `{' '.join(['python'] + sys.argv)}` ({seconds / 60:.1f} min, torch {torch.__version__}, {torch.get_num_threads()} threads)."]
+    for name, weighting in [k.split("/") for k in summary if "/" in k and "vs" in summary[k]]:
+        vs = summary[f"{name}/{weighting}"]["vs"]
+        p = "–" if math.isnan(vs["wilcoxon_p"]) else f"{vs['wilcoxon_p']:.3f}"
+        base = label(vs["baseline"].split("/")[0])
+        lines.append(f"\n{label(name, summary[f'{name}/{weighting}'])} [{weighting}] against {base} [{weighting}] alone (paired): "
+                     f"{vs['mean_diff_pp']:+.1f} ± {vs['sd_diff_pp']:.1f} pp, {vs['better']} / {vs['worse']}, p = {p}.")
+    lines += ["", "Commands (each run's rows; `--update` replaces the rows it runs, after checking that the teacher's and CE's accuracies reproduce bit for bit):", ""]
+    lines += [f"- `{run['command']}`: {run['methods']} ({run['minutes']:.1f} min, {run['threads']} threads, torch {run['torch']})" for run in runs]
     return "\n".join(lines) + "\n"
+
+
+def merge(path: pathlib.Path, per_seed: list[dict], args) -> tuple[list[dict], list[dict]]:
+    """The per-seed results stored in ``path`` with the rows of this run in place of theirs. Refuses
+    unless the stored study had the same settings and this run reproduces its teacher and CE
+    accuracies exactly, seed by seed (so the other rows are still paired with the same CE)."""
+    stored = json.loads(path.read_text())
+    same = ("seeds", "per_class", "unlabelled", "steps", "teacher_steps", "lr", "threads", "first_seed", "split")
+    defaults = {"first_seed": "0", "split": "test"}  # studies stored before these options existed
+    different = [k for k in same if stored["args"].get(k, defaults.get(k)) != str(getattr(args, k))]
+    if different:
+        listed = ", ".join(f"{k}={stored['args'].get(k)} (here {getattr(args, k)})" for k in different)
+        raise SystemExit(f"--update: {path} was run with other settings: {listed}")
+    for seed, (old, new) in enumerate(zip(stored["per_seed"], per_seed, strict=True), start=args.first_seed):
+        for key in ("teacher", "ce"):
+            if old[key] != new[key]:
+                raise SystemExit(f"--update: seed {seed}: {key} {new[key]} here, {old[key]} in {path}: not reproduced, rerun the whole study")
+        old.update({k: v for k, v in new.items() if "/" in k})
+    return stored["per_seed"], stored.get("runs", [])
 
 
 def plot(summary: dict, path: pathlib.Path) -> None:
@@ -330,7 +463,7 @@ def plot(summary: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [(name, w) for name in LABELS for w in ("default", "calibrated") if f"{name}/{w}" in summary]
-    fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(9.5, 0.42 * len(rows) + 1.2))
     for i, (name, weighting) in enumerate(rows):
         e = summary[f"{name}/{weighting}"]
         colour = "tab:red" if weighting == "default" else "tab:blue"
@@ -339,7 +472,7 @@ def plot(summary: dict, path: pathlib.Path) -> None:
         ax.plot([e["mean_diff_pp"]], [y], marker="D", color=colour, markersize=7)
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"{LABELS[n]} [{w}]" for n, w in reversed(rows)], fontsize=8)
+    ax.set_yticklabels([f"{label(n, summary[f'{n}/{w}'])} [{w}]" for n, w in reversed(rows)], fontsize=8)
     ax.set_xlabel("test accuracy − CE alone (pp), per seed (dots) and mean (diamond)")
     ax.set_title(f"digits, student {'/'.join(map(str, STUDENT_WIDTHS))} ch: red = published weights, blue = calibrated", fontsize=9)
     fig.tight_layout()
@@ -358,7 +491,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="2 seeds of the same study: a smoke run (about a minute of CPU)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
+    parser.add_argument("--methods", default=",".join(LABELS), help=f"comma-separated subset of {','.join(LABELS)} (CE alone always runs)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed … first-seed + seeds − 1 (variants are chosen on seeds outside the study's)")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="measure on the test split, or on the training images outside each seed's transfer batch (to choose between variants)")
+    # FitNets' hint: chosen on the validation split of seeds 100-109, by the calibrated one-stage
+    # row's mean paired Δ (bench/results/fitnets_validation/README.md).
+    parser.add_argument("--hint-layer", choices=tuple(HINT_CHANNELS), default="relu3", help="FitNets' guided and hint layer (the same stage of both)")
+    parser.add_argument("--hint-regressor", choices=("conv", "convreg"), default="convreg", help="FitNets' regressor (see hint_regressor)")
+    parser.add_argument("--update", action="store_true",
+                        help="replace this run's rows in <out>/methods_digits.json (and its .md, .png), keeping the others; "
+                        "refused unless the teacher's and CE's accuracies reproduce exactly")
     args = parser.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in LABELS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; expected names from {list(LABELS)}")
     if args.quick:
         args.seeds = 2  # the same study on 2 seeds: shorter training would not show what the methods do
     torch.set_num_threads(args.threads)
@@ -367,17 +515,29 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_digits_16()
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "methods_digits_quick" if args.quick else "methods_digits"
+    stem = "methods_digits" + ("_quick" if args.quick else "") + ("_validation" if args.split == "validation" else "")
     partial = args.out / f"{stem}_partial.json"
     per_seed = []
-    for seed in tqdm(range(args.seeds), desc="seeds", disable=args.quick):
+    for seed in tqdm(range(args.first_seed, args.first_seed + args.seeds), desc="seeds", disable=args.quick):
         per_seed.append(run_seed(data, seed, args))
         partial.write_text(json.dumps(per_seed))  # progress of a long run
     partial.unlink()
-    seconds = time.perf_counter() - t0
+    run = {
+        "command": " ".join(["python"] + sys.argv) if argv is None else " ".join(["main(", *argv, ")"]),
+        "methods": ", ".join(args.methods),
+        "minutes": (time.perf_counter() - t0) / 60,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    stored_args, runs = {k: str(v) for k, v in vars(args).items()}, []
+    if args.update:
+        stored_args = json.loads((args.out / f"{stem}.json").read_text())["args"]
+        per_seed, runs = merge(args.out / f"{stem}.json", per_seed, args)
+    runs.append(run)
     summary = summarise(per_seed)
-    (args.out / f"{stem}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "per_seed": per_seed}, indent=1))
-    table = markdown(summary, args, args.seeds, seconds)
+    (args.out / f"{stem}.json").write_text(json.dumps({"args": stored_args, "runs": runs, "summary": summary, "per_seed": per_seed}, indent=1))
+    table = markdown(summary, args, runs)
     (args.out / f"{stem}.md").write_text(table)
     plot(summary, args.out / f"{stem}.png")
     print(table)

@@ -3,6 +3,7 @@
 loss goes non-finite — plus that calibration sets every method's first-step loss to the CE and
 that the first-step warning fires where the default weight is far off (FitNets' 100 here)."""
 
+import json
 import pathlib
 
 import pytest
@@ -23,7 +24,7 @@ def test_quick_study(tmp_path):
     finally:
         torch.set_num_threads(threads)
     keys = [k for k in summary if "/" in k]
-    assert len(keys) == 18  # 8 methods × (default, calibrated) + mutual learning + BYOT
+    assert len(keys) == 20  # 9 methods (FitNets one- and two-stage) × (default, calibrated) + mutual learning + BYOT
     assert all(summary[k]["finite"] for k in keys), [k for k in keys if not summary[k]["finite"]]
     assert summary["hinton_kd/default"]["mean_diff_pp"] > 0, summary["hinton_kd/default"]
     for key in keys:
@@ -33,3 +34,9 @@ def test_quick_study(tmp_path):
     assert summary["fitnets/calibrated"]["warned"] == 0
     for suffix in ("json", "md", "png"):
         assert (tmp_path / f"methods_digits_quick.{suffix}").stat().st_size > 0
+    # FitNets' stage 1 (the hint alone) lowers the hint loss before stage 2 starts.
+    per_seed = json.loads((tmp_path / "methods_digits_quick.json").read_text())["per_seed"]
+    for row in per_seed:
+        for weighting in ("default", "calibrated"):
+            first, last = row[f"fitnets_two_stage/{weighting}"]["hint_loss"]
+            assert last < 0.5 * first, (weighting, first, last)

@@ -7,7 +7,10 @@ u_h is the teacher's hint layer, v_g the student's guided layer, r a trainable r
 RepDistiller's ``HintLoss`` (``F.mse_loss``, the mean over every element); ``reduction="paper"``
 gives the paper's ½‖·‖² per sample, averaged over the batch. The regressor is a 1×1 conv (or any
 connector), so the spatial sizes must match; the paper's regressor is a conv whose kernel also
-maps spatial sizes.
+maps spatial sizes. RepDistiller's regressor (``ConvReg``) puts BatchNorm and ReLU after that conv
+(its hint is a post-ReLU feature); pass such a module as ``connector`` (``bench/bench_methods.py``
+has one). On that study's 4/8/16-channel student, guiding the middle stage hurt and guiding the
+last stage helped (README, "Loss scales and what each method gives").
 
 One stage (RepDistiller ``--distill hint``, its published CIFAR-100 run): CE + 100 × hint, without
 KD (``-a 0 -b 100``): ``[CrossEntropy(), FitNets(..., weight=100.0)]``; add ``HintonKD`` for
