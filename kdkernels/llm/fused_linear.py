@@ -20,13 +20,17 @@ head that learns), with the softmax passes fused. The gradients are computed in 
 every kdkernels loss); ``reduction="none"`` recomputes the blocks in the backward instead, with
 each position's incoming gradient.
 
+With ``process_group`` the heads are sharded along the vocabulary over the ranks (a tensor-parallel
+LM head): each block's softmaxes are global through :mod:`kdkernels.llm.vocab_parallel`.
+
 Not (yet) what issue 17 asks beyond this: the vocabulary is not tiled (each block holds full rows
-of V), there is no Triton ``tl.dot`` kernel, and no vocabulary-parallel ``process_group``.
+of V), and there is no Triton ``tl.dot`` kernel.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from kdkernels import backends
@@ -34,6 +38,15 @@ from kdkernels._validation import check_int, check_tensor
 from kdkernels.llm.losses import IGNORE_INDEX, _validate
 from kdkernels.ops._reduction import counted_positions
 from kdkernels.ops.divergences import DIVERGENCES as DIVERGENCES_OP
+
+
+class _VocabParallel:
+    """The "backend" of weights sharded along the vocabulary over ``group``: each block's loss by
+    :func:`kdkernels.llm.vocab_parallel.vocab_parallel_positions` (PyTorch operations and three
+    all-reduces per block), its gradients through autograd."""
+
+    def __init__(self, group):
+        self.group = group
 
 # Logit bytes per block at the default chunk size: two (rows, V) logit blocks and their gradients
 # stay in the last-level cache's order of magnitude, and rows · H is GEMM-sized.
@@ -85,6 +98,18 @@ def _block_losses_and_grads(backend, zs, zt, mask, options, grad_scale, student_
     s3, t3 = zs.unsqueeze(-1), zt.unsqueeze(-1)
     m2 = None if mask is None else mask.unsqueeze(-1)
     rowwise = grad_scale.numel() > 1
+    if isinstance(backend, _VocabParallel):
+        from kdkernels.llm.vocab_parallel import vocab_parallel_positions
+
+        with torch.enable_grad():
+            s_leaf = zs.detach().requires_grad_(student_grad)
+            t_leaf = zt.detach().requires_grad_(teacher_grad)
+            loss, _ = vocab_parallel_positions(s_leaf, t_leaf, mask, *options, group=backend.group)
+            weighted = (loss * grad_scale.to(loss.dtype).reshape(-1)).sum()
+            wanted = [x for x, w in ((s_leaf, student_grad), (t_leaf, teacher_grad)) if w]
+            # Every rank walks the same blocks: the collectives of this backward happen in lockstep.
+            grads = iter(torch.autograd.grad(weighted, wanted)) if wanted else iter(())
+        return loss.detach(), next(grads) if student_grad else None, next(grads) if teacher_grad else None
     if backend == "torch" or rowwise:
         # The reference formula through autograd (and every backend for per-row scales, which the
         # kernels do not take: reduction="none"'s backward).
@@ -141,6 +166,13 @@ def _walk_blocks(heads: _Heads, mask, options, grad_scale, wants, chunk_rows, ba
                 g_w.addmm_(gz.t().to(acc), h.to(acc))
             if g_b is not None:
                 g_b += gz.sum(0, dtype=acc)
+    if isinstance(backend, _VocabParallel):
+        # The hidden states are replicated over the group and each rank's shard of the head
+        # contributes to their gradient: summed here (Megatron's column-parallel input); the
+        # weights' and biases' gradients are of this rank's rows only.
+        for g in (g_hs, g_ht):
+            if g is not None:
+                dist.all_reduce(g, op=dist.ReduceOp.SUM, group=backend.group)
     return losses, (g_hs, g_ws, g_bs, g_ht, g_wt, g_bt)
 
 
@@ -217,6 +249,7 @@ def fused_linear_distill_loss(
     softcap: float | tuple[float | None, float | None] | None = None,
     logit_scale: float | tuple[float | None, float | None] | None = None,
     chunk_rows: int | None = None,
+    process_group=None,
 ) -> torch.Tensor:
     r""":func:`kdkernels.llm.distill_loss` of ``z_s = student_hidden @ student_weightᵀ + student_bias``
     and ``z_t = teacher_hidden @ teacher_weightᵀ + teacher_bias`` without the (N, V) logits: the
@@ -232,6 +265,12 @@ def fused_linear_distill_loss(
             a linear head are finite, so every counted position has a teacher distribution:
             ``mean`` divides by the counted positions).
         chunk_rows: positions per block (default: about 16 MiB of fp32 logits per head and block).
+        process_group: LM heads sharded along the vocabulary over this ``torch.distributed`` group
+            (a tensor-parallel head): each rank passes its rows of both weights (and biases) and
+            the full, replicated hidden states; the loss is the whole vocabulary's, the same on
+            every rank (:mod:`kdkernels.llm.vocab_parallel`, PyTorch operations per block), the
+            weights' gradients are each rank's rows, the hidden states' are summed over the ranks.
+            Every rank must call it with the same positions and ``chunk_rows``.
 
     Returns:
         The loss: a scalar, or the positions' shape for ``reduction="none"``; float32 (float64
@@ -282,7 +321,14 @@ def fused_linear_distill_loss(
     grad_scale = grad_scale.reshape(())
     if chunk_rows is None:
         chunk_rows = max(1, min(max(n, 1), _DEFAULT_BLOCK_BYTES // (4 * vocab)))
-    backend = backends.resolve(student_hidden.device, DIVERGENCES_OP.kernel_backends + ("torch",))
+    if process_group is not None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("process_group: torch.distributed is not initialised (call init_process_group first)")
+        if vocab_size is not None:
+            raise ValueError("vocab_size: not supported with process_group (cut the padding off the last rank's rows)")
+        backend = _VocabParallel(process_group)
+    else:
+        backend = backends.resolve(student_hidden.device, DIVERGENCES_OP.kernel_backends + ("torch",))
     options = (kw["divergence"], kw["beta"], kw["temperature"], kw["scale_by_t2"], *kw["softcap"], *kw["logit_scale"])
     losses = _FusedLinearDistill.apply(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,

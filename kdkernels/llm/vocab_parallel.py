@@ -69,6 +69,32 @@ def _global_log_softmax(x: torch.Tensor, group) -> torch.Tensor:
     return x - m - torch.log(z)
 
 
+def vocab_parallel_positions(
+    student_logits, teacher_logits, mask, divergence, beta, temperature, scale_by_t2, student_softcap, teacher_softcap,
+    student_logit_scale, teacher_logit_scale, *, group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per-position loss, counted)`` of this rank's vocabulary shards (arguments validated; the
+    loss is the whole vocabulary's, 0 where not counted): what
+    :func:`kdkernels.ops.reference.divergences.distill_loss_positions` gives for unsharded logits."""
+    dtype = accumulation_dtype(student_logits, teacher_logits)
+    s = transform_logits(student_logits.to(dtype), student_logit_scale, student_softcap)
+    t = transform_logits(teacher_logits.to(dtype), teacher_logit_scale, teacher_softcap)
+    # A position counts where the mask says so and the teacher has mass somewhere in the vocabulary.
+    counted = _global_max(t, group).squeeze(-1) != NEG_INF
+    if mask is not None:
+        counted = counted & mask
+    keep = counted.unsqueeze(-1)
+    # Uncounted rows are zeros before any arithmetic: exact 0 and zero gradients (the reference's rule).
+    s = torch.where(keep, s, 0.0)
+    t = torch.where(keep, t, 0.0)
+    log_p_s = _global_log_softmax(s / temperature, group)
+    log_p_t = _global_log_softmax(t / temperature, group)
+    loss = _SumOverRanks.apply(divergence_from_log_probs(log_p_t, log_p_s, divergence, beta), group, True)
+    if scale_by_t2:
+        loss = loss * temperature**2
+    return torch.where(counted, loss, torch.zeros_like(loss)), counted
+
+
 def vocab_parallel_distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -100,23 +126,8 @@ def vocab_parallel_distill_loss(
         student_logits, teacher_logits, None, divergence, beta, temperature, scale_by_t2, "renormalize", "logits", 1.0,
         mask, labels, ignore_index, reduction, num_items_in_batch, None, softcap, logit_scale, "off",
     )
-    group = process_group
-    dtype = accumulation_dtype(student_logits, teacher_logits)
-    s = transform_logits(student_logits.to(dtype), kw["logit_scale"][0], kw["softcap"][0])
-    t = transform_logits(teacher_logits.to(dtype), kw["logit_scale"][1], kw["softcap"][1])
-    # A position counts where the mask says so and the teacher has mass somewhere in the vocabulary.
-    counted = _global_max(t, group).squeeze(-1) != NEG_INF
-    if kw["mask"] is not None:
-        counted = counted & kw["mask"]
-    keep = counted.unsqueeze(-1)
-    # Uncounted rows are zeros before any arithmetic: exact 0 and zero gradients (the reference's rule).
-    s = torch.where(keep, s, 0.0)
-    t = torch.where(keep, t, 0.0)
-    log_p_s = _global_log_softmax(s / kw["temperature"], group)
-    log_p_t = _global_log_softmax(t / kw["temperature"], group)
-    partial = divergence_from_log_probs(log_p_t, log_p_s, kw["divergence"], kw["beta"])
-    loss = _SumOverRanks.apply(partial, group, True)
-    if kw["scale_by_t2"]:
-        loss = loss * kw["temperature"] ** 2
-    loss = torch.where(counted, loss, torch.zeros_like(loss))
+    loss, counted = vocab_parallel_positions(
+        student_logits, teacher_logits, kw["mask"], kw["divergence"], kw["beta"], kw["temperature"], kw["scale_by_t2"],
+        *kw["softcap"], *kw["logit_scale"], group=process_group,
+    )
     return reduce_distill(loss, counted, kw["reduction"], kw["num_items_in_batch"])

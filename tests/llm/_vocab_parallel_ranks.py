@@ -9,6 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from kdkernels.llm.fused_linear import fused_linear_distill_loss
 from kdkernels.llm.vocab_parallel import vocab_parallel_distill_loss
 
 SPLIT = 17  # rank 0: classes [0, 17), rank 1: [17, 31)
@@ -33,6 +34,22 @@ def logits():
     return s, t, mask
 
 
+def heads():
+    """Hidden states (3, 4, H) of both models (replicated on every rank) and (31, H) LM heads with biases."""
+    g = torch.Generator().manual_seed(1)
+    h_s, w_s, b_s = (torch.randn(3, 4, 6, generator=g, dtype=torch.float64), torch.randn(31, 6, generator=g, dtype=torch.float64),
+                     torch.randn(31, generator=g, dtype=torch.float64))
+    h_t, w_t = torch.randn(3, 4, 5, generator=g, dtype=torch.float64), torch.randn(31, 5, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 4, generator=g) > 0.2
+    return h_s, w_s, b_s, h_t, w_t, mask
+
+
+def fused_linear_cases():
+    for divergence, beta in [("forward_kl", 0.5), ("jsd", 0.3), ("tvd", 0.5)]:
+        for reduction in ("batchmean", "none"):
+            yield f"fused-{divergence}-{reduction}", dict(divergence=divergence, beta=beta, temperature=1.5, reduction=reduction)
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -45,6 +62,14 @@ def main(out: str) -> None:
         loss = vocab_parallel_distill_loss(s_shard, t_shard, mask=mask, **kw)
         g_s, g_t = torch.autograd.grad(loss.sum(), (s_shard, t_shard))
         results[name] = (loss.detach(), g_s, g_t)
+    h_s, w_s, b_s, h_t, w_t, mask = heads()
+    for name, kw in fused_linear_cases():
+        hs = h_s.clone().requires_grad_()
+        ws, bs = w_s[cols].clone().requires_grad_(), b_s[cols].clone().requires_grad_()
+        # Blocks of 5 of the 12 positions: the last one short, every rank walking the same blocks.
+        loss = fused_linear_distill_loss(hs, ws, h_t, w_t[cols], bs, mask=mask, chunk_rows=5,
+                                         process_group=dist.group.WORLD, **kw)
+        results[name] = (loss.detach(), *torch.autograd.grad(loss.sum(), (hs, ws, bs)))
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
