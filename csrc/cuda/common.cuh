@@ -27,6 +27,12 @@ namespace cuda {
 // Element types the kernels accept. The bindings map at::ScalarType onto it.
 enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
+// A read-only device array the kernels take as input, and its element type.
+struct TypedInput {
+  const void* data = nullptr;
+  DType dtype = DType::kFloat;
+};
+
 // The loss (and accumulation) type is double iff either input is double, else float.
 inline bool loss_is_double(DType a, DType b) { return a == DType::kDouble || b == DType::kDouble; }
 

@@ -40,8 +40,8 @@ __device__ __forceinline__ void kl_point(Acc x, Acc y, bool log_target, Acc gs, 
 template <typename X, typename Y, int VEC>
 __global__ void __launch_bounds__(kThreads) kl_div_kernel(const KlDivParams p, bool vectorized) {
   using Acc = acc_t<X, Y>;
-  const X* input = static_cast<const X*>(p.input);
-  const Y* target = static_cast<const Y*>(p.target);
+  const X* input = static_cast<const X*>(p.input.data);
+  const Y* target = static_cast<const Y*>(p.target.data);
   // numel values (reduce == false) or one partial sum per block (reduce == true)
   Acc* loss_out = static_cast<Acc*>(p.loss);
   X* grad_input = static_cast<X*>(p.grad_input);     // nullptr: not requested
@@ -114,7 +114,7 @@ cudaError_t launch_typed(const KlDivParams& p, cudaStream_t stream) {
   constexpr int VEC = vec_width<X, Y>();
   // Chunk starts are multiples of kKlDivChunk (a multiple of VEC), so aligned base pointers keep
   // every vector access aligned.
-  const bool vectorized = aligned_for<VEC>(p.input, sizeof(X)) && aligned_for<VEC>(p.target, sizeof(Y)) &&
+  const bool vectorized = aligned_for<VEC>(p.input.data, sizeof(X)) && aligned_for<VEC>(p.target.data, sizeof(Y)) &&
                           (p.reduce || aligned_for<VEC>(p.loss, sizeof(Acc))) &&
                           aligned_for<VEC>(p.grad_input, sizeof(X)) && aligned_for<VEC>(p.grad_target, sizeof(Y));
   const unsigned grid = static_cast<unsigned>(kl_div_num_partials(p.numel));
@@ -127,11 +127,11 @@ cudaError_t launch_typed(const KlDivParams& p, cudaStream_t stream) {
 cudaError_t launch_kl_div_pointwise(const KlDivParams& params, cudaStream_t stream) {
   if (params.numel < 0) return cudaErrorInvalidValue;
   if (params.numel == 0) return cudaSuccess;
-  if (params.input == nullptr || params.target == nullptr || params.loss == nullptr ||
+  if (params.input.data == nullptr || params.target.data == nullptr || params.loss == nullptr ||
       ((params.grad_input != nullptr || params.grad_target != nullptr) && params.grad_scale == nullptr))
     return cudaErrorInvalidValue;
   cudaError_t status = cudaSuccess;
-  const bool known = detail::dispatch_dtype_pair(params.input_dtype, params.target_dtype, [&](auto x_tag, auto y_tag) {
+  const bool known = detail::dispatch_dtype_pair(params.input.dtype, params.target.dtype, [&](auto x_tag, auto y_tag) {
     using X = typename decltype(x_tag)::type;
     using Y = typename decltype(y_tag)::type;
     status = launch_typed<X, Y>(params, stream);

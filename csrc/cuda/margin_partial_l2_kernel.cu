@@ -48,19 +48,19 @@ __global__ void __launch_bounds__(kThreads)
 cudaError_t launch_margin_partial_l2(const MarginPartialL2Params& params, cudaStream_t stream) {
   if (params.numel < 0 || params.channels < 1 || params.channel_stride < 1) return cudaErrorInvalidValue;
   if (params.numel == 0) return cudaSuccess;
-  if (params.student == nullptr || params.teacher == nullptr || params.margin == nullptr ||
+  if (params.student.data == nullptr || params.teacher.data == nullptr || params.margin == nullptr ||
       params.loss == nullptr || (params.grad_student != nullptr && params.grad_scale == nullptr)) {
     return cudaErrorInvalidValue;
   }
   const int64_t blocks = (params.numel + kMarginPartialL2Chunk - 1) / kMarginPartialL2Chunk;
   if (blocks > kMaxGrid) return cudaErrorInvalidValue;
   cudaError_t status = cudaErrorInvalidValue;
-  dispatch_dtype_pair(params.student_dtype, params.teacher_dtype, [&](auto s_tag, auto t_tag) {
+  dispatch_dtype_pair(params.student.dtype, params.teacher.dtype, [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
     using Acc = acc_t<S, T>;
     margin_partial_l2_kernel<S, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        static_cast<const S*>(params.student), static_cast<const T*>(params.teacher),
+        static_cast<const S*>(params.student.data), static_cast<const T*>(params.teacher.data),
         static_cast<const Acc*>(params.margin), params.numel, params.channels, params.channel_stride,
         params.grad_scale, static_cast<Acc*>(params.loss), params.reduce, static_cast<S*>(params.grad_student));
     status = cudaGetLastError();

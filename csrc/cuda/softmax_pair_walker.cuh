@@ -69,12 +69,10 @@ namespace cuda {
 // tensors may have more than 2^31 elements). `student`/`teacher` are (outer, classes, inner) views
 // of any strides; the two may have different dtypes.
 struct SoftmaxPairParams {
-  const void* student = nullptr;
-  DType student_dtype = DType::kFloat;
+  TypedInput student;
   int64_t student_strides[3] = {0, 0, 0};
 
-  const void* teacher = nullptr;
-  DType teacher_dtype = DType::kFloat;
+  TypedInput teacher;
   int64_t teacher_strides[3] = {0, 0, 0};
 
   int64_t outer = 0;
@@ -103,7 +101,7 @@ inline cudaError_t check_softmax_pair_params(const SoftmaxPairParams& p) {
   const int64_t positions = p.outer * p.inner;
   if (positions > 0 && p.loss == nullptr) return cudaErrorInvalidValue;
   if (positions > 0 && p.classes > 0 &&
-      (p.student == nullptr || p.teacher == nullptr ||
+      (p.student.data == nullptr || p.teacher.data == nullptr ||
        ((p.grad_student != nullptr || p.grad_teacher != nullptr) && p.grad_scale == nullptr)))
     return cudaErrorInvalidValue;
   return cudaSuccess;
@@ -131,7 +129,7 @@ struct PairArgs {
   const bool* mask; // (outer, inner) contiguous, or nullptr
   const void* grad_scale;  // the accumulation type
   int64_t classes, inner, positions;
-  int64_t s0, s1, s2, t0, t1, t2, gs0, gs1, gs2, gt0, gt1, gt2;
+  int64_t s_stride[3], t_stride[3], gs_stride[3], gt_stride[3];  // (outer, classes, inner)
   Acc inv_temperature;
 };
 
@@ -151,10 +149,10 @@ __device__ __forceinline__ PositionPtrs<S, T> position_ptrs(const PairArgs<S, T,
   const int64_t o = p / args.inner;
   const int64_t i = p - o * args.inner;
   PositionPtrs<S, T> pos;
-  pos.s = args.student + (o * args.s0 + i * args.s2);
-  pos.t = args.teacher + (o * args.t0 + i * args.t2);
-  pos.gs = args.grad_student != nullptr ? args.grad_student + (o * args.gs0 + i * args.gs2) : nullptr;
-  pos.gt = args.grad_teacher != nullptr ? args.grad_teacher + (o * args.gt0 + i * args.gt2) : nullptr;
+  pos.s = args.student + (o * args.s_stride[0] + i * args.s_stride[2]);
+  pos.t = args.teacher + (o * args.t_stride[0] + i * args.t_stride[2]);
+  pos.gs = args.grad_student != nullptr ? args.grad_student + (o * args.gs_stride[0] + i * args.gs_stride[2]) : nullptr;
+  pos.gt = args.grad_teacher != nullptr ? args.grad_teacher + (o * args.gt_stride[0] + i * args.gt_stride[2]) : nullptr;
   pos.active = args.mask == nullptr || args.mask[p];
   return pos;
 }
@@ -179,12 +177,12 @@ __device__ __forceinline__ void store_class_grads(const PairArgs<S, T, typename 
   Acc grad_s = Acc(0);
   Acc grad_t = Acc(0);
   if (!zero) {
-    const Acc a = to_acc<Acc>(pos.s[c * args.s1]);
-    const Acc b = to_acc<Acc>(pos.t[c * args.t1]);
+    const Acc a = to_acc<Acc>(pos.s[c * args.s_stride[1]]);
+    const Acc b = to_acc<Acc>(pos.t[c * args.t_stride[1]]);
     policy.grads(fin, a, b, c, grad_s, grad_t);
   }
-  if (pos.gs != nullptr) pos.gs[c * args.gs1] = from_acc<S>(grad_s);
-  if (pos.gt != nullptr) pos.gt[c * args.gt1] = from_acc<T>(grad_t);
+  if (pos.gs != nullptr) pos.gs[c * args.gs_stride[1]] = from_acc<S>(grad_s);
+  if (pos.gt != nullptr) pos.gt[c * args.gt_stride[1]] = from_acc<T>(grad_t);
 }
 
 // The running statistics of one position (or of the classes one thread has seen): raw maxima
@@ -370,8 +368,8 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSM)
     // Vector layout of this row: `head` scalar elements up to a VEC boundary, `nvec` vectors, then
     // scalar elements from `tail` to C. Needs unit class stride and the same misalignment (in
     // elements, modulo VEC) for every pointer we touch; otherwise the whole row is scalar.
-    bool vec = VEC > 1 && args.s1 == 1 && args.t1 == 1 && (!want_gs || args.gs1 == 1) &&
-               (!want_gt || args.gt1 == 1);
+    bool vec = VEC > 1 && args.s_stride[1] == 1 && args.t_stride[1] == 1 &&
+               (!want_gs || args.gs_stride[1] == 1) && (!want_gt || args.gt_stride[1] == 1);
     int64_t head = 0;
     if (vec) {
       const int r = element_misalignment<VEC>(pos.s);
@@ -410,8 +408,8 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSM)
           Acc av[kScalarUnroll];
           Acc bv[kScalarUnroll];
           for_each_tile_vector<kScalarUnroll>(base, C, nthreads, [&](int u, int64_t c) {
-            av[u] = to_acc<Acc>(pos.s[c * args.s1]);
-            bv[u] = to_acc<Acc>(pos.t[c * args.t1]);
+            av[u] = to_acc<Acc>(pos.s[c * args.s_stride[1]]);
+            bv[u] = to_acc<Acc>(pos.t[c * args.t_stride[1]]);
           });
           for_each_tile_vector<kScalarUnroll>(base, C, nthreads,
                                               [&](int u, int64_t c) { add_class(st, av[u], bv[u], c, policy, inv_t); });
@@ -486,7 +484,8 @@ __global__ void __launch_bounds__(kChannelThreads)
     if (pos.active) {
 #pragma unroll 4
       for (int64_t c = 0; c < C; ++c)
-        add_class(st, to_acc<Acc>(pos.s[c * args.s1]), to_acc<Acc>(pos.t[c * args.t1]), c, policy, inv_t);
+        add_class(st, to_acc<Acc>(pos.s[c * args.s_stride[1]]), to_acc<Acc>(pos.t[c * args.t_stride[1]]), c, policy,
+                  inv_t);
     }
     const bool zero = !pos.active || st.mb == neg_inf<Acc>();
     const auto fin = policy.finish(st, coef, inv_t);  // unused when zero
@@ -510,8 +509,8 @@ cudaError_t launch_softmax_pair(const SoftmaxPairParams& p, const Policy& policy
   if (positions == 0) return cudaSuccess;
 
   PairArgs<S, T, Acc> a;
-  a.student = static_cast<const S*>(p.student);
-  a.teacher = static_cast<const T*>(p.teacher);
+  a.student = static_cast<const S*>(p.student.data);
+  a.teacher = static_cast<const T*>(p.teacher.data);
   a.grad_student = static_cast<S*>(p.grad_student);
   a.grad_teacher = static_cast<T*>(p.grad_teacher);
   a.loss = static_cast<Acc*>(p.loss);
@@ -520,22 +519,16 @@ cudaError_t launch_softmax_pair(const SoftmaxPairParams& p, const Policy& policy
   a.classes = p.classes;
   a.inner = p.inner;
   a.positions = positions;
-  a.s0 = p.student_strides[0];
-  a.s1 = p.student_strides[1];
-  a.s2 = p.student_strides[2];
-  a.t0 = p.teacher_strides[0];
-  a.t1 = p.teacher_strides[1];
-  a.t2 = p.teacher_strides[2];
-  a.gs0 = p.grad_student_strides[0];
-  a.gs1 = p.grad_student_strides[1];
-  a.gs2 = p.grad_student_strides[2];
-  a.gt0 = p.grad_teacher_strides[0];
-  a.gt1 = p.grad_teacher_strides[1];
-  a.gt2 = p.grad_teacher_strides[2];
+  for (int d = 0; d < 3; ++d) {
+    a.s_stride[d] = p.student_strides[d];
+    a.t_stride[d] = p.teacher_strides[d];
+    a.gs_stride[d] = p.grad_student_strides[d];
+    a.gt_stride[d] = p.grad_teacher_strides[d];
+  }
   a.inv_temperature = static_cast<Acc>(1.0 / p.temperature);
 
   const bool rows_layout =
-      p.inner == 1 || (a.s1 == 1 && a.t1 == 1) || positions <= Policy::kRowsKernelMaxPositions;
+      p.inner == 1 || (a.s_stride[1] == 1 && a.t_stride[1] == 1) || positions <= Policy::kRowsKernelMaxPositions;
   if (rows_layout) {
     constexpr int VEC = Policy::kVectorLoads ? vec_width<S, T>() : 1;
     // 16 elements per thread per super-tile (8 for double): 2 x 16-byte loads per tensor for 2-byte
@@ -562,7 +555,7 @@ cudaError_t launch_softmax_pair_loss(const Params& params, cudaStream_t stream) 
   const cudaError_t bad = check_softmax_pair_params(params);
   if (bad != cudaSuccess) return bad;
   cudaError_t status = cudaSuccess;
-  const bool known = dispatch_dtype_pair(params.student_dtype, params.teacher_dtype, [&](auto s_tag, auto t_tag) {
+  const bool known = dispatch_dtype_pair(params.student.dtype, params.teacher.dtype, [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
     status = launch_softmax_pair<Policy<acc_t<S, T>>, S, T>(params, Policy<acc_t<S, T>>::make(params), stream);
