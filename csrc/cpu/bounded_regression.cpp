@@ -9,13 +9,13 @@
 // (independent of the thread count), so the caller's torch.sum repeats bit for bit; otherwise it
 // is one value per row.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
 
 #include "../kdkernels.h"
+#include "chunked_loss.h"
 #include "dispatch.h"
 #include "vec_utils.h"
 
@@ -23,13 +23,7 @@ namespace kdkernels {
 namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
 namespace {
 
-using cpu::acc_type_t;
-using cpu::hsum;
-using cpu::load_vec;
-using cpu::load_vec_n;
-using cpu::store_vec;
-using cpu::store_vec_n;
-using cpu::Vec;
+using namespace cpu;
 
 // Rows per partial sum and per parallel work unit.
 constexpr int64_t kRowChunk = 1024;
@@ -43,7 +37,6 @@ void bounded_regression_impl(const at::Tensor& student, const at::Tensor& teache
   constexpr int64_t L = V::size();
   const int64_t R = student.size(0);
   const int64_t K = student.size(1);
-  const int64_t chunks = (R + kRowChunk - 1) / kRowChunk;
   const scalar_t* S = static_cast<const scalar_t*>(student.data_ptr());
   const scalar_t* T = static_cast<const scalar_t*>(teacher.data_ptr());
   const scalar_t* Y = static_cast<const scalar_t*>(target.data_ptr());
@@ -57,78 +50,68 @@ void bounded_regression_impl(const at::Tensor& student, const at::Tensor& teache
   // Long rows of contiguous coordinates go through at::vec; boxes (K = 4) are scalar.
   const bool vectorised = K >= L && ss_k == 1 && ts_k == 1 && ys_k == 1;
 
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ch = begin; ch < end; ++ch) {
-      const int64_t r0 = ch * kRowChunk;
-      const int64_t r1 = std::min(R, r0 + kRowChunk);
-      acc_t total = 0;
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* s = S + r * ss_r;
-        const scalar_t* t = T + r * ts_r;
-        const scalar_t* y = Y + r * ys_r;
-        scalar_t* g = G ? G + r * K : nullptr;
-        bool active = false, teacher_nan = false;
-        acc_t d_s = 0;
-        if (mask == nullptr || mask[r]) {
-          acc_t d_t = 0;
-          if (vectorised) {
-            V vs(0), vt(0);
-            int64_t k = 0;
-            for (; k + L <= K; k += L) {
-              const V yv = load_vec<acc_t>(y + k);
-              const V es = load_vec<acc_t>(s + k) - yv;
-              const V et = load_vec<acc_t>(t + k) - yv;
-              vs = at::vec::fmadd(es, es, vs);
-              vt = at::vec::fmadd(et, et, vt);
-            }
-            if (k < K) {
-              const V yv = load_vec_n<acc_t>(y + k, K - k);
-              const V es = load_vec_n<acc_t>(s + k, K - k) - yv;
-              const V et = load_vec_n<acc_t>(t + k, K - k) - yv;
-              vs = at::vec::fmadd(es, es, vs);
-              vt = at::vec::fmadd(et, et, vt);
-            }
-            d_s = hsum<acc_t>(vs);
-            d_t = hsum<acc_t>(vt);
-          } else {
-            for (int64_t k = 0; k < K; ++k) {
-              const acc_t yk = static_cast<acc_t>(y[k * ys_k]);
-              const acc_t es = static_cast<acc_t>(s[k * ss_k]) - yk;
-              const acc_t et = static_cast<acc_t>(t[k * ts_k]) - yk;
-              d_s += es * es;
-              d_t += et * et;
-            }
+  parallel_for_chunks(R, kRowChunk, 1, [&](int64_t ch, int64_t r0, int64_t r1) {
+    acc_t total = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* s = S + r * ss_r;
+      const scalar_t* t = T + r * ts_r;
+      const scalar_t* y = Y + r * ys_r;
+      scalar_t* g = G ? G + r * K : nullptr;
+      bool active = false, teacher_nan = false;
+      acc_t d_s = 0;
+      if (mask == nullptr || mask[r]) {
+        acc_t d_t = 0;
+        if (vectorised) {
+          V vs(0), vt(0);
+          for (int64_t k = 0; k < K; k += L) {
+            const int64_t count = std::min(L, K - k);  // padding lanes are 0 in all three: add 0
+            const V yv = load_vec_upto<acc_t>(y + k, count);
+            const V es = load_vec_upto<acc_t>(s + k, count) - yv;
+            const V et = load_vec_upto<acc_t>(t + k, count) - yv;
+            vs = at::vec::fmadd(es, es, vs);
+            vt = at::vec::fmadd(et, et, vt);
           }
-          // Inactive only when d_s + m <= d_t holds: a NaN student or target is active (and NaN);
-          // a NaN teacher makes the row NaN, value and gradient (kdkernels/ops/reference).
-          active = !(d_s + m <= d_t);
-          teacher_nan = d_t != d_t;
-          if (teacher_nan) d_s = std::numeric_limits<acc_t>::quiet_NaN();
-        }
-        const acc_t l = active ? d_s : acc_t(0);
-        if (reduce) {
-          total += l;
-        } else {
-          loss_p[r] = l;
-        }
-        if (g == nullptr) continue;
-        if (!active) {
-          std::fill(g, g + K, scalar_t(0));
-        } else if (teacher_nan) {
-          std::fill(g, g + K, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
-        } else if (vectorised) {
-          const V vc(coef);
-          int64_t k = 0;
-          for (; k + L <= K; k += L) store_vec(vc * (load_vec<acc_t>(s + k) - load_vec<acc_t>(y + k)), g + k);
-          if (k < K) store_vec_n(vc * (load_vec_n<acc_t>(s + k, K - k) - load_vec_n<acc_t>(y + k, K - k)), g + k, K - k);
+          d_s = hsum<acc_t>(vs);
+          d_t = hsum<acc_t>(vt);
         } else {
           for (int64_t k = 0; k < K; ++k) {
-            g[k] = static_cast<scalar_t>(coef * (static_cast<acc_t>(s[k * ss_k]) - static_cast<acc_t>(y[k * ys_k])));
+            const acc_t yk = static_cast<acc_t>(y[k * ys_k]);
+            const acc_t es = static_cast<acc_t>(s[k * ss_k]) - yk;
+            const acc_t et = static_cast<acc_t>(t[k * ts_k]) - yk;
+            d_s += es * es;
+            d_t += et * et;
           }
         }
+        // Inactive only when d_s + m <= d_t holds: a NaN student or target is active (and NaN);
+        // a NaN teacher makes the row NaN, value and gradient (kdkernels/ops/reference).
+        active = !(d_s + m <= d_t);
+        teacher_nan = d_t != d_t;
+        if (teacher_nan) d_s = std::numeric_limits<acc_t>::quiet_NaN();
       }
-      if (reduce) loss_p[ch] = total;
+      const acc_t l = active ? d_s : acc_t(0);
+      if (reduce) {
+        total += l;
+      } else {
+        loss_p[r] = l;
+      }
+      if (g == nullptr) continue;
+      if (!active) {
+        std::fill(g, g + K, scalar_t(0));
+      } else if (teacher_nan) {
+        std::fill(g, g + K, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
+      } else if (vectorised) {
+        const V vc(coef);
+        for (int64_t k = 0; k < K; k += L) {
+          const int64_t count = std::min(L, K - k);
+          store_vec_upto(vc * (load_vec_upto<acc_t>(s + k, count) - load_vec_upto<acc_t>(y + k, count)), g + k, count);
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          g[k] = static_cast<scalar_t>(coef * (static_cast<acc_t>(s[k * ss_k]) - static_cast<acc_t>(y[k * ys_k])));
+        }
+      }
     }
+    if (reduce) loss_p[ch] = total;
   });
 }
 
@@ -158,13 +141,9 @@ std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cpu(const at::Tensor&
     mask_p = mask_c.data_ptr<bool>();
   }
   const auto acc_options = student.options().dtype(student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  const int64_t chunks = (R + kRowChunk - 1) / kRowChunk;
-  at::Tensor loss = at::empty({reduce ? std::max<int64_t>(chunks, 1) : R}, acc_options);
+  at::Tensor loss = reduce ? cpu::partial_sums_buffer(R, kRowChunk, acc_options) : at::empty({R}, acc_options);
   at::Tensor grad = student_grad ? at::empty({R, student.size(1)}, student.options()) : at::empty({0}, student.options());
-  if (R == 0) {
-    loss.zero_();
-    return {loss, grad};
-  }
+  if (R == 0) return {loss, grad};
   const double gs = grad_scale.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "bounded_regression_cpu", [&] {
     bounded_regression_impl<scalar_t>(student, teacher, target, mask_p, margin, gs, reduce, loss, grad);

@@ -13,8 +13,6 @@
 // With reduce, the loss is one partial sum per fixed chunk of kChunk elements (independent of the
 // thread count), so the caller's torch.sum repeats bit for bit; otherwise it is elementwise, with
 // the student's strides.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -23,7 +21,9 @@
 #include <vector>
 
 #include "../kdkernels.h"
+#include "chunked_loss.h"
 #include "dispatch.h"
+#include "dtype_pair.h"
 #include "gradient_buffer.h"
 #include "vec_utils.h"
 
@@ -31,13 +31,7 @@ namespace kdkernels {
 namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
 namespace {
 
-using cpu::acc_type_t;
-using cpu::hsum;
-using cpu::load_vec;
-using cpu::load_vec_n;
-using cpu::store_vec;
-using cpu::store_vec_n;
-using cpu::Vec;
+using namespace cpu;
 
 // Elements per partial sum and per parallel work unit.
 constexpr int64_t kChunk = 16384;
@@ -53,17 +47,15 @@ template <bool kBroadcast, typename acc_t, typename s_t, typename t_t>
 inline void segment(const s_t* s, const t_t* t, const acc_t* m, int64_t n, acc_t coef, acc_t* loss, s_t* grad,
                     Vec<acc_t>& acc0, Vec<acc_t>& acc1) {
   using V = Vec<acc_t>;
-  constexpr int64_t L = V::size();
   const V zero(0);
   const V vcoef(coef);
   const V mb(kBroadcast ? m[0] : acc_t(0));
   auto step = [&](int64_t k, int64_t count, V& acc) {
-    const bool full = count == L;
     // Padding lanes read 0 for s, t and m: T = 0 = S there, so they are not counted.
-    const V sv = full ? load_vec<acc_t>(s + k) : load_vec_n<acc_t>(s + k, count);
-    const V tv = full ? load_vec<acc_t>(t + k) : load_vec_n<acc_t>(t + k, count);
+    const V sv = load_vec_upto<acc_t>(s + k, count);
+    const V tv = load_vec_upto<acc_t>(t + k, count);
     V mv = mb;
-    if constexpr (!kBroadcast) mv = full ? V::loadu(m + k) : load_vec_n<acc_t>(m + k, count);
+    if constexpr (!kBroadcast) mv = load_vec_upto<acc_t>(m + k, count);
     const V tm = at::vec::maximum(tv, mv);
     const V d = tm - sv;
     // Left out only when S <= T <= 0 holds: a NaN element counts, and is NaN (the official
@@ -72,28 +64,12 @@ inline void segment(const s_t* s, const t_t* t, const acc_t* m, int64_t n, acc_t
     const V l = (d * d) & counted;
     if (loss == nullptr) {
       acc = acc + l;
-    } else if (full) {
-      l.store(loss + k);
     } else {
-      l.store(loss + k, count);
+      store_vec_upto(l, loss + k, count);
     }
-    if (grad != nullptr) {
-      const V g = (d * vcoef) & counted;
-      if (full) {
-        store_vec(g, grad + k);
-      } else {
-        store_vec_n(g, grad + k, count);
-      }
-    }
+    if (grad != nullptr) store_vec_upto((d * vcoef) & counted, grad + k, count);
   };
-  const int64_t nv = n / L * L;
-  int64_t k = 0;
-  for (; k + 2 * L <= nv; k += 2 * L) {
-    step(k, L, acc0);
-    step(k + L, L, acc1);
-  }
-  for (; k < nv; k += L) step(k, L, acc0);
-  if (nv < n) step(nv, n - nv, acc1);
+  sweep_two_accumulators<acc_t>(0, n, acc0, acc1, step);
 }
 
 template <typename s_t, typename t_t>
@@ -105,7 +81,6 @@ void margin_partial_l2_impl(const at::Tensor& student, const at::Tensor& teacher
   const int64_t N = student.numel();
   const int64_t C = margin.numel();
   const int64_t cs = channel_stride;
-  const int64_t chunks = (N + kChunk - 1) / kChunk;
   const s_t* S = static_cast<const s_t*>(student.data_ptr());
   const t_t* T = static_cast<const t_t*>(teacher.data_ptr());
   const acc_t* M = margin.data_ptr<acc_t>();
@@ -129,30 +104,26 @@ void margin_partial_l2_impl(const at::Tensor& student, const at::Tensor& teacher
     table = expanded.data();
   }
 
-  at::parallel_for(0, chunks, 2, [&](int64_t begin, int64_t end) {
-    for (int64_t ch = begin; ch < end; ++ch) {
-      const int64_t i0 = ch * kChunk;
-      const int64_t i1 = std::min(N, i0 + kChunk);
-      V acc0(0), acc1(0);
-      acc_t* lp = reduce ? nullptr : loss_p;
-      int64_t i = i0;
-      while (i < i1) {
-        int64_t stop;
-        if (table != nullptr) {
-          const int64_t p = i % period;
-          stop = std::min(i1, i + (period - p));
-          segment<false>(S + i, T + i, table + p, stop - i, coef, lp ? lp + i : nullptr, G ? G + i : nullptr, acc0,
-                         acc1);
-        } else {
-          const int64_t run = i / cs;
-          stop = std::min(i1, (run + 1) * cs);
-          segment<true>(S + i, T + i, M + run % C, stop - i, coef, lp ? lp + i : nullptr, G ? G + i : nullptr, acc0,
-                        acc1);
-        }
-        i = stop;
+  parallel_for_chunks(N, kChunk, 2, [&](int64_t ch, int64_t i0, int64_t i1) {
+    V acc0(0), acc1(0);
+    acc_t* lp = reduce ? nullptr : loss_p;
+    int64_t i = i0;
+    while (i < i1) {
+      int64_t stop;
+      if (table != nullptr) {
+        const int64_t p = i % period;
+        stop = std::min(i1, i + (period - p));
+        segment<false>(S + i, T + i, table + p, stop - i, coef, lp ? lp + i : nullptr, G ? G + i : nullptr, acc0,
+                       acc1);
+      } else {
+        const int64_t run = i / cs;
+        stop = std::min(i1, (run + 1) * cs);
+        segment<true>(S + i, T + i, M + run % C, stop - i, coef, lp ? lp + i : nullptr, G ? G + i : nullptr, acc0,
+                      acc1);
       }
-      if (reduce) loss_p[ch] = hsum<acc_t>(acc0 + acc1);
+      i = stop;
     }
+    if (reduce) loss_p[ch] = hsum<acc_t>(acc0 + acc1);
   });
 }
 
@@ -178,8 +149,7 @@ std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cpu(const at::Tens
               "margin_partial_l2_elements: expected floating-point student and teacher");
   TORCH_CHECK(same_dense_layout(student, teacher), "margin_partial_l2_elements: student ", student.sizes(),
               " and teacher ", teacher.sizes(), " must be dense with the same strides");
-  const bool use_double = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
-  const auto acc_dtype = use_double ? at::kDouble : at::kFloat;
+  const auto acc_dtype = cpu::accumulation_dtype(student.scalar_type(), teacher.scalar_type());
   TORCH_CHECK(margin.dim() == 1 && margin.is_contiguous() && margin.scalar_type() == acc_dtype,
               "margin_partial_l2_elements: margin must be a contiguous 1-d ", acc_dtype, " tensor");
   TORCH_CHECK(channel_stride >= 1, "margin_partial_l2_elements: channel_stride must be >= 1, got ", channel_stride);
@@ -187,20 +157,14 @@ std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cpu(const at::Tens
   const int64_t N = student.numel();
   TORCH_CHECK(N == 0 || margin.numel() >= 1, "margin_partial_l2_elements: empty margin for a non-empty input");
   const auto acc_options = student.options().dtype(acc_dtype);
-  const int64_t chunks = (N + kChunk - 1) / kChunk;
-  at::Tensor loss = reduce ? at::empty({std::max<int64_t>(chunks, 1)}, acc_options) : at::empty_like(student, acc_options);
+  at::Tensor loss =
+      reduce ? cpu::partial_sums_buffer(N, kChunk, acc_options) : at::empty_like(student, acc_options);
   at::Tensor grad = cpu::gradient_buffer(student, student_grad);
-  if (N == 0) {
-    loss.zero_();
-    return {loss, grad};
-  }
+  if (N == 0) return {loss, grad};
   const double gs = grad_scale.item<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "margin_partial_l2_cpu", [&] {
-    using s_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, teacher.scalar_type(), "margin_partial_l2_cpu", [&] {
-      using t_t = scalar_t;
-      margin_partial_l2_impl<s_t, t_t>(student, teacher, margin, channel_stride, gs, reduce, loss, grad);
-    });
+  const at::ScalarType s_type = student.scalar_type(), t_type = teacher.scalar_type();
+  KDKERNELS_DISPATCH_FLOATING_PAIR(s_type, t_type, "margin_partial_l2_cpu", s_t, t_t, [&] {
+    margin_partial_l2_impl<s_t, t_t>(student, teacher, margin, channel_stride, gs, reduce, loss, grad);
   });
   return {loss, grad};
 }

@@ -141,6 +141,13 @@ inline Vec<acc_t> load_vec_n(const scalar_t* p, int64_t count, acc_t fill = acc_
   }
 }
 
+// count (1 <= count <= size) elements at p: one full load when count == size, else load_vec_n
+// (other lanes 0).
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> load_vec_upto(const scalar_t* p, int64_t count) {
+  return count == Vec<acc_t>::size() ? load_vec<acc_t>(p) : load_vec_n<acc_t>(p, count);
+}
+
 // count elements at p, each `stride` apart (gather), other lanes `fill`.
 template <typename acc_t, typename scalar_t>
 inline Vec<acc_t> load_vec_strided(const scalar_t* p, int64_t stride, int64_t count, acc_t fill = acc_t(0)) {
@@ -178,6 +185,16 @@ inline void store_vec_n(const Vec<acc_t>& v, scalar_t* p, int64_t count) {
   }
 }
 
+// Store the first count (1 <= count <= size) lanes of v at p: store_vec when that is all of them.
+template <typename scalar_t, typename acc_t>
+inline void store_vec_upto(const Vec<acc_t>& v, scalar_t* p, int64_t count) {
+  if (count == Vec<acc_t>::size()) {
+    store_vec(v, p);
+  } else {
+    store_vec_n(v, p, count);
+  }
+}
+
 // Store the first count lanes of v at p, each `stride` apart (scatter).
 template <typename scalar_t, typename acc_t>
 inline void store_vec_strided(const Vec<acc_t>& v, scalar_t* p, int64_t stride, int64_t count) {
@@ -206,6 +223,22 @@ inline acc_t reduce_tree(const Vec<acc_t>& v, const VecOp& vec_op, const ScalarO
 template <typename acc_t>
 inline acc_t nan_max(acc_t a, acc_t b) {
   return (a != a || a > b) ? a : (b != b || b > a ? b : a);
+}
+
+// Calls step(k, count, acc) over [begin, end) in vectors of Vec<acc_t>::size() elements (count is
+// less only for the last one): full vectors alternate between acc0 and acc1, two independent add
+// chains, and the shorter tail goes to acc1. A fixed order, so hsum(acc0 + acc1) repeats bit for bit.
+template <typename acc_t, typename Step>
+inline void sweep_two_accumulators(int64_t begin, int64_t end, Vec<acc_t>& acc0, Vec<acc_t>& acc1, const Step& step) {
+  constexpr int64_t L = Vec<acc_t>::size();
+  const int64_t full_end = begin + (end - begin) / L * L;
+  int64_t k = begin;
+  for (; k + 2 * L <= full_end; k += 2 * L) {
+    step(k, L, acc0);
+    step(k + L, L, acc1);
+  }
+  for (; k < full_end; k += L) step(k, L, acc0);
+  if (full_end < end) step(full_end, end - full_end, acc1);
 }
 
 template <typename acc_t>

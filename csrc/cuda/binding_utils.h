@@ -1,10 +1,11 @@
 // Checks and conversions shared by the torch bindings of the CUDA kernels (csrc/cuda/*_bindings.cpp):
-// tensor dtype -> the launchers' DType, device checks, gradient buffers, and the arguments every
-// softmax pair loss (kd_loss_rows, weighted_soft_ce_rows) takes. Header-only; compiled only in a
-// CUDA build.
+// tensor dtype -> the launchers' DType and TypedInput, device checks, the current stream, loss and
+// gradient buffers, and the arguments every softmax pair loss (kd_loss_rows, weighted_soft_ce_rows)
+// takes. Header-only; compiled only in a CUDA build.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>
@@ -34,6 +35,9 @@ inline cuda::DType to_dtype(const at::Tensor& t, const char* name) {
   return cuda::DType::kFloat;  // not reached
 }
 
+// A checked input tensor as the launchers take it: its data pointer and element type.
+inline cuda::TypedInput typed_input(const at::Tensor& t, const char* name) { return {t.data_ptr(), to_dtype(t, name)}; }
+
 inline void check_cuda_on(const at::Tensor& t, const at::Tensor& ref, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), ", got ", t.device());
@@ -54,6 +58,16 @@ inline const void* grad_scale_ptr(const at::Tensor& grad_scale, const at::Tensor
   TORCH_CHECK(grad_scale.scalar_type() == loss.scalar_type(), "grad_scale: expected dtype ", loss.scalar_type(),
               " (the accumulation dtype), got ", grad_scale.scalar_type());
   return grad_scale.data_ptr();
+}
+
+// The stream the launchers enqueue on: the current CUDA stream of t's device.
+inline cudaStream_t current_stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()); }
+
+// The partial-sum loss of a chunked op (reduce = true) over `items` items: one entry per chunk
+// of `chunk` items, and a single zero when there are no items (nothing is launched then).
+inline at::Tensor partial_sums_buffer(int64_t items, int64_t chunk, const at::TensorOptions& options) {
+  if (items == 0) return at::zeros({1}, options);
+  return at::empty({(items + chunk - 1) / chunk}, options);
 }
 
 // A gradient buffer (the input's dtype; strides as torch.empty_like gives them), or an empty
@@ -108,10 +122,8 @@ inline void fill_softmax_pair_params(cuda::SoftmaxPairParams& p, const at::Tenso
   const at::Tensor& loss = std::get<0>(outputs);
   const at::Tensor& grad_student = std::get<1>(outputs);
   const at::Tensor& grad_teacher = std::get<2>(outputs);
-  p.student = student.data_ptr();
-  p.student_dtype = to_dtype(student, "student");
-  p.teacher = teacher.data_ptr();
-  p.teacher_dtype = to_dtype(teacher, "teacher");
+  p.student = typed_input(student, "student");
+  p.teacher = typed_input(teacher, "teacher");
   for (int d = 0; d < 3; ++d) {
     p.student_strides[d] = student.stride(d);
     p.teacher_strides[d] = teacher.stride(d);

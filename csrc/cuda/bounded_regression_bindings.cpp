@@ -5,10 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <algorithm>
 
 #include "binding_utils.h"
 #include "bounded_regression_kernel.cuh"
@@ -42,13 +39,10 @@ std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cuda(const at::Tensor
 
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc_options = student.options().dtype(dtype == cuda::DType::kDouble ? at::kDouble : at::kFloat);
-  const int64_t chunks = (R + cuda::kBoundedRegressionRowChunk - 1) / cuda::kBoundedRegressionRowChunk;
-  at::Tensor loss = at::empty({reduce ? std::max<int64_t>(chunks, 1) : R}, acc_options);
+  at::Tensor loss = reduce ? binding::partial_sums_buffer(R, cuda::kBoundedRegressionRowChunk, acc_options)
+                           : at::empty({R}, acc_options);
   at::Tensor grad = student_grad ? at::empty({R, student.size(1)}, student.options()) : at::empty({0}, student.options());
-  if (R == 0) {
-    loss.zero_();
-    return {loss, grad};
-  }
+  if (R == 0) return {loss, grad};
   cuda::BoundedRegressionParams p;
   p.dtype = dtype;
   p.student = student.data_ptr();
@@ -67,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cuda(const at::Tensor
   p.loss = loss.data_ptr();
   p.reduce = reduce;
   p.grad_student = student_grad ? grad.data_ptr() : nullptr;
-  C10_CUDA_CHECK(cuda::launch_bounded_regression(p, c10::cuda::getCurrentCUDAStream(student.device().index())));
+  C10_CUDA_CHECK(cuda::launch_bounded_regression(p, binding::current_stream(student)));
   return {loss, grad};
 }
 

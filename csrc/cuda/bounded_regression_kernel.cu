@@ -11,18 +11,13 @@ namespace kdkernels {
 namespace cuda {
 namespace {
 
-using detail::acc_t;
-using detail::from_acc;
-using detail::to_acc;
+using namespace detail;
 
 constexpr int kThreads = 256;
-constexpr int kRowsPerThread = static_cast<int>(kBoundedRegressionRowChunk / kThreads);
-static_assert(kBoundedRegressionRowChunk % kThreads == 0, "row chunk must be a multiple of the block size");
 
 template <typename X>
 __global__ void __launch_bounds__(kThreads) bounded_regression_kernel(const BoundedRegressionParams p) {
   using Acc = acc_t<X, X>;
-  __shared__ Acc scratch[33];
   const X* __restrict__ student = static_cast<const X*>(p.student);
   const X* __restrict__ teacher = static_cast<const X*>(p.teacher);
   const X* __restrict__ target = static_cast<const X*>(p.target);
@@ -31,11 +26,8 @@ __global__ void __launch_bounds__(kThreads) bounded_regression_kernel(const Boun
   const int64_t K = p.coords;
   const Acc margin = static_cast<Acc>(p.margin);
   const Acc coef = grad != nullptr ? Acc(2) * *static_cast<const Acc*>(p.grad_scale) : Acc(0);
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * kBoundedRegressionRowChunk;
   Acc sum = 0;
-  for (int j = 0; j < kRowsPerThread; ++j) {
-    const int64_t r = base + static_cast<int64_t>(j) * kThreads + threadIdx.x;
-    if (r >= p.rows) break;
+  for_each_chunk_item<kBoundedRegressionRowChunk, kThreads, 1>(p.rows, [&](int64_t r) {
     const X* s = student + r * p.student_strides[0];
     const X* t = teacher + r * p.teacher_strides[0];
     const X* y = target + r * p.target_strides[0];
@@ -71,11 +63,8 @@ __global__ void __launch_bounds__(kThreads) bounded_regression_kernel(const Boun
         g[k] = from_acc<X>(gk);
       }
     }
-  }
-  if (p.reduce) {
-    const Acc total = detail::block_sum(sum, scratch);
-    if (threadIdx.x == 0) loss[blockIdx.x] = total;
-  }
+  });
+  if (p.reduce) store_block_partial_sum(sum, loss);
 }
 
 }  // namespace
@@ -88,9 +77,9 @@ cudaError_t launch_bounded_regression(const BoundedRegressionParams& params, cud
     return cudaErrorInvalidValue;
   }
   const int64_t blocks = (params.rows + kBoundedRegressionRowChunk - 1) / kBoundedRegressionRowChunk;
-  if (blocks > detail::kMaxGrid) return cudaErrorInvalidValue;
+  if (blocks > kMaxGrid) return cudaErrorInvalidValue;
   cudaError_t status = cudaErrorInvalidValue;
-  detail::dispatch_dtype(params.dtype, [&](auto tag) {
+  dispatch_dtype(params.dtype, [&](auto tag) {
     using X = typename decltype(tag)::type;
     bounded_regression_kernel<X><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(params);
     status = cudaGetLastError();

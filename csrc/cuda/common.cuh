@@ -12,29 +12,31 @@
 
 #include <cstdint>
 
-namespace kdkernels {
-namespace cuda {
-
-// Element types the kernels accept. The bindings map at::ScalarType onto it.
-enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
-
-// The loss (and accumulation) type is double iff either input is double, else float.
-inline bool loss_is_double(DType a, DType b) { return a == DType::kDouble || b == DType::kDouble; }
-
-}  // namespace cuda
-}  // namespace kdkernels
-
 #ifdef __CUDACC__
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cmath>
 #include <type_traits>
 #include <utility>
+#endif
 
 namespace kdkernels {
 namespace cuda {
+
+// Element types the kernels accept. The bindings map at::ScalarType onto it.
+enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+
+// A read-only device array the kernels take as input, and its element type.
+struct TypedInput {
+  const void* data = nullptr;
+  DType dtype = DType::kFloat;
+};
+
+// The loss (and accumulation) type is double iff either input is double, else float.
+inline bool loss_is_double(DType a, DType b) { return a == DType::kDouble || b == DType::kDouble; }
+
+#ifdef __CUDACC__
 namespace detail {
 
 // gridDim.x limit; kernels that may need more blocks loop over their work (grid-stride).
@@ -116,6 +118,28 @@ __host__ __device__ __forceinline__ Acc nan_max(Acc x, Acc y) {
   return (x != x || x > y) ? x : y;
 }
 
+// One step of a loop over super-tiles of vectors: thread x of `threads` owns the vectors
+// v = base + u·threads + x, u < UNROLL; calls f(u, v) for those below nvec, u ascending.
+template <int UNROLL, typename F>
+__device__ __forceinline__ void for_each_tile_vector(int64_t base, int64_t nvec, int threads, F&& f) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int64_t v = base + static_cast<int64_t>(u) * threads + threadIdx.x;
+    if (v < nvec) f(u, v);
+  }
+}
+
+// This thread's vectors of a super-tile of two arrays (vector v starts at element v·VEC), all
+// loads issued before any value is used, so that they are in flight together.
+template <int VEC, int UNROLL, typename A, typename B>
+__device__ __forceinline__ void load_tile(const A* a, const B* b, int64_t base, int64_t nvec, int threads,
+                                          Vec<A, VEC> (&av)[UNROLL], Vec<B, VEC> (&bv)[UNROLL]) {
+  for_each_tile_vector<UNROLL>(base, nvec, threads, [&](int u, int64_t v) {
+    av[u] = *reinterpret_cast<const Vec<A, VEC>*>(a + v * VEC);
+    bv[u] = *reinterpret_cast<const Vec<B, VEC>*>(b + v * VEC);
+  });
+}
+
 // Element index of `p` modulo N, or -1 if `p` is not even aligned to its element size. Two
 // pointers with the same residue reach a N-element (vector-aligned) boundary after the same number
 // of scalar elements, so one scalar "head" serves both.
@@ -148,6 +172,31 @@ __device__ Acc block_sum(Acc value, Acc* scratch) {
   const Acc total = scratch[32];
   __syncthreads();  // scratch may be reused right after
   return total;
+}
+
+// The block's partial sum of the losses its threads gathered: block_sum of `value`, written by
+// thread 0 to partials[blockIdx.x]. Must be called by all threads of the block.
+template <typename Acc>
+__device__ __forceinline__ void store_block_partial_sum(Acc value, Acc* partials) {
+  __shared__ Acc scratch[33];
+  const Acc total = block_sum(value, scratch);
+  if (threadIdx.x == 0) partials[blockIdx.x] = total;
+}
+
+// The chunked work split of the elementwise kernels: block b owns the items
+// [b·Chunk, (b + 1)·Chunk) ∩ [0, count), and its thread x the items b·Chunk + k·Threads + x,
+// k ascending (consecutive threads on consecutive items: coalesced). Calls f(item) for each;
+// Unroll is the loop's unroll factor.
+template <int64_t Chunk, int Threads, int Unroll, typename F>
+__device__ __forceinline__ void for_each_chunk_item(int64_t count, F&& f) {
+  static_assert(Chunk % Threads == 0, "a chunk must be a multiple of the block size");
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * Chunk;
+#pragma unroll Unroll
+  for (int k = 0; k < static_cast<int>(Chunk / Threads); ++k) {
+    const int64_t item = base + static_cast<int64_t>(k) * Threads + threadIdx.x;
+    if (item >= count) break;
+    f(item);
+  }
 }
 
 // Type tags for the host-side dtype dispatch.
@@ -187,7 +236,7 @@ bool dispatch_dtype_pair(DType a, DType b, F&& f) {
 }
 
 }  // namespace detail
+#endif  // __CUDACC__
+
 }  // namespace cuda
 }  // namespace kdkernels
-
-#endif  // __CUDACC__

@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "binding_utils.h"
@@ -22,7 +21,7 @@ binding::TensorTriple kd_loss_rows_cuda(const at::Tensor& student, const at::Ten
   cuda::KdLossRowsParams p;
   binding::fill_softmax_pair_params(p, student, teacher, mask_c, temperature, grad_scale, outputs, student_grad,
                                     teacher_grad);
-  C10_CUDA_CHECK(cuda::launch_kd_loss_rows(p, c10::cuda::getCurrentCUDAStream(student.device().index())));
+  C10_CUDA_CHECK(cuda::launch_kd_loss_rows(p, binding::current_stream(student)));
   return outputs;
 }
 

@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "binding_utils.h"
@@ -22,30 +21,24 @@ binding::TensorTriple kl_div_pointwise_cuda(const at::Tensor& input, const at::T
   TORCH_CHECK(target.sizes() == input.sizes(), "target: expected shape ", input.sizes(), ", got ", target.sizes());
   TORCH_CHECK(input.is_contiguous(), "input: expected a contiguous tensor");
   TORCH_CHECK(target.is_contiguous(), "target: expected a contiguous tensor");
-  const cuda::DType input_dtype = binding::to_dtype(input, "input");
-  const cuda::DType target_dtype = binding::to_dtype(target, "target");
-  const int64_t numel = input.numel();
+  cuda::KlDivParams p;
+  p.input = binding::typed_input(input, "input");
+  p.target = binding::typed_input(target, "target");
+  p.numel = input.numel();
+  p.log_target = log_target;
+  p.reduce = reduce;
 
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const at::ScalarType loss_type = cuda::loss_is_double(input_dtype, target_dtype) ? at::kDouble : at::kFloat;
-  at::Tensor loss = reduce ? at::empty({cuda::kl_div_num_partials(numel)}, input.options().dtype(loss_type))
+  const at::ScalarType loss_type = cuda::loss_is_double(p.input.dtype, p.target.dtype) ? at::kDouble : at::kFloat;
+  at::Tensor loss = reduce ? at::empty({cuda::kl_div_num_partials(p.numel)}, input.options().dtype(loss_type))
                            : at::empty(input.sizes(), input.options().dtype(loss_type));
   at::Tensor grad_input = binding::gradient_buffer(input, input_grad);
   at::Tensor grad_target = binding::gradient_buffer(target, target_grad);
-
-  cuda::KlDivParams p;
-  p.input = input.data_ptr();
-  p.input_dtype = input_dtype;
-  p.target = target.data_ptr();
-  p.target_dtype = target_dtype;
-  p.numel = numel;
-  p.log_target = log_target;
-  p.reduce = reduce;
   p.grad_scale = binding::grad_scale_ptr(grad_scale, loss);
   p.loss = loss.data_ptr();
   p.grad_input = input_grad ? grad_input.data_ptr() : nullptr;
   p.grad_target = target_grad ? grad_target.data_ptr() : nullptr;
-  C10_CUDA_CHECK(cuda::launch_kl_div_pointwise(p, c10::cuda::getCurrentCUDAStream(input.device().index())));
+  C10_CUDA_CHECK(cuda::launch_kl_div_pointwise(p, binding::current_stream(input)));
   return {loss, grad_input, grad_target};
 }
 

@@ -18,20 +18,6 @@ using namespace detail;
 constexpr int kThreads = 256;
 constexpr int kUnroll = 2;  // vectors loaded per thread before use (memory-level parallelism)
 
-template <typename X, typename Y, typename Acc>
-struct KlArgs {
-  const X* input;
-  const Y* target;
-  Acc* loss;      // numel values (reduce == false) or one partial sum per block (reduce == true)
-  X* grad_input;  // nullptr: not requested
-  Y* grad_target; // nullptr: not requested
-  const void* grad_scale;  // the accumulation type
-  int64_t numel;
-  bool log_target;
-  bool reduce;
-  bool vectorized;  // every pointer used is aligned for VEC-element accesses
-};
-
 // One element: loss and the gradients (already times gs).
 template <typename Acc>
 __device__ __forceinline__ void kl_point(Acc x, Acc y, bool log_target, Acc gs, Acc& loss, Acc& grad_x, Acc& grad_y) {
@@ -50,79 +36,71 @@ __device__ __forceinline__ void kl_point(Acc x, Acc y, bool log_target, Acc gs, 
   }
 }
 
+// `vectorized`: every pointer used is aligned for VEC-element accesses.
 template <typename X, typename Y, int VEC>
-__global__ void __launch_bounds__(kThreads) kl_div_kernel(const KlArgs<X, Y, acc_t<X, Y>> args) {
+__global__ void __launch_bounds__(kThreads) kl_div_kernel(const KlDivParams p, bool vectorized) {
   using Acc = acc_t<X, Y>;
-  __shared__ Acc scratch[33];
+  const X* input = static_cast<const X*>(p.input.data);
+  const Y* target = static_cast<const Y*>(p.target.data);
+  // numel values (reduce == false) or one partial sum per block (reduce == true)
+  Acc* loss_out = static_cast<Acc*>(p.loss);
+  X* grad_input = static_cast<X*>(p.grad_input);     // nullptr: not requested
+  Y* grad_target = static_cast<Y*>(p.grad_target);  // nullptr: not requested
 
   const int tid = threadIdx.x;
-  const bool want_gx = args.grad_input != nullptr;
-  const bool want_gy = args.grad_target != nullptr;
-  const bool store_loss = !args.reduce;
-  const Acc gs = (want_gx || want_gy) ? *static_cast<const Acc*>(args.grad_scale) : Acc(0);
-  const int64_t chunks = (args.numel + kKlDivChunk - 1) / kKlDivChunk;
+  const bool want_gx = grad_input != nullptr;
+  const bool want_gy = grad_target != nullptr;
+  const bool store_loss = !p.reduce;
+  const Acc gs = (want_gx || want_gy) ? *static_cast<const Acc*>(p.grad_scale) : Acc(0);
+  const int64_t chunks = (p.numel + kKlDivChunk - 1) / kKlDivChunk;
 
   // One element at flat index j (scalar path, and the few elements after the last vector).
   auto scalar = [&](int64_t j, Acc& sum) {
     Acc loss, grad_x, grad_y;
-    kl_point(to_acc<Acc>(args.input[j]), to_acc<Acc>(args.target[j]), args.log_target, gs, loss, grad_x, grad_y);
+    kl_point(to_acc<Acc>(input[j]), to_acc<Acc>(target[j]), p.log_target, gs, loss, grad_x, grad_y);
     sum += loss;
-    if (store_loss) args.loss[j] = loss;
-    if (want_gx) args.grad_input[j] = from_acc<X>(grad_x);
-    if (want_gy) args.grad_target[j] = from_acc<Y>(grad_y);
+    if (store_loss) loss_out[j] = loss;
+    if (want_gx) grad_input[j] = from_acc<X>(grad_x);
+    if (want_gy) grad_target[j] = from_acc<Y>(grad_y);
   };
 
   Acc sum = Acc(0);
   for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
     const int64_t start = chunk * kKlDivChunk;
-    const int64_t rest = args.numel - start;
+    const int64_t rest = p.numel - start;
     const int64_t count = rest < kKlDivChunk ? rest : kKlDivChunk;
     int64_t done = 0;
-    if (args.vectorized) {
+    if (vectorized) {
       const int64_t nvec = count / VEC;
       for (int64_t base = 0; base < nvec; base += static_cast<int64_t>(kThreads) * kUnroll) {
         Vec<X, VEC> xv[kUnroll];
         Vec<Y, VEC> yv[kUnroll];
+        load_tile(input + start, target + start, base, nvec, kThreads, xv, yv);
+        for_each_tile_vector<kUnroll>(base, nvec, kThreads, [&](int u, int64_t v) {
+          Vec<Acc, VEC> lv;
+          Vec<X, VEC> gxv;
+          Vec<Y, VEC> gyv;
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t v = base + u * kThreads + tid;
-          if (v < nvec) {
-            xv[u] = *reinterpret_cast<const Vec<X, VEC>*>(args.input + start + v * VEC);
-            yv[u] = *reinterpret_cast<const Vec<Y, VEC>*>(args.target + start + v * VEC);
+          for (int k = 0; k < VEC; ++k) {
+            Acc loss, grad_x, grad_y;
+            kl_point(to_acc<Acc>(xv[u].v[k]), to_acc<Acc>(yv[u].v[k]), p.log_target, gs, loss, grad_x, grad_y);
+            sum += loss;
+            lv.v[k] = loss;
+            gxv.v[k] = from_acc<X>(grad_x);
+            gyv.v[k] = from_acc<Y>(grad_y);
           }
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t v = base + u * kThreads + tid;
-          if (v < nvec) {
-            Vec<Acc, VEC> lv;
-            Vec<X, VEC> gxv;
-            Vec<Y, VEC> gyv;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-              Acc loss, grad_x, grad_y;
-              kl_point(to_acc<Acc>(xv[u].v[k]), to_acc<Acc>(yv[u].v[k]), args.log_target, gs, loss, grad_x, grad_y);
-              sum += loss;
-              lv.v[k] = loss;
-              gxv.v[k] = from_acc<X>(grad_x);
-              gyv.v[k] = from_acc<Y>(grad_y);
-            }
-            const int64_t j = start + v * VEC;
-            if (store_loss) *reinterpret_cast<Vec<Acc, VEC>*>(args.loss + j) = lv;
-            if (want_gx) *reinterpret_cast<Vec<X, VEC>*>(args.grad_input + j) = gxv;
-            if (want_gy) *reinterpret_cast<Vec<Y, VEC>*>(args.grad_target + j) = gyv;
-          }
-        }
+          const int64_t j = start + v * VEC;
+          if (store_loss) *reinterpret_cast<Vec<Acc, VEC>*>(loss_out + j) = lv;
+          if (want_gx) *reinterpret_cast<Vec<X, VEC>*>(grad_input + j) = gxv;
+          if (want_gy) *reinterpret_cast<Vec<Y, VEC>*>(grad_target + j) = gyv;
+        });
       }
       done = nvec * VEC;
     }
     for (int64_t j = done + tid; j < count; j += kThreads) scalar(start + j, sum);
   }
 
-  if (args.reduce) {
-    const Acc total = block_sum(sum, scratch);  // all threads take part (uniform branch)
-    if (tid == 0) args.loss[blockIdx.x] = total;
-  }
+  if (p.reduce) store_block_partial_sum(sum, loss_out);  // all threads take part (uniform branch)
 }
 
 template <int N, typename P>
@@ -134,23 +112,13 @@ template <typename X, typename Y>
 cudaError_t launch_typed(const KlDivParams& p, cudaStream_t stream) {
   using Acc = acc_t<X, Y>;
   constexpr int VEC = vec_width<X, Y>();
-  KlArgs<X, Y, Acc> a;
-  a.input = static_cast<const X*>(p.input);
-  a.target = static_cast<const Y*>(p.target);
-  a.loss = static_cast<Acc*>(p.loss);
-  a.grad_input = static_cast<X*>(p.grad_input);
-  a.grad_target = static_cast<Y*>(p.grad_target);
-  a.grad_scale = p.grad_scale;
-  a.numel = p.numel;
-  a.log_target = p.log_target;
-  a.reduce = p.reduce;
   // Chunk starts are multiples of kKlDivChunk (a multiple of VEC), so aligned base pointers keep
   // every vector access aligned.
-  a.vectorized = aligned_for<VEC>(a.input, sizeof(X)) && aligned_for<VEC>(a.target, sizeof(Y)) &&
-                 (p.reduce || aligned_for<VEC>(a.loss, sizeof(Acc))) && aligned_for<VEC>(a.grad_input, sizeof(X)) &&
-                 aligned_for<VEC>(a.grad_target, sizeof(Y));
+  const bool vectorized = aligned_for<VEC>(p.input.data, sizeof(X)) && aligned_for<VEC>(p.target.data, sizeof(Y)) &&
+                          (p.reduce || aligned_for<VEC>(p.loss, sizeof(Acc))) &&
+                          aligned_for<VEC>(p.grad_input, sizeof(X)) && aligned_for<VEC>(p.grad_target, sizeof(Y));
   const unsigned grid = static_cast<unsigned>(kl_div_num_partials(p.numel));
-  kl_div_kernel<X, Y, VEC><<<grid, kThreads, 0, stream>>>(a);
+  kl_div_kernel<X, Y, VEC><<<grid, kThreads, 0, stream>>>(p, vectorized);
   return cudaGetLastError();
 }
 
@@ -159,11 +127,11 @@ cudaError_t launch_typed(const KlDivParams& p, cudaStream_t stream) {
 cudaError_t launch_kl_div_pointwise(const KlDivParams& params, cudaStream_t stream) {
   if (params.numel < 0) return cudaErrorInvalidValue;
   if (params.numel == 0) return cudaSuccess;
-  if (params.input == nullptr || params.target == nullptr || params.loss == nullptr ||
+  if (params.input.data == nullptr || params.target.data == nullptr || params.loss == nullptr ||
       ((params.grad_input != nullptr || params.grad_target != nullptr) && params.grad_scale == nullptr))
     return cudaErrorInvalidValue;
   cudaError_t status = cudaSuccess;
-  const bool known = detail::dispatch_dtype_pair(params.input_dtype, params.target_dtype, [&](auto x_tag, auto y_tag) {
+  const bool known = detail::dispatch_dtype_pair(params.input.dtype, params.target.dtype, [&](auto x_tag, auto y_tag) {
     using X = typename decltype(x_tag)::type;
     using Y = typename decltype(y_tag)::type;
     status = launch_typed<X, Y>(params, stream);

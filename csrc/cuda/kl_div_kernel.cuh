@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "common.cuh"  // DType, loss_is_double
+#include "common.cuh"  // TypedInput, loss_is_double
 
 namespace kdkernels {
 namespace cuda {
@@ -33,10 +33,8 @@ inline int64_t kl_div_num_partials(int64_t numel) {
 // reduce == false, `numel` elementwise values; with reduce == true, kl_div_num_partials(numel)
 // partial sums over fixed chunks. Gradients have the dtype of their input (nullptr: not requested).
 struct KlDivParams {
-  const void* input = nullptr;
-  DType input_dtype = DType::kFloat;
-  const void* target = nullptr;
-  DType target_dtype = DType::kFloat;
+  TypedInput input;
+  TypedInput target;
   int64_t numel = 0;
   bool log_target = false;
   bool reduce = false;

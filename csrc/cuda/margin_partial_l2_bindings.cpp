@@ -4,10 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <algorithm>
 
 #include "binding_utils.h"
 #include "margin_partial_l2_kernel.cuh"
@@ -36,10 +33,7 @@ std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cuda(const at::Ten
   binding::check_grad_scale(grad_scale, student);
   TORCH_CHECK(mpl2_same_dense_layout(student, teacher), "margin_partial_l2_elements: student ", student.sizes(),
               " and teacher ", teacher.sizes(), " must be dense with the same strides");
-  const cuda::DType s_dtype = binding::to_dtype(student, "student");
-  const cuda::DType t_dtype = binding::to_dtype(teacher, "teacher");
-  const bool use_double = cuda::loss_is_double(s_dtype, t_dtype);
-  const auto acc_dtype = use_double ? at::kDouble : at::kFloat;
+  const at::ScalarType acc_dtype = binding::accumulation_type(student, teacher);
   TORCH_CHECK(margin.dim() == 1 && margin.is_contiguous() && margin.scalar_type() == acc_dtype,
               "margin: expected a contiguous 1-d ", acc_dtype, " tensor, got ", margin.scalar_type(), " of shape ",
               margin.sizes());
@@ -49,18 +43,13 @@ std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cuda(const at::Ten
 
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc_options = student.options().dtype(acc_dtype);
-  const int64_t chunks = (N + cuda::kMarginPartialL2Chunk - 1) / cuda::kMarginPartialL2Chunk;
-  at::Tensor loss = reduce ? at::empty({std::max<int64_t>(chunks, 1)}, acc_options) : at::empty_like(student, acc_options);
+  at::Tensor loss = reduce ? binding::partial_sums_buffer(N, cuda::kMarginPartialL2Chunk, acc_options)
+                           : at::empty_like(student, acc_options);
   at::Tensor grad = binding::gradient_buffer(student, student_grad);
-  if (N == 0) {
-    loss.zero_();
-    return {loss, grad};
-  }
+  if (N == 0) return {loss, grad};
   cuda::MarginPartialL2Params p;
-  p.student = student.data_ptr();
-  p.student_dtype = s_dtype;
-  p.teacher = teacher.data_ptr();
-  p.teacher_dtype = t_dtype;
+  p.student = binding::typed_input(student, "student");
+  p.teacher = binding::typed_input(teacher, "teacher");
   p.numel = N;
   p.margin = margin.data_ptr();
   p.channels = margin.numel();
@@ -69,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cuda(const at::Ten
   p.loss = loss.data_ptr();
   p.reduce = reduce;
   p.grad_student = student_grad ? grad.data_ptr() : nullptr;
-  C10_CUDA_CHECK(cuda::launch_margin_partial_l2(p, c10::cuda::getCurrentCUDAStream(student.device().index())));
+  C10_CUDA_CHECK(cuda::launch_margin_partial_l2(p, binding::current_stream(student)));
   return {loss, grad};
 }
 

@@ -11,13 +11,9 @@ namespace kdkernels {
 namespace cuda {
 namespace {
 
-using detail::acc_t;
-using detail::from_acc;
-using detail::to_acc;
+using namespace detail;
 
 constexpr int kThreads = 256;
-constexpr int kItems = static_cast<int>(kMarginPartialL2Chunk / kThreads);
-static_assert(kMarginPartialL2Chunk % kThreads == 0, "chunk must be a multiple of the block size");
 
 template <typename S, typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -26,14 +22,9 @@ __global__ void __launch_bounds__(kThreads)
                              int64_t channel_stride, const void* __restrict__ grad_scale, acc_t<S, T>* __restrict__ loss,
                              bool reduce, S* __restrict__ grad_student) {
   using Acc = acc_t<S, T>;
-  __shared__ Acc scratch[33];
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * kMarginPartialL2Chunk;
   const Acc coef = grad_student != nullptr ? Acc(-2) * *static_cast<const Acc*>(grad_scale) : Acc(0);
   Acc sum = 0;
-#pragma unroll 4
-  for (int k = 0; k < kItems; ++k) {
-    const int64_t i = base + static_cast<int64_t>(k) * kThreads + threadIdx.x;
-    if (i >= numel) break;
+  for_each_chunk_item<kMarginPartialL2Chunk, kThreads, 4>(numel, [&](int64_t i) {
     const Acc s = to_acc<Acc>(student[i]);
     const Acc t = to_acc<Acc>(teacher[i]);
     const Acc m = margin[(i / channel_stride) % channels];
@@ -48,22 +39,8 @@ __global__ void __launch_bounds__(kThreads)
       loss[i] = l;
     }
     if (grad_student != nullptr) grad_student[i] = from_acc<S>(counted ? d * coef : Acc(0));
-  }
-  if (reduce) {
-    const Acc total = detail::block_sum(sum, scratch);
-    if (threadIdx.x == 0) loss[blockIdx.x] = total;
-  }
-}
-
-template <typename S, typename T>
-cudaError_t launch_typed(const MarginPartialL2Params& p, cudaStream_t stream) {
-  const int64_t blocks = (p.numel + kMarginPartialL2Chunk - 1) / kMarginPartialL2Chunk;
-  if (blocks > detail::kMaxGrid) return cudaErrorInvalidValue;
-  margin_partial_l2_kernel<S, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      static_cast<const S*>(p.student), static_cast<const T*>(p.teacher), static_cast<const acc_t<S, T>*>(p.margin),
-      p.numel, p.channels, p.channel_stride, p.grad_scale, static_cast<acc_t<S, T>*>(p.loss), p.reduce,
-      static_cast<S*>(p.grad_student));
-  return cudaGetLastError();
+  });
+  if (reduce) store_block_partial_sum(sum, loss);
 }
 
 }  // namespace
@@ -71,15 +48,22 @@ cudaError_t launch_typed(const MarginPartialL2Params& p, cudaStream_t stream) {
 cudaError_t launch_margin_partial_l2(const MarginPartialL2Params& params, cudaStream_t stream) {
   if (params.numel < 0 || params.channels < 1 || params.channel_stride < 1) return cudaErrorInvalidValue;
   if (params.numel == 0) return cudaSuccess;
-  if (params.student == nullptr || params.teacher == nullptr || params.margin == nullptr ||
+  if (params.student.data == nullptr || params.teacher.data == nullptr || params.margin == nullptr ||
       params.loss == nullptr || (params.grad_student != nullptr && params.grad_scale == nullptr)) {
     return cudaErrorInvalidValue;
   }
+  const int64_t blocks = (params.numel + kMarginPartialL2Chunk - 1) / kMarginPartialL2Chunk;
+  if (blocks > kMaxGrid) return cudaErrorInvalidValue;
   cudaError_t status = cudaErrorInvalidValue;
-  detail::dispatch_dtype_pair(params.student_dtype, params.teacher_dtype, [&](auto s_tag, auto t_tag) {
+  dispatch_dtype_pair(params.student.dtype, params.teacher.dtype, [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
-    status = launch_typed<S, T>(params, stream);
+    using Acc = acc_t<S, T>;
+    margin_partial_l2_kernel<S, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        static_cast<const S*>(params.student.data), static_cast<const T*>(params.teacher.data),
+        static_cast<const Acc*>(params.margin), params.numel, params.channels, params.channel_stride,
+        params.grad_scale, static_cast<Acc*>(params.loss), params.reduce, static_cast<S*>(params.grad_student));
+    status = cudaGetLastError();
   });
   return status;
 }

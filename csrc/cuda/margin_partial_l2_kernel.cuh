@@ -1,7 +1,7 @@
 // Torch-free CUDA kernel of kdkernels::margin_partial_l2_elements: the Margin-ReLU partial L2 of
 // Heo et al. (ICCV 2019) and its student gradient.
 //
-// Plain C++ with only <cuda_runtime_api.h> (and common.cuh's DType), so that the binding compiles
+// Plain C++ with only <cuda_runtime_api.h> (and common.cuh's TypedInput), so that the binding compiles
 // with the host compiler and `nvcc -c` compile-checks the kernel on a machine without a CUDA build
 // of torch.
 #pragma once
@@ -22,10 +22,8 @@ constexpr int64_t kMarginPartialL2Chunk = 4096;
 // checks they are dense with the same strides); element i lies in channel
 // (i / channel_stride) % channels.
 struct MarginPartialL2Params {
-  const void* student = nullptr;
-  DType student_dtype = DType::kFloat;
-  const void* teacher = nullptr;
-  DType teacher_dtype = DType::kFloat;
+  TypedInput student;
+  TypedInput teacher;
   int64_t numel = 0;
 
   const void* margin = nullptr;  // (channels,) contiguous, accumulation type (see loss_is_double)

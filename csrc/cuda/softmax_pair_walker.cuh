@@ -57,6 +57,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common.cuh"
@@ -68,12 +69,10 @@ namespace cuda {
 // tensors may have more than 2^31 elements). `student`/`teacher` are (outer, classes, inner) views
 // of any strides; the two may have different dtypes.
 struct SoftmaxPairParams {
-  const void* student = nullptr;
-  DType student_dtype = DType::kFloat;
+  TypedInput student;
   int64_t student_strides[3] = {0, 0, 0};
 
-  const void* teacher = nullptr;
-  DType teacher_dtype = DType::kFloat;
+  TypedInput teacher;
   int64_t teacher_strides[3] = {0, 0, 0};
 
   int64_t outer = 0;
@@ -102,21 +101,13 @@ inline cudaError_t check_softmax_pair_params(const SoftmaxPairParams& p) {
   const int64_t positions = p.outer * p.inner;
   if (positions > 0 && p.loss == nullptr) return cudaErrorInvalidValue;
   if (positions > 0 && p.classes > 0 &&
-      (p.student == nullptr || p.teacher == nullptr ||
+      (p.student.data == nullptr || p.teacher.data == nullptr ||
        ((p.grad_student != nullptr || p.grad_teacher != nullptr) && p.grad_scale == nullptr)))
     return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 
-}  // namespace cuda
-}  // namespace kdkernels
-
 #ifdef __CUDACC__
-
-#include <algorithm>
-
-namespace kdkernels {
-namespace cuda {
 namespace detail {
 
 constexpr int kMaxRowThreads = 512;      // rows kernel: threads per block (at most)
@@ -138,9 +129,61 @@ struct PairArgs {
   const bool* mask; // (outer, inner) contiguous, or nullptr
   const void* grad_scale;  // the accumulation type
   int64_t classes, inner, positions;
-  int64_t s0, s1, s2, t0, t1, t2, gs0, gs1, gs2, gt0, gt1, gt2;
+  int64_t s_stride[3], t_stride[3], gs_stride[3], gt_stride[3];  // (outer, classes, inner)
   Acc inv_temperature;
 };
+
+// Where position p = o·inner + i of the (outer, classes, inner) views starts in each tensor, and
+// whether the mask counts it. A gradient pointer is null when that gradient is not requested.
+template <typename S, typename T>
+struct PositionPtrs {
+  const S* s;
+  const T* t;
+  S* gs;
+  T* gt;
+  bool active;
+};
+
+template <typename S, typename T, typename Acc>
+__device__ __forceinline__ PositionPtrs<S, T> position_ptrs(const PairArgs<S, T, Acc>& args, int64_t p) {
+  const int64_t o = p / args.inner;
+  const int64_t i = p - o * args.inner;
+  PositionPtrs<S, T> pos;
+  pos.s = args.student + (o * args.s_stride[0] + i * args.s_stride[2]);
+  pos.t = args.teacher + (o * args.t_stride[0] + i * args.t_stride[2]);
+  pos.gs = args.grad_student != nullptr ? args.grad_student + (o * args.gs_stride[0] + i * args.gs_stride[2]) : nullptr;
+  pos.gt = args.grad_teacher != nullptr ? args.grad_teacher + (o * args.gt_stride[0] + i * args.gt_stride[2]) : nullptr;
+  pos.active = args.mask == nullptr || args.mask[p];
+  return pos;
+}
+
+// The policy's factor on the gradients, from *grad_scale on the device; 0 without reading
+// grad_scale when no gradient is requested.
+template <typename Policy, typename S, typename T>
+__device__ __forceinline__ typename Policy::Acc gradient_coef(const PairArgs<S, T, typename Policy::Acc>& args,
+                                                              const Policy& policy) {
+  using Acc = typename Policy::Acc;
+  const bool want_grad = args.grad_student != nullptr || args.grad_teacher != nullptr;
+  return want_grad ? policy.grad_coef(*static_cast<const Acc*>(args.grad_scale)) : Acc(0);
+}
+
+// Writes class c's requested gradients through the class strides: the policy's where the position
+// counts (zero == false; the logits are read again), else 0.
+template <typename Policy, typename S, typename T, typename Finished>
+__device__ __forceinline__ void store_class_grads(const PairArgs<S, T, typename Policy::Acc>& args,
+                                                  const PositionPtrs<S, T>& pos, const Policy& policy,
+                                                  const Finished& fin, bool zero, int64_t c) {
+  using Acc = typename Policy::Acc;
+  Acc grad_s = Acc(0);
+  Acc grad_t = Acc(0);
+  if (!zero) {
+    const Acc a = to_acc<Acc>(pos.s[c * args.s_stride[1]]);
+    const Acc b = to_acc<Acc>(pos.t[c * args.t_stride[1]]);
+    policy.grads(fin, a, b, c, grad_s, grad_t);
+  }
+  if (pos.gs != nullptr) pos.gs[c * args.gs_stride[1]] = from_acc<S>(grad_s);
+  if (pos.gt != nullptr) pos.gt[c * args.gt_stride[1]] = from_acc<T>(grad_t);
+}
 
 // The running statistics of one position (or of the classes one thread has seen): raw maxima
 // ma = m_s, mb = m_t, sums za = Z_a, zb = Z_b, and the loss's cross terms.
@@ -200,6 +243,21 @@ __host__ __device__ __forceinline__ PairStats<typename Policy::Acc, typename Pol
   return {neg_inf<Acc>(), Acc(0), neg_inf<Acc>(), Acc(0), Policy::Terms::empty()};
 }
 
+// One distribution's part of add_class: folds the raw logit x into its running maximum m and sum z.
+// Returns in `up` whether x raised the maximum (or is NaN: !(x <= m)), in `scale` the factor on the
+// sum gathered so far and in `weight` the class's own e^{(x − m_new)/T}; m_old is m before.
+template <typename Acc>
+__host__ __device__ __forceinline__ void add_logit(Acc x, Acc& m, Acc& z, Acc inv_t, Acc& m_old, bool& up, Acc& scale,
+                                                   Acc& weight) {
+  const Acc e = online_exp(x, m, inv_t);
+  up = !(x <= m);
+  scale = up ? e : Acc(1);
+  weight = up ? Acc(1) : e;
+  m_old = m;
+  z = z * scale + weight;
+  m = up ? x : m;
+}
+
 // Adds one class (raw logits a = s, b = t, class index c) to a thread's state. Branch-free
 // (selects only), so the compiler does not evaluate both sides of a branch: exactly one
 // exponential per logit. A NaN becomes the running maximum (!(x <= m)), so everything after it is
@@ -210,26 +268,22 @@ __host__ __device__ __forceinline__ void add_class(PairStats<Acc, typename Polic
   ClassStep<Acc> step;
   step.a = a;
   step.b = b;
-
-  const Acc ea = online_exp(a, st.ma, inv_t);
-  step.a_up = !(a <= st.ma);
-  step.a_scale = step.a_up ? ea : Acc(1);
-  step.a_weight = step.a_up ? Acc(1) : ea;
-  step.ma_old = st.ma;
-  st.za = st.za * step.a_scale + step.a_weight;
-  st.ma = step.a_up ? a : st.ma;
+  add_logit(a, st.ma, st.za, inv_t, step.ma_old, step.a_up, step.a_scale, step.a_weight);
   step.ma = st.ma;
-
-  const Acc eb = online_exp(b, st.mb, inv_t);
-  step.b_up = !(b <= st.mb);
-  step.b_scale = step.b_up ? eb : Acc(1);   // factor on the old sums
-  step.b_weight = step.b_up ? Acc(1) : eb;  // e^{b − mb} of this class, relative to the new max
-  step.mb_old = st.mb;
-  st.zb = st.zb * step.b_scale + step.b_weight;
-  st.mb = step.b_up ? b : st.mb;
+  add_logit(b, st.mb, st.zb, inv_t, step.mb_old, step.b_up, step.b_scale, step.b_weight);
   step.mb = st.mb;
-
   policy.add(st.terms, step, c, inv_t);
+}
+
+// One distribution's part of merge: the merged maximum m of m_x and m_y, the factors on each
+// side's sum, and the merged sum z.
+template <typename Acc>
+__host__ __device__ __forceinline__ void merge_sums(Acc m_x, Acc z_x, Acc m_y, Acc z_y, Acc inv_t, Acc& m, Acc& z,
+                                                    Acc& scale_x, Acc& scale_y) {
+  m = nan_max(m_x, m_y);
+  scale_x = rescale(m_x, m, inv_t);
+  scale_y = rescale(m_y, m, inv_t);
+  z = z_x * scale_x + z_y * scale_y;
 }
 
 // The state of the union of two disjoint sets of classes.
@@ -241,18 +295,12 @@ __host__ __device__ __forceinline__ PairStats<Acc, typename Policy::Terms> merge
   MergeStep<Acc> step;
   step.ma_x = x.ma;
   step.ma_y = y.ma;
-  r.ma = nan_max(x.ma, y.ma);
+  merge_sums(x.ma, x.za, y.ma, y.za, inv_t, r.ma, r.za, step.a_scale_x, step.a_scale_y);
   step.ma = r.ma;
-  step.a_scale_x = rescale(x.ma, r.ma, inv_t);
-  step.a_scale_y = rescale(y.ma, r.ma, inv_t);
-  r.za = x.za * step.a_scale_x + y.za * step.a_scale_y;
   step.mb_x = x.mb;
   step.mb_y = y.mb;
-  r.mb = nan_max(x.mb, y.mb);
+  merge_sums(x.mb, x.zb, y.mb, y.zb, inv_t, r.mb, r.zb, step.b_scale_x, step.b_scale_y);
   step.mb = r.mb;
-  step.b_scale_x = rescale(x.mb, r.mb, inv_t);
-  step.b_scale_y = rescale(y.mb, r.mb, inv_t);
-  r.zb = x.zb * step.b_scale_x + y.zb * step.b_scale_y;
   r.terms = policy.merge(x.terms, y.terms, step, inv_t);
   return r;
 }
@@ -310,31 +358,24 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSM)
   const Acc inv_t = args.inv_temperature;
   const bool want_gs = args.grad_student != nullptr;
   const bool want_gt = args.grad_teacher != nullptr;
-  const bool want_grad = want_gs || want_gt;
-  const Acc coef = want_grad ? policy.grad_coef(*static_cast<const Acc*>(args.grad_scale)) : Acc(0);
+  const Acc coef = gradient_coef(args, policy);
   const int64_t step = static_cast<int64_t>(nthreads) * UNROLL;                // vectors per super-tile
   const int64_t scalar_step = static_cast<int64_t>(nthreads) * kScalarUnroll;  // scalar path: elements
 
   for (int64_t row = blockIdx.x; row < args.positions; row += gridDim.x) {
-    const int64_t o = row / args.inner;
-    const int64_t i = row - o * args.inner;
-    const S* s_row = args.student + (o * args.s0 + i * args.s2);
-    const T* t_row = args.teacher + (o * args.t0 + i * args.t2);
-    S* gs_row = want_gs ? args.grad_student + (o * args.gs0 + i * args.gs2) : nullptr;
-    T* gt_row = want_gt ? args.grad_teacher + (o * args.gt0 + i * args.gt2) : nullptr;
-    const bool active = args.mask == nullptr || args.mask[row];
+    const PositionPtrs<S, T> pos = position_ptrs(args, row);
 
     // Vector layout of this row: `head` scalar elements up to a VEC boundary, `nvec` vectors, then
     // scalar elements from `tail` to C. Needs unit class stride and the same misalignment (in
     // elements, modulo VEC) for every pointer we touch; otherwise the whole row is scalar.
-    bool vec = VEC > 1 && args.s1 == 1 && args.t1 == 1 && (!want_gs || args.gs1 == 1) &&
-               (!want_gt || args.gt1 == 1);
+    bool vec = VEC > 1 && args.s_stride[1] == 1 && args.t_stride[1] == 1 &&
+               (!want_gs || args.gs_stride[1] == 1) && (!want_gt || args.gt_stride[1] == 1);
     int64_t head = 0;
     if (vec) {
-      const int r = element_misalignment<VEC>(s_row);
-      vec = r >= 0 && element_misalignment<VEC>(t_row) == r &&
-            (!want_gs || element_misalignment<VEC>(gs_row) == r) &&
-            (!want_gt || element_misalignment<VEC>(gt_row) == r);
+      const int r = element_misalignment<VEC>(pos.s);
+      vec = r >= 0 && element_misalignment<VEC>(pos.t) == r &&
+            (!want_gs || element_misalignment<VEC>(pos.gs) == r) &&
+            (!want_gt || element_misalignment<VEC>(pos.gt) == r);
       if (vec) {
         head = (VEC - r) % VEC;
         if (head > C) head = C;
@@ -345,51 +386,33 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSM)
 
     // ---- pass 1: online statistics, front to back -------------------------------------------
     Stats st = empty_stats<Policy>();
-    if (active) {
+    if (pos.active) {
       if (vec) {
         for (int64_t c = tid; c < head; c += nthreads)
-          add_class(st, to_acc<Acc>(s_row[c]), to_acc<Acc>(t_row[c]), c, policy, inv_t);
+          add_class(st, to_acc<Acc>(pos.s[c]), to_acc<Acc>(pos.t[c]), c, policy, inv_t);
         for (int64_t base = 0; base < nvec; base += step) {
-          // Issue all loads of the super-tile before any math, so they are in flight together.
           Vec<S, VEC> sv[UNROLL];
           Vec<T, VEC> tv[UNROLL];
+          load_tile(pos.s + head, pos.t + head, base, nvec, nthreads, sv, tv);
+          for_each_tile_vector<UNROLL>(base, nvec, nthreads, [&](int u, int64_t v) {
 #pragma unroll
-          for (int u = 0; u < UNROLL; ++u) {
-            const int64_t v = base + static_cast<int64_t>(u) * nthreads + tid;
-            if (v < nvec) {
-              sv[u] = *reinterpret_cast<const Vec<S, VEC>*>(s_row + head + v * VEC);
-              tv[u] = *reinterpret_cast<const Vec<T, VEC>*>(t_row + head + v * VEC);
-            }
-          }
-#pragma unroll
-          for (int u = 0; u < UNROLL; ++u) {
-            const int64_t v = base + static_cast<int64_t>(u) * nthreads + tid;
-            if (v < nvec) {
-#pragma unroll
-              for (int k = 0; k < VEC; ++k)
-                add_class(st, to_acc<Acc>(sv[u].v[k]), to_acc<Acc>(tv[u].v[k]), head + v * VEC + k, policy, inv_t);
-            }
-          }
+            for (int k = 0; k < VEC; ++k)
+              add_class(st, to_acc<Acc>(sv[u].v[k]), to_acc<Acc>(tv[u].v[k]), head + v * VEC + k, policy, inv_t);
+          });
         }
         for (int64_t c = tail + tid; c < C; c += nthreads)
-          add_class(st, to_acc<Acc>(s_row[c]), to_acc<Acc>(t_row[c]), c, policy, inv_t);
+          add_class(st, to_acc<Acc>(pos.s[c]), to_acc<Acc>(pos.t[c]), c, policy, inv_t);
       } else {
+        // kScalarUnroll elements per thread loaded before use, as the vector path's super-tiles.
         for (int64_t base = 0; base < C; base += scalar_step) {
           Acc av[kScalarUnroll];
           Acc bv[kScalarUnroll];
-#pragma unroll
-          for (int u = 0; u < kScalarUnroll; ++u) {
-            const int64_t c = base + static_cast<int64_t>(u) * nthreads + tid;
-            if (c < C) {
-              av[u] = to_acc<Acc>(s_row[c * args.s1]);
-              bv[u] = to_acc<Acc>(t_row[c * args.t1]);
-            }
-          }
-#pragma unroll
-          for (int u = 0; u < kScalarUnroll; ++u) {
-            const int64_t c = base + static_cast<int64_t>(u) * nthreads + tid;
-            if (c < C) add_class(st, av[u], bv[u], c, policy, inv_t);
-          }
+          for_each_tile_vector<kScalarUnroll>(base, C, nthreads, [&](int u, int64_t c) {
+            av[u] = to_acc<Acc>(pos.s[c * args.s_stride[1]]);
+            bv[u] = to_acc<Acc>(pos.t[c * args.t_stride[1]]);
+          });
+          for_each_tile_vector<kScalarUnroll>(base, C, nthreads,
+                                              [&](int u, int64_t c) { add_class(st, av[u], bv[u], c, policy, inv_t); });
         }
       }
     }
@@ -397,26 +420,16 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSM)
 
     // Masked out, or no teacher distribution (all b = −inf, or C = 0): loss 0, gradients 0. A NaN
     // maximum is not −inf: the position counts, and is NaN.
-    const bool zero = !active || st.mb == neg_inf<Acc>();
+    const bool zero = !pos.active || st.mb == neg_inf<Acc>();
     const auto fin = policy.finish(st, coef, inv_t);  // unused when zero
     if (tid == 0) args.loss[row] = zero ? Acc(0) : policy.loss(st, fin, inv_t);
 
-    if (!want_grad) continue;
+    if (!want_gs && !want_gt) continue;
 
     // ---- pass 2: gradients, back to front --------------------------------------------------
     // Pass 1 ended at the end of the row, so that part is the most likely to still be in L2:
     // walking the row in reverse super-tile order re-reads it from L2 rather than HBM.
-    auto scalar_grad = [&](int64_t c) {
-      Acc grad_s = Acc(0);
-      Acc grad_t = Acc(0);
-      if (!zero) {
-        const Acc a = to_acc<Acc>(s_row[c * args.s1]);
-        const Acc b = to_acc<Acc>(t_row[c * args.t1]);
-        policy.grads(fin, a, b, c, grad_s, grad_t);
-      }
-      if (want_gs) gs_row[c * args.gs1] = from_acc<S>(grad_s);
-      if (want_gt) gt_row[c * args.gt1] = from_acc<T>(grad_t);
-    };
+    auto scalar_grad = [&](int64_t c) { store_class_grads(args, pos, policy, fin, zero, c); };
 
     if (vec) {
       for (int64_t c = tail + tid; c < C; c += nthreads) scalar_grad(c);
@@ -424,47 +437,28 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSM)
       for (int64_t base = last; base >= 0; base -= step) {
         Vec<S, VEC> sv[UNROLL];
         Vec<T, VEC> tv[UNROLL];
-        if (!zero) {
+        if (!zero) load_tile(pos.s + head, pos.t + head, base, nvec, nthreads, sv, tv);
+        for_each_tile_vector<UNROLL>(base, nvec, nthreads, [&](int u, int64_t v) {
+          Vec<S, VEC> out_s;
+          Vec<T, VEC> out_t;
 #pragma unroll
-          for (int u = 0; u < UNROLL; ++u) {
-            const int64_t v = base + static_cast<int64_t>(u) * nthreads + tid;
-            if (v < nvec) {
-              sv[u] = *reinterpret_cast<const Vec<S, VEC>*>(s_row + head + v * VEC);
-              tv[u] = *reinterpret_cast<const Vec<T, VEC>*>(t_row + head + v * VEC);
-            }
+          for (int k = 0; k < VEC; ++k) {
+            Acc grad_s = Acc(0);
+            Acc grad_t = Acc(0);
+            if (!zero)
+              policy.grads(fin, to_acc<Acc>(sv[u].v[k]), to_acc<Acc>(tv[u].v[k]), head + v * VEC + k, grad_s, grad_t);
+            out_s.v[k] = from_acc<S>(grad_s);
+            out_t.v[k] = from_acc<T>(grad_t);
           }
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-          const int64_t v = base + static_cast<int64_t>(u) * nthreads + tid;
-          if (v < nvec) {
-            Vec<S, VEC> out_s;
-            Vec<T, VEC> out_t;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-              Acc grad_s = Acc(0);
-              Acc grad_t = Acc(0);
-              if (!zero)
-                policy.grads(fin, to_acc<Acc>(sv[u].v[k]), to_acc<Acc>(tv[u].v[k]), head + v * VEC + k, grad_s,
-                             grad_t);
-              out_s.v[k] = from_acc<S>(grad_s);
-              out_t.v[k] = from_acc<T>(grad_t);
-            }
-            if (want_gs) *reinterpret_cast<Vec<S, VEC>*>(gs_row + head + v * VEC) = out_s;
-            if (want_gt) *reinterpret_cast<Vec<T, VEC>*>(gt_row + head + v * VEC) = out_t;
-          }
-        }
+          if (want_gs) *reinterpret_cast<Vec<S, VEC>*>(pos.gs + head + v * VEC) = out_s;
+          if (want_gt) *reinterpret_cast<Vec<T, VEC>*>(pos.gt + head + v * VEC) = out_t;
+        });
       }
       for (int64_t c = tid; c < head; c += nthreads) scalar_grad(c);
     } else {
       const int64_t last = C > 0 ? ((C - 1) / scalar_step) * scalar_step : -1;
-      for (int64_t base = last; base >= 0; base -= scalar_step) {
-#pragma unroll
-        for (int u = 0; u < kScalarUnroll; ++u) {
-          const int64_t c = base + static_cast<int64_t>(u) * nthreads + tid;
-          if (c < C) scalar_grad(c);
-        }
-      }
+      for (int64_t base = last; base >= 0; base -= scalar_step)
+        for_each_tile_vector<kScalarUnroll>(base, C, nthreads, [&](int, int64_t c) { scalar_grad(c); });
     }
   }
 }
@@ -478,47 +472,30 @@ __global__ void __launch_bounds__(kChannelThreads)
   using Acc = typename Policy::Acc;
   const int64_t C = args.classes;
   const Acc inv_t = args.inv_temperature;
-  const bool want_gs = args.grad_student != nullptr;
-  const bool want_gt = args.grad_teacher != nullptr;
-  const bool want_grad = want_gs || want_gt;
-  const Acc coef = want_grad ? policy.grad_coef(*static_cast<const Acc*>(args.grad_scale)) : Acc(0);
+  const bool want_grad = args.grad_student != nullptr || args.grad_teacher != nullptr;
+  const Acc coef = gradient_coef(args, policy);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
 
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < args.positions; p += stride) {
-    const int64_t o = p / args.inner;
-    const int64_t i = p - o * args.inner;
-    const S* s_pos = args.student + (o * args.s0 + i * args.s2);
-    const T* t_pos = args.teacher + (o * args.t0 + i * args.t2);
-    const bool active = args.mask == nullptr || args.mask[p];
+    const PositionPtrs<S, T> pos = position_ptrs(args, p);
 
     // Pass 1: online statistics over the classes.
     auto st = empty_stats<Policy>();
-    if (active) {
+    if (pos.active) {
 #pragma unroll 4
       for (int64_t c = 0; c < C; ++c)
-        add_class(st, to_acc<Acc>(s_pos[c * args.s1]), to_acc<Acc>(t_pos[c * args.t1]), c, policy, inv_t);
+        add_class(st, to_acc<Acc>(pos.s[c * args.s_stride[1]]), to_acc<Acc>(pos.t[c * args.t_stride[1]]), c, policy,
+                  inv_t);
     }
-    const bool zero = !active || st.mb == neg_inf<Acc>();
+    const bool zero = !pos.active || st.mb == neg_inf<Acc>();
     const auto fin = policy.finish(st, coef, inv_t);  // unused when zero
     args.loss[p] = zero ? Acc(0) : policy.loss(st, fin, inv_t);
 
     if (!want_grad) continue;
 
     // Pass 2: gradients, last class first (the classes read last are the likeliest in L2).
-    S* gs_pos = want_gs ? args.grad_student + (o * args.gs0 + i * args.gs2) : nullptr;
-    T* gt_pos = want_gt ? args.grad_teacher + (o * args.gt0 + i * args.gt2) : nullptr;
 #pragma unroll 4
-    for (int64_t c = C - 1; c >= 0; --c) {
-      Acc grad_s = Acc(0);
-      Acc grad_t = Acc(0);
-      if (!zero) {
-        const Acc a = to_acc<Acc>(s_pos[c * args.s1]);
-        const Acc b = to_acc<Acc>(t_pos[c * args.t1]);
-        policy.grads(fin, a, b, c, grad_s, grad_t);
-      }
-      if (want_gs) gs_pos[c * args.gs1] = from_acc<S>(grad_s);
-      if (want_gt) gt_pos[c * args.gt1] = from_acc<T>(grad_t);
-    }
+    for (int64_t c = C - 1; c >= 0; --c) store_class_grads(args, pos, policy, fin, zero, c);
   }
 }
 
@@ -532,8 +509,8 @@ cudaError_t launch_softmax_pair(const SoftmaxPairParams& p, const Policy& policy
   if (positions == 0) return cudaSuccess;
 
   PairArgs<S, T, Acc> a;
-  a.student = static_cast<const S*>(p.student);
-  a.teacher = static_cast<const T*>(p.teacher);
+  a.student = static_cast<const S*>(p.student.data);
+  a.teacher = static_cast<const T*>(p.teacher.data);
   a.grad_student = static_cast<S*>(p.grad_student);
   a.grad_teacher = static_cast<T*>(p.grad_teacher);
   a.loss = static_cast<Acc*>(p.loss);
@@ -542,22 +519,16 @@ cudaError_t launch_softmax_pair(const SoftmaxPairParams& p, const Policy& policy
   a.classes = p.classes;
   a.inner = p.inner;
   a.positions = positions;
-  a.s0 = p.student_strides[0];
-  a.s1 = p.student_strides[1];
-  a.s2 = p.student_strides[2];
-  a.t0 = p.teacher_strides[0];
-  a.t1 = p.teacher_strides[1];
-  a.t2 = p.teacher_strides[2];
-  a.gs0 = p.grad_student_strides[0];
-  a.gs1 = p.grad_student_strides[1];
-  a.gs2 = p.grad_student_strides[2];
-  a.gt0 = p.grad_teacher_strides[0];
-  a.gt1 = p.grad_teacher_strides[1];
-  a.gt2 = p.grad_teacher_strides[2];
+  for (int d = 0; d < 3; ++d) {
+    a.s_stride[d] = p.student_strides[d];
+    a.t_stride[d] = p.teacher_strides[d];
+    a.gs_stride[d] = p.grad_student_strides[d];
+    a.gt_stride[d] = p.grad_teacher_strides[d];
+  }
   a.inv_temperature = static_cast<Acc>(1.0 / p.temperature);
 
   const bool rows_layout =
-      p.inner == 1 || (a.s1 == 1 && a.t1 == 1) || positions <= Policy::kRowsKernelMaxPositions;
+      p.inner == 1 || (a.s_stride[1] == 1 && a.t_stride[1] == 1) || positions <= Policy::kRowsKernelMaxPositions;
   if (rows_layout) {
     constexpr int VEC = Policy::kVectorLoads ? vec_width<S, T>() : 1;
     // 16 elements per thread per super-tile (8 for double): 2 x 16-byte loads per tensor for 2-byte
@@ -584,7 +555,7 @@ cudaError_t launch_softmax_pair_loss(const Params& params, cudaStream_t stream) 
   const cudaError_t bad = check_softmax_pair_params(params);
   if (bad != cudaSuccess) return bad;
   cudaError_t status = cudaSuccess;
-  const bool known = dispatch_dtype_pair(params.student_dtype, params.teacher_dtype, [&](auto s_tag, auto t_tag) {
+  const bool known = dispatch_dtype_pair(params.student.dtype, params.teacher.dtype, [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
     status = launch_softmax_pair<Policy<acc_t<S, T>>, S, T>(params, Policy<acc_t<S, T>>::make(params), stream);
@@ -593,7 +564,7 @@ cudaError_t launch_softmax_pair_loss(const Params& params, cudaStream_t stream) 
 }
 
 }  // namespace detail
+#endif  // __CUDACC__
+
 }  // namespace cuda
 }  // namespace kdkernels
-
-#endif  // __CUDACC__
