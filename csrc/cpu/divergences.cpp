@@ -42,6 +42,7 @@
 #include "dispatch.h"
 #include "gradient_buffer.h"
 #include "kl_row_policy.h"
+#include "row_op_inputs.h"
 #include "two_distribution_row.h"
 #include "vec_utils.h"
 
@@ -49,14 +50,7 @@ namespace kdkernels {
 namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
 namespace {
 
-using cpu::fast_log;
-using cpu::hsum;
-using cpu::load_vec;
-using cpu::load_vec_n;
-using cpu::neg_inf;
-using cpu::store_vec;
-using cpu::store_vec_n;
-using cpu::Vec;
+using namespace cpu;  // the at::vec helpers of vec_utils.h
 
 // Work per parallel task, in logits of one input.
 constexpr int64_t kGrainElements = 32768;
@@ -496,32 +490,14 @@ TensorTriple divergence_rows_cpu(const at::Tensor& student, const at::Tensor& te
                                  c10::optional<double> teacher_softcap, c10::optional<double> student_logit_scale,
                                  c10::optional<double> teacher_logit_scale, const at::Tensor& grad_scale,
                                  bool student_grad, bool teacher_grad) {
-  TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3, "divergence_rows: student and teacher must be 3-D (O, C, I)");
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "divergence_rows: student ", student.sizes(), " and teacher ",
-              teacher.sizes(), " differ in shape");
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()) && at::isFloatingType(teacher.scalar_type()),
-              "divergence_rows: expected floating-point logits");
-  TORCH_CHECK(temperature > 0, "divergence_rows: temperature must be positive, got ", temperature);
-  TORCH_CHECK(grad_scale.numel() == 1, "divergence_rows: grad_scale must have one element");
+  cpu::check_row_op_inputs("divergence_rows", student, teacher, temperature, grad_scale);
   const Kind kind = kind_of(divergence, beta);
-  const int64_t O = student.size(0), C = student.size(1), I = student.size(2);
-  const bool* mask_p = nullptr;
+  const int64_t C = student.size(1);
   at::Tensor mask_c;
-  if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "divergence_rows: mask must be bool");
-    TORCH_CHECK(mask->numel() == O * I, "divergence_rows: mask must have shape (", O, ", ", I, ")");
-    mask_c = mask->contiguous();
-    mask_p = mask_c.numel() > 0 ? mask_c.const_data_ptr<bool>() : nullptr;
-  }
-  const bool use_double = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
-  at::Tensor loss = at::empty({O, I}, student.options().dtype(use_double ? at::kDouble : at::kFloat));
-  at::Tensor grad_student = cpu::gradient_buffer(student, student_grad);
-  at::Tensor grad_teacher = cpu::gradient_buffer(teacher, teacher_grad);
-  if (O * I == 0) return {loss, grad_student, grad_teacher};
-  if (C == 0) {
-    loss.zero_();
-    return {loss, grad_student, grad_teacher};
-  }
+  const bool* mask_p = cpu::row_op_mask("divergence_rows", mask, student.size(0), student.size(2), mask_c);
+  cpu::RowOpOutputs out = cpu::row_op_outputs(student, teacher, student_grad, teacher_grad);
+  at::Tensor &loss = out.loss, &grad_student = out.grad_student, &grad_teacher = out.grad_teacher;
+  if (out.done) return {loss, grad_student, grad_teacher};
   const at::ScalarType common = c10::promoteTypes(student.scalar_type(), teacher.scalar_type());
   const at::Tensor s = as_rows(student, common);
   const at::Tensor t = as_rows(teacher, common);

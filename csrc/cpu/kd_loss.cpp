@@ -31,8 +31,8 @@
 
 #include "../kdkernels.h"
 #include "dispatch.h"
-#include "gradient_buffer.h"
 #include "kl_row_policy.h"
+#include "row_op_inputs.h"
 #include "two_distribution_row.h"
 #include "vec_utils.h"
 
@@ -40,17 +40,7 @@ namespace kdkernels {
 namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
 namespace {
 
-using cpu::acc_type_t;
-using cpu::fast_exp;
-using cpu::hmax;
-using cpu::hsum;
-using cpu::load_vec;
-using cpu::load_vec_n;
-using cpu::nan_max;
-using cpu::neg_inf;
-using cpu::store_vec;
-using cpu::store_vec_n;
-using cpu::Vec;
+using namespace cpu;  // the at::vec helpers of vec_utils.h
 
 // Work per parallel task, in elements of one input.
 constexpr int64_t kGrainElements = 32768;
@@ -164,20 +154,6 @@ void zero_strided(T* p, int64_t stride, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // Channels layout: inner positions contiguous; Vec::size() positions per group, one per lane.
 
-template <typename acc_t, typename T>
-inline Vec<acc_t> load_lanes(const T* p, int64_t n) {
-  return n == Vec<acc_t>::size() ? load_vec<acc_t>(p) : load_vec_n<acc_t>(p, n);
-}
-
-template <typename acc_t, typename T>
-inline void store_lanes(const Vec<acc_t>& v, T* p, int64_t n) {
-  if (n == Vec<acc_t>::size()) {
-    store_vec(v, p);
-  } else {
-    store_vec_n(v, p, n);
-  }
-}
-
 template <typename acc_t, typename s_t, typename t_t>
 void channels_group(const View<const s_t>& S, const View<const t_t>& Tt, const View<s_t>& GS, const View<t_t>& GT,
                     const bool* mask, acc_t* loss, int64_t o, int64_t i0, int64_t n, int64_t C, int64_t I,
@@ -194,8 +170,8 @@ void channels_group(const View<const s_t>& S, const View<const t_t>& Tt, const V
     const int64_t c1 = std::min(C, c0 + kBlock);
     V bma(ninf), bmb(ninf);
     for (int64_t c = c0; c < c1; ++c) {
-      bma = at::vec::maximum(bma, load_lanes<acc_t>(s + c * S.sc, n));
-      bmb = at::vec::maximum(bmb, load_lanes<acc_t>(t + c * Tt.sc, n));
+      bma = at::vec::maximum(bma, load_vec_upto<acc_t>(s + c * S.sc, n));
+      bmb = at::vec::maximum(bmb, load_vec_upto<acc_t>(t + c * Tt.sc, n));
     }
     const V nma = at::vec::maximum(ma, bma);  // raw maxima, NaN-propagating
     const V nmb = at::vec::maximum(mb, bmb);
@@ -215,8 +191,8 @@ void channels_group(const View<const s_t>& S, const View<const t_t>& Tt, const V
     sa = nsa;
     sb = nsb;
     for (int64_t c = c0; c < c1; ++c) {
-      const V xa = (load_lanes<acc_t>(s + c * S.sc, n) - sa) * vinv;
-      const V xb = (load_lanes<acc_t>(t + c * Tt.sc, n) - sb) * vinv;
+      const V xa = (load_vec_upto<acc_t>(s + c * S.sc, n) - sa) * vinv;
+      const V xb = (load_vec_upto<acc_t>(t + c * Tt.sc, n) - sb) * vinv;
       const V ea = xa.exp();
       const V eb = xb.exp();
       za = za + ea;
@@ -245,31 +221,31 @@ void channels_group(const View<const s_t>& S, const View<const t_t>& Tt, const V
     loss_[k] = valid ? t2 * st.kl : acc_t(0);
     any_valid = any_valid || valid;
   }
-  store_lanes(V::loadu(loss_), loss + o * I + i0, n);
+  store_vec_upto(V::loadu(loss_), loss + o * I + i0, n);
 
   s_t* gs = GS.data != nullptr ? GS.at(o, i0) : nullptr;
   t_t* gt = GT.data != nullptr ? GT.at(o, i0) : nullptr;
   if (gs == nullptr && gt == nullptr) return;
   if (!any_valid) {
     for (int64_t c = 0; c < C; ++c) {
-      if (gs != nullptr) store_lanes(vzero, gs + c * GS.sc, n);
-      if (gt != nullptr) store_lanes(vzero, gt + c * GT.sc, n);
+      if (gs != nullptr) store_vec_upto(vzero, gs + c * GS.sc, n);
+      if (gt != nullptr) store_vec_upto(vzero, gt + c * GT.sc, n);
     }
     return;
   }
   const V vscale(scale), vlza = V::loadu(lza_), vlzb = V::loadu(lzb_), vkl = V::loadu(kl_);
   const V vvalid = V::loadu(valid_) != vzero;
   for (int64_t c = 0; c < C; ++c) {
-    const V da = (load_lanes<acc_t>(s + c * S.sc, n) - sa) * vinv - vlza;
-    const V db = (load_lanes<acc_t>(t + c * Tt.sc, n) - sb) * vinv - vlzb;
+    const V da = (load_vec_upto<acc_t>(s + c * S.sc, n) - sa) * vinv - vlza;
+    const V db = (load_vec_upto<acc_t>(t + c * Tt.sc, n) - sb) * vinv - vlzb;
     const V pt = db.exp();
     if (gs != nullptr) {
       const V g = vscale * (da.exp() - pt);
-      store_lanes(V::blendv(vzero, g, vvalid), gs + c * GS.sc, n);
+      store_vec_upto(V::blendv(vzero, g, vvalid), gs + c * GS.sc, n);
     }
     if (gt != nullptr) {
       V g = V::blendv(vscale * pt * (db - da - vkl), vzero, pt == vzero);
-      store_lanes(V::blendv(vzero, g, vvalid), gt + c * GT.sc, n);
+      store_vec_upto(V::blendv(vzero, g, vvalid), gt + c * GT.sc, n);
     }
   }
 }
@@ -373,32 +349,13 @@ void kd_loss_rows_impl(const at::Tensor& student, const at::Tensor& teacher, con
 TensorTriple kd_loss_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,
                               const c10::optional<at::Tensor>& mask, double temperature,
                               const at::Tensor& grad_scale, bool student_grad, bool teacher_grad) {
-  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), "kd_loss_rows_cpu: expected CPU tensors");
-  TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3, "kd_loss_rows: student and teacher must be 3-D (O, C, I)");
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "kd_loss_rows: student ", student.sizes(), " and teacher ",
-              teacher.sizes(), " differ in shape");
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()) && at::isFloatingType(teacher.scalar_type()),
-              "kd_loss_rows: expected floating-point logits");
-  TORCH_CHECK(temperature > 0, "kd_loss_rows: temperature must be positive, got ", temperature);
-  TORCH_CHECK(grad_scale.numel() == 1, "kd_loss_rows: grad_scale must have one element");
-  const int64_t O = student.size(0), C = student.size(1), I = student.size(2);
-  const bool* mask_p = nullptr;
+  cpu::check_row_op_inputs("kd_loss_rows", student, teacher, temperature, grad_scale);
+  const int64_t O = student.size(0), I = student.size(2);
   at::Tensor mask_c;
-  if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "kd_loss_rows: mask must be bool");
-    TORCH_CHECK(mask->numel() == O * I, "kd_loss_rows: mask must have shape (", O, ", ", I, ")");
-    mask_c = mask->contiguous();
-    mask_p = mask_c.numel() > 0 ? mask_c.data_ptr<bool>() : nullptr;
-  }
-  const bool use_double = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
-  at::Tensor loss = at::empty({O, I}, student.options().dtype(use_double ? at::kDouble : at::kFloat));
-  at::Tensor grad_student = cpu::gradient_buffer(student, student_grad);
-  at::Tensor grad_teacher = cpu::gradient_buffer(teacher, teacher_grad);
-  if (O * I == 0) return {loss, grad_student, grad_teacher};
-  if (C == 0) {
-    loss.zero_();
-    return {loss, grad_student, grad_teacher};
-  }
+  const bool* mask_p = cpu::row_op_mask("kd_loss_rows", mask, O, I, mask_c);
+  cpu::RowOpOutputs out = cpu::row_op_outputs(student, teacher, student_grad, teacher_grad);
+  at::Tensor &loss = out.loss, &grad_student = out.grad_student, &grad_teacher = out.grad_teacher;
+  if (out.done) return {loss, grad_student, grad_teacher};
   const double gs = grad_scale.item<double>();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_rows_cpu", [&] {

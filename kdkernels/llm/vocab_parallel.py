@@ -30,6 +30,7 @@ from kdkernels.ops.reference.divergences import (
     divergence_from_log_probs,
     reduce_distill,
     transform_logits,
+    zero_uncounted,
 )
 
 
@@ -80,13 +81,7 @@ def vocab_parallel_positions(
     s = transform_logits(student_logits.to(dtype), student_logit_scale, student_softcap)
     t = transform_logits(teacher_logits.to(dtype), teacher_logit_scale, teacher_softcap)
     # A position counts where the mask says so and the teacher has mass somewhere in the vocabulary.
-    counted = _global_max(t, group).squeeze(-1) != NEG_INF
-    if mask is not None:
-        counted = counted & mask
-    keep = counted.unsqueeze(-1)
-    # Uncounted rows are zeros before any arithmetic: exact 0 and zero gradients (the reference's rule).
-    s = torch.where(keep, s, 0.0)
-    t = torch.where(keep, t, 0.0)
+    s, t, counted = zero_uncounted(s, t, _global_max(t, group).squeeze(-1), mask)
     log_p_s = _global_log_softmax(s / temperature, group)
     log_p_t = _global_log_softmax(t / temperature, group)
     loss = _SumOverRanks.apply(divergence_from_log_probs(log_p_t, log_p_s, divergence, beta), group, True)

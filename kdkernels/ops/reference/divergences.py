@@ -203,6 +203,17 @@ def sparse_log_probs(
     return log_p_t, log_p_s
 
 
+def zero_uncounted(s: torch.Tensor, t: torch.Tensor, teacher_max: torch.Tensor, mask: torch.Tensor | None):
+    """``(s, t, counted)``: a position counts where ``mask`` allows and the teacher's row maximum is
+    not −inf (NaN counts); the logits of the others are replaced by zeros *before* any
+    arithmetic, so that they give an exact 0 and zero gradients whatever they hold."""
+    counted = teacher_max != NEG_INF
+    if mask is not None:
+        counted = counted & mask
+    keep = counted.unsqueeze(-1)
+    return torch.where(keep, s, 0.0), torch.where(keep, t, 0.0), counted
+
+
 def distill_loss_positions(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None = None,
@@ -241,13 +252,8 @@ def distill_loss_positions(
     s = transform_logits(s, logit_scale[0], softcap[0])
 
     # A row counts when it is in the mask and the teacher has some mass (max ≠ −inf; NaN counts).
-    counted = t.amax(-1) != NEG_INF if t.shape[-1] > 0 else t.new_zeros(t.shape[:-1], dtype=torch.bool)
-    if mask is not None:
-        counted = counted & mask
-    keep = counted.unsqueeze(-1)
-    # Uncounted rows are replaced by zeros *before* any arithmetic: exact 0 and zero gradients.
-    s = torch.where(keep, s, 0.0)
-    t = torch.where(keep, t, 0.0)
+    teacher_max = t.amax(-1) if t.shape[-1] > 0 else t.new_full(t.shape[:-1], NEG_INF)
+    s, t, counted = zero_uncounted(s, t, teacher_max, mask)
 
     if teacher_topk is None:
         log_p_t = torch.log_softmax(t / temperature, -1)
