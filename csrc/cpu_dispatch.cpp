@@ -60,4 +60,5 @@ TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("bounded_regression_rows", KDKERNELS_CPU_DISPATCHER(bounded_regression_rows_cpu));
   m.impl("pairwise_similarity_batches", KDKERNELS_CPU_DISPATCHER(pairwise_similarity_batches_cpu));
   m.impl("rkd_angle_anchors", KDKERNELS_CPU_DISPATCHER(rkd_angle_anchors_cpu));
+  m.impl("sparse_divergence_rows", KDKERNELS_CPU_DISPATCHER(sparse_divergence_rows_cpu));
 }
