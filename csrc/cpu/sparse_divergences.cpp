@@ -31,6 +31,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../kdkernels.h"
@@ -205,9 +206,12 @@ inline void for_vectors(int64_t begin, int64_t end, const F& f) {
 
 // Online softmax of z/T over the complement of the sorted ids: the segments between them.
 // m = the running maximum of the transformed logits (NaN-propagating), z = Σ e^{(x − m)/T}.
+// With `cache` (the row's fp32/fp64 gradient buffer, contiguous), each e^{(x − shift_b)/T} is
+// also stored there, and shift_b per segment in `shifts`: the gradient pass then only rescales
+// them (one exp per logit for the whole forward + backward, as kd_loss's ExpCache).
 template <typename acc_t, typename s_t>
 void complement_softmax(const Strided<const s_t>& s, const int64_t* sorted, int64_t k, int64_t C,
-                        const Transform<acc_t>& tr, acc_t inv_t, acc_t& m, acc_t& z) {
+                        const Transform<acc_t>& tr, acc_t inv_t, acc_t& m, acc_t& z, acc_t* cache, acc_t* shifts) {
   using V = Vec<acc_t>;
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   m = ninf;
@@ -216,21 +220,72 @@ void complement_softmax(const Strided<const s_t>& s, const int64_t* sorted, int6
   for (int64_t b = 0; b <= k; ++b) {
     const int64_t end = b < k ? sorted[b] : C;
     if (end > begin) {
+      // Full vectors without masking; the last partial one with (the hot loops stay branch-free).
+      constexpr int64_t L = V::size();
+      const int64_t full_end = begin + (end - begin) / L * L;
       V vm(ninf);
-      for_vectors<acc_t>(begin, end, [&](int64_t c, int64_t n) {
-        vm = at::vec::maximum(vm, V::set(V(ninf), tr.apply(s.template load<acc_t>(c, n)), n));
-      });
+      for (int64_t c = begin; c < full_end; c += L) vm = at::vec::maximum(vm, tr.apply(s.template load<acc_t>(c, L)));
+      if (full_end < end) {
+        vm = at::vec::maximum(vm, V::set(V(ninf), tr.apply(s.template load<acc_t>(full_end, end - full_end)), end - full_end));
+      }
       const acc_t new_m = nan_max(m, hmax(vm));
       const acc_t shift = new_m == ninf ? acc_t(0) : new_m;
       if (m != ninf) z *= std::exp((m - shift) * inv_t);
       V vz(0);
       const V vshift(shift), vinv(inv_t);
-      for_vectors<acc_t>(begin, end, [&](int64_t c, int64_t n) {
-        const V e = fast_exp<acc_t>((tr.apply(s.template load<acc_t>(c, n)) - vshift) * vinv);
-        vz = vz + V::set(V(0), e, n);
-      });
+      if (cache != nullptr) {
+        for (int64_t c = begin; c < full_end; c += L) {
+          const V e = fast_exp<acc_t>((tr.apply(s.template load<acc_t>(c, L)) - vshift) * vinv);
+          vz = vz + e;
+          e.store(cache + c);
+        }
+      } else {
+        for (int64_t c = begin; c < full_end; c += L) {
+          vz = vz + fast_exp<acc_t>((tr.apply(s.template load<acc_t>(c, L)) - vshift) * vinv);
+        }
+      }
+      if (full_end < end) {
+        const int64_t n = end - full_end;
+        const V e = V::set(V(0), fast_exp<acc_t>((tr.apply(s.template load<acc_t>(full_end, n)) - vshift) * vinv), n);
+        vz = vz + e;
+        if (cache != nullptr) e.store(cache + full_end, n);
+      }
       z += hsum(vz);
       m = new_m;
+      if (shifts != nullptr) shifts[b] = shift;
+    }
+    begin = std::max(begin, end + 1);
+  }
+}
+
+// The cached exponentials of complement_softmax into the gradient, in place:
+// grad_j = coef·slope(x_j)·e^{x_j/T − lse_out} = e_j·coef·e^{shift_b/T − lse_out}·slope(x_j).
+template <typename acc_t, typename s_t>
+void complement_gradient_cached(const Strided<const s_t>& s, acc_t* cache, const acc_t* shifts, const int64_t* sorted,
+                                int64_t k, int64_t C, const Transform<acc_t>& tr, double inv_t, double lse_out,
+                                double coef) {
+  using V = Vec<acc_t>;
+  const bool has_slope = tr.has_cap || tr.has_scale;
+  int64_t begin = 0;
+  for (int64_t b = 0; b <= k; ++b) {
+    const int64_t end = b < k ? sorted[b] : C;
+    if (end > begin) {
+      const V factor(static_cast<acc_t>(coef * std::exp(static_cast<double>(shifts[b]) * inv_t - lse_out)));
+      constexpr int64_t L = V::size();
+      const int64_t full_end = begin + (end - begin) / L * L;
+      if (has_slope) {
+        for (int64_t c = begin; c < full_end; c += L) {
+          (V::loadu(cache + c) * factor * tr.slope(tr.apply(s.template load<acc_t>(c, L)))).store(cache + c);
+        }
+      } else {
+        for (int64_t c = begin; c < full_end; c += L) (V::loadu(cache + c) * factor).store(cache + c);
+      }
+      if (full_end < end) {
+        const int64_t n = end - full_end;
+        V g = V::loadu(cache + full_end, n) * factor;
+        if (has_slope) g = g * tr.slope(tr.apply(s.template load<acc_t>(full_end, n)));
+        g.store(cache + full_end, n);
+      }
     }
     begin = std::max(begin, end + 1);
   }
@@ -298,9 +353,13 @@ void sparse_rows_impl(const at::Tensor& student, const at::Tensor& values, const
   const int64_t work = opt.tail_bucket ? C : std::max<int64_t>(K, 1) * 8;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / work);
 
+  // The gradient buffer doubles as the exponentials' cache where it holds acc_t contiguously.
+  const bool use_cache = student_grad && opt.tail_bucket && std::is_same_v<s_t, acc_t> && grad_student.stride(1) == 1;
   at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
     Scratch sc;
     sc.resize(K);
+    std::vector<acc_t> shifts(K + 1);
+    acc_t* cache = nullptr;
     for (int64_t p = begin; p < end; ++p) {
       const int64_t o = p / I, i = p % I;
       const Strided<const s_t> s{s_p + o * student.stride(0) + i * student.stride(2), student.stride(1)};
@@ -359,7 +418,9 @@ void sparse_rows_impl(const at::Tensor& student, const at::Tensor& values, const
       if (opt.tail_bucket) {
         std::sort(sc.sorted.begin(), sc.sorted.end());
         acc_t z_out = 0;
-        complement_softmax<acc_t, s_t>(s, sc.sorted.data(), K, C, s_tr, static_cast<acc_t>(inv_t), m_out, z_out);
+        cache = use_cache ? reinterpret_cast<acc_t*>(gs.data) : nullptr;
+        complement_softmax<acc_t, s_t>(s, sc.sorted.data(), K, C, s_tr, static_cast<acc_t>(inv_t), m_out, z_out, cache,
+                                       cache != nullptr ? shifts.data() : nullptr);
         if (m_out != m_out || m_out == std::numeric_limits<acc_t>::infinity()) {
           lse_out = kNaN;  // fast_exp need not carry NaN through the sum: say it here
         } else if (m_out != -std::numeric_limits<acc_t>::infinity()) {
@@ -395,8 +456,13 @@ void sparse_rows_impl(const at::Tensor& student, const at::Tensor& values, const
           } else {
             const double p_tail = std::exp(lse_out - lse_all);
             const double coef = c * inv_t * (sc.g[K] - G * p_tail);
-            complement_gradient<acc_t, s_t>(s, gs, sc.sorted.data(), K, C, s_tr, static_cast<acc_t>(inv_t),
-                                            static_cast<acc_t>(lse_out), static_cast<acc_t>(coef));
+            if (cache != nullptr) {
+              complement_gradient_cached<acc_t, s_t>(s, cache, shifts.data(), sc.sorted.data(), K, C, s_tr, inv_t,
+                                                     lse_out, coef);
+            } else {
+              complement_gradient<acc_t, s_t>(s, gs, sc.sorted.data(), K, C, s_tr, static_cast<acc_t>(inv_t),
+                                              static_cast<acc_t>(lse_out), static_cast<acc_t>(coef));
+            }
           }
         } else {
           fill_zero(gs, C);
