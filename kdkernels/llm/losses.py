@@ -1,11 +1,11 @@
 r"""Distillation losses for language models: the divergence family with temperature, sparse top-k
 teachers, and the conventions of Hugging Face / TRL users.
 
-**Fused kernels: pending issue 11's row walker.** Today every call here computes through the
-float64-exact reference :mod:`kdkernels.ops.reference.divergences` (plain PyTorch, differentiable,
-accumulated in float32, float64 for float64 inputs). It materialises (…, V) temporaries, so it has
-the memory of an eager composite, not of a fused kernel; the arguments, validation, formulas and
-reductions are final, and the kernels will implement exactly this spec.
+**Kernels.** A dense teacher runs through the fused op ``kdkernels::divergences`` (Triton; the
+other backends fall back to its twin), a top-k teacher through ``kdkernels::sparse_divergences``
+(CPU C++ and Triton). Both implement the float64-exact reference
+:mod:`kdkernels.ops.reference.divergences` (plain PyTorch, differentiable), which is also their
+``torch`` backend and the source of higher-order gradients.
 
 Formulas (``p = softmax(z / T)``; the reference distribution of each divergence is stated in
 :mod:`kdkernels.ops.reference.divergences`):
@@ -277,8 +277,10 @@ def distill_loss(
     kernel (the shared online-softmax row walker, softcap / scale inside, the gradient computed in
     the forward) where Triton runs; on the ``cpu`` and ``cuda`` backends, which have no kernel for
     it yet, the default falls back to the op's twin (the reference formula, an eager composite's
-    memory). A top-k teacher computes through the reference
-    (:mod:`kdkernels.ops.reference.divergences`).
+    memory). A top-k teacher runs through the fused op ``kdkernels::sparse_divergences`` (CPU C++
+    and Triton kernels; elsewhere its twin): one pass over the student's V logits per position
+    (none for ``renormalize``), nothing of size (…, V) for the teacher; the extra memory is the
+    student's gradient plus O(N·k). ``values`` get a gradient too when they require one.
 
     Args:
         student_logits: (…, V) logits, vocabulary last (e.g. (batch, seq, V) of a causal LM, already
