@@ -307,6 +307,16 @@ def test_peak_memory_is_the_student_gradient_plus_o_nk():
     assert fused <= grad_bytes + 64 * n * k + (1 << 16), f"fused peak {fused} B, student gradient {grad_bytes} B"
 
 
-def test_declaration_is_registered():
-    assert SPARSE_DIVERGENCES.differentiable == ["student", "values"]
-    assert SPARSE_DIVERGENCES.kernel_backends == ("triton", "cpu")
+def test_schemas_follow_from_the_declaration():
+    spec = SPARSE_DIVERGENCES
+    assert spec.differentiable == ["student", "values"]
+    assert spec.kernel_backends == ("triton", "cpu")
+    inputs = [p.name for p in spec.inputs]
+    assert inputs[:4] == ["student", "values", "indices", "mask"]
+    flags = ["student_grad", "values_grad"]
+    op_schema = spec.op._opoverload._schema
+    assert [a.name for a in op_schema.arguments] == inputs + ["reduction", "scale"] + flags + ["backend"]
+    if kdkernels._extension.has_extension():
+        kernel_schema = torch.ops.kdkernels.sparse_divergence_rows.default._schema
+        assert [a.name for a in kernel_schema.arguments] == inputs + ["grad_scale"] + flags
+        assert len(kernel_schema.returns) == 3
