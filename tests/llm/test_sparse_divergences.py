@@ -320,3 +320,30 @@ def test_schemas_follow_from_the_declaration():
         kernel_schema = torch.ops.kdkernels.sparse_divergence_rows.default._schema
         assert [a.name for a in kernel_schema.arguments] == inputs + ["grad_scale"] + flags
         assert len(kernel_schema.returns) == 3
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("tail", ["renormalize", "tail_bucket"])
+def test_op_with_inner_positions_and_strides(tail, backend):
+    # (outer, classes, inner) views with inner > 1 and non-unit class strides (a channels-first
+    # map), ids and values as (outer, k, inner) views of (outer, inner, k) tensors: the op equals
+    # its twin (the reference), values and both gradients.
+    g = torch.Generator().manual_seed(15)
+    outer, vocab, inner, k = 2, 19, 3, 4
+    student = torch.randn(outer, vocab, inner, generator=g, dtype=torch.float64)
+    log_p, ids = torch.randn(outer, inner, vocab, generator=g, dtype=torch.float64).log_softmax(-1).topk(k, -1)
+    values, indices = log_p.transpose(1, 2), ids.transpose(1, 2)  # strided (outer, k, inner) views
+    mask = torch.rand(outer, inner, generator=g) > 0.3
+    scalars = ("reverse_kl", 0.5, 1.4, True, tail, "logprobs", 1.1, None, None, 1.3, None)
+    results = []
+    for run in (backend, "twin"):
+        s = student.clone().requires_grad_()
+        v = values.clone().requires_grad_()
+        args = (s, v, indices, mask, *scalars)
+        if run == "twin":
+            loss = SPARSE_DIVERGENCES.reduced_twin(*args, 1, 0.5, True, True, "torch")
+        else:
+            loss = SPARSE_DIVERGENCES.op(*args, 1, 0.5, True, True, run)[0]
+        results.append((loss, *torch.autograd.grad(loss, (s, v))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
