@@ -61,4 +61,5 @@ TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("pairwise_similarity_batches", KDKERNELS_CPU_DISPATCHER(pairwise_similarity_batches_cpu));
   m.impl("rkd_angle_anchors", KDKERNELS_CPU_DISPATCHER(rkd_angle_anchors_cpu));
   m.impl("divergence_rows", KDKERNELS_CPU_DISPATCHER(divergence_rows_cpu));
+  m.impl("sparse_divergence_rows", KDKERNELS_CPU_DISPATCHER(sparse_divergence_rows_cpu));
 }

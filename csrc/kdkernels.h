@@ -61,4 +61,15 @@ TensorTriple divergence_rows_cpu(const at::Tensor& student, const at::Tensor& te
                                  c10::optional<double> teacher_logit_scale, const at::Tensor& grad_scale,
                                  bool student_grad, bool teacher_grad);
 
+// sparse_divergence_rows: student (outer, classes, inner); values/indices (outer, k, inner) any strides,
+// indices int64; mask (outer, inner) bool. Gradients: student and values.
+TensorTriple sparse_divergence_rows_cpu(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
+                                        const c10::optional<at::Tensor>& mask, c10::string_view divergence,
+                                        double beta, double temperature, bool scale_by_t2, c10::string_view tail,
+                                        c10::string_view teacher_values, double stored_temperature,
+                                        c10::optional<double> student_softcap, c10::optional<double> teacher_softcap,
+                                        c10::optional<double> student_logit_scale,
+                                        c10::optional<double> teacher_logit_scale, const at::Tensor& grad_scale,
+                                        bool student_grad, bool values_grad);
+
 }  // namespace kdkernels

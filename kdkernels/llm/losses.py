@@ -1,11 +1,11 @@
 r"""Distillation losses for language models: the divergence family with temperature, sparse top-k
 teachers, and the conventions of Hugging Face / TRL users.
 
-**Fused kernels: pending issue 11's row walker.** Today every call here computes through the
-float64-exact reference :mod:`kdkernels.ops.reference.divergences` (plain PyTorch, differentiable,
-accumulated in float32, float64 for float64 inputs). It materialises (…, V) temporaries, so it has
-the memory of an eager composite, not of a fused kernel; the arguments, validation, formulas and
-reductions are final, and the kernels will implement exactly this spec.
+**Kernels.** A dense teacher runs through the fused op ``kdkernels::divergences`` (Triton; the
+other backends fall back to its twin), a top-k teacher through ``kdkernels::sparse_divergences``
+(CPU C++ and Triton). Both implement the float64-exact reference
+:mod:`kdkernels.ops.reference.divergences` (plain PyTorch, differentiable), which is also their
+``torch`` backend and the source of higher-order gradients.
 
 Formulas (``p = softmax(z / T)``; the reference distribution of each divergence is stated in
 :mod:`kdkernels.ops.reference.divergences`):
@@ -29,12 +29,12 @@ import torch
 from kdkernels._validation import check_int, check_mask, check_reduction, check_temperature, check_tensor
 from kdkernels.ops._reduction import NONE, SUM, reduction_code
 from kdkernels.ops.divergences import DIVERGENCES as DIVERGENCES_OP
+from kdkernels.ops.sparse_divergences import SPARSE_DIVERGENCES as SPARSE_DIVERGENCES_OP
 from kdkernels.ops.reference.divergences import (
     DIVERGENCES,
     REDUCTIONS,
     TAILS,
     TEACHER_VALUES,
-    distill_loss_reference,
 )
 
 IGNORE_INDEX = -100
@@ -277,8 +277,10 @@ def distill_loss(
     kernel (the shared online-softmax row walker, softcap / scale inside, the gradient computed in
     the forward) where Triton runs; on the ``cpu`` and ``cuda`` backends, which have no kernel for
     it yet, the default falls back to the op's twin (the reference formula, an eager composite's
-    memory). A top-k teacher computes through the reference
-    (:mod:`kdkernels.ops.reference.divergences`).
+    memory). A top-k teacher runs through the fused op ``kdkernels::sparse_divergences`` (CPU C++
+    and Triton kernels; elsewhere its twin): one pass over the student's V logits per position
+    (none for ``renormalize``), nothing of size (…, V) for the teacher; the extra memory is the
+    student's gradient plus O(N·k). ``values`` get a gradient too when they require one.
 
     Args:
         student_logits: (…, V) logits, vocabulary last (e.g. (batch, seq, V) of a causal LM, already
@@ -338,7 +340,18 @@ def distill_loss(
     )
     if kwargs["teacher_topk"] is None:
         return _dense_distill_loss(student_logits, teacher_logits, **kwargs)
-    return distill_loss_reference(student_logits, teacher_logits, **kwargs)
+    return _sparse_distill_loss(student_logits, **kwargs)
+
+
+def _reduction_and_divisor(reduction, num_items_in_batch, positions_shape):
+    """``(op reduction code, scale, tensor divisor or None)`` of a reduction, with HF's
+    ``num_items_in_batch`` (sum ÷ it) taking precedence."""
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            return SUM, 1.0, num_items_in_batch
+        return SUM, 1.0 / float(num_items_in_batch), None
+    code, scale = reduction_code(reduction, positions_shape[0] if positions_shape else 1)
+    return code, scale, None
 
 
 def _dense_distill_loss(
@@ -360,17 +373,40 @@ def _dense_distill_loss(
     # (positions, classes, 1) views; reshape copies only a layout that cannot be flattened.
     s3, t3 = s.reshape(-1, classes).unsqueeze(-1), t.reshape(-1, classes).unsqueeze(-1)
     mask2 = None if mask is None else mask.reshape(-1, 1)
-    divisor = None
-    if num_items_in_batch is not None:
-        code, scale = SUM, 1.0
-        if isinstance(num_items_in_batch, torch.Tensor):
-            divisor = num_items_in_batch
-        else:
-            scale = 1.0 / float(num_items_in_batch)
-    else:
-        code, scale = reduction_code(reduction, positions_shape[0] if positions_shape else 1)
+    code, scale, divisor = _reduction_and_divisor(reduction, num_items_in_batch, positions_shape)
     loss = DIVERGENCES_OP(
         s3, t3, mask2, divergence, beta, temperature, scale_by_t2, *softcap, *logit_scale, reduction=code, scale=scale
+    )
+    if divisor is not None:
+        loss = loss / divisor.to(device=loss.device, dtype=loss.dtype)
+    return loss.reshape(positions_shape) if code == NONE else loss
+
+
+def _sparse_distill_loss(
+    student_logits, *, teacher_topk, divergence, beta, temperature, scale_by_t2, tail, teacher_values,
+    stored_temperature, mask, vocab_size, softcap, logit_scale, reduction, num_items_in_batch,
+):
+    """A top-k teacher through the fused op (:data:`kdkernels.ops.sparse_divergences.SPARSE_DIVERGENCES`):
+    the CPU or Triton kernel, else its twin (the reference). Nothing of size (…, V) is made for the
+    teacher; the student's gradient is the only (…, V) buffer."""
+    indices, values = teacher_topk
+    s = student_logits if vocab_size is None else student_logits[..., :vocab_size]  # a view
+    positions_shape = tuple(s.shape[:-1])
+    if reduction == "mean" and num_items_in_batch is None:
+        # "mean" divides by the positions that count; a row of k −inf values has no teacher mass
+        # (the logit transforms keep −inf and NaN): fold that into the mask, O(N·k).
+        has_mass = values.amax(-1) != float("-inf")
+        mask = has_mass if mask is None else mask & has_mass
+    classes, k = s.shape[-1], indices.shape[-1]
+    # (positions, ·, 1) views; reshape copies only a layout that cannot be flattened.
+    s3 = s.reshape(-1, classes).unsqueeze(-1)
+    v3 = values.reshape(-1, k).unsqueeze(-1)
+    i3 = indices.reshape(-1, k).unsqueeze(-1)
+    mask2 = None if mask is None else mask.reshape(-1, 1)
+    code, scale, divisor = _reduction_and_divisor(reduction, num_items_in_batch, positions_shape)
+    loss = SPARSE_DIVERGENCES_OP(
+        s3, v3, i3, mask2, divergence, beta, temperature, scale_by_t2, tail, teacher_values, stored_temperature,
+        *softcap, *logit_scale, reduction=code, scale=scale,
     )
     if divisor is not None:
         loss = loss / divisor.to(device=loss.device, dtype=loss.dtype)

@@ -1,0 +1,576 @@
+// CPU kernel of kdkernels::sparse_divergence_rows: the LLM divergence family between a student's
+// logits z (outer, V, inner) and a sparse teacher, its top-k (indices, values) (outer, k, inner),
+// per position, with the gradients of grad_scale·Σ loss for the student's logits and the values.
+// The formulas are kdkernels/ops/reference/divergences.py's (sparse_log_probs, bucket_gradient,
+// student_logit_gradient); the declaration is kdkernels/ops/sparse_divergences.py.
+//
+// Per counted position (the mask, and some teacher value above −inf):
+//   buckets b = the k ids (renormalize), or the k ids + the tail (tail_bucket);
+//   teacher: w_b = t_b/T (logits, transformed) or values_b·T₀/T (log-probs);
+//            w_tail = log1mexp(lse_k(values))·T₀/T (no mass when the stored mass rounds to ≥ 1,
+//            none at all when k = V); v = log_softmax(w);
+//   student: renormalize: u = log_softmax(z_K/T) (the k gathered logits only: no pass over V);
+//            tail_bucket: u_b = z_b/T − lse(z/T), u_tail = lse_{j∉K}(z_j/T) − lse(z/T). The
+//            complement's sum is taken over the complement itself (the sorted ids split the row
+//            into k + 1 contiguous segments), never as 1 − Σ_K p: no cancellation when the top-k
+//            hold almost all the mass;
+//   D = Σ_b term_b, g_b = ∂D/∂u_b, h_b = ∂D/∂v_b (closed forms below, as bucket_gradient);
+//   ∂D/∂z_j = (g_j·[j∈K] + g_tail·p_j/P_tail·[j∉K] − p_j·Σg)/T (tail_bucket; renormalize: the k
+//            ids only, p conditioned on them), times the student transform's slope;
+//   ∂D/∂w_b = h_b − q_b·Σh, back to the values through w_b (and w_tail's lse for tail_bucket).
+// The per-bucket arithmetic (O(k)) runs in double; the passes over the V student logits in the
+// accumulation type with at::vec. Memory: the student gradient (written once) + O(k) per thread.
+// A row whose student logits read in the dense pass hold a NaN or +inf gets NaN (the reference's
+// logsumexp does too). Each position is computed by one thread: deterministic.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../kdkernels.h"
+#include "dispatch.h"
+#include "gradient_buffer.h"
+#include "vec_utils.h"
+
+namespace kdkernels {
+namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
+namespace {
+
+using cpu::acc_type_t;
+using cpu::fast_exp;
+using cpu::hmax;
+using cpu::hsum;
+using cpu::load_vec;
+using cpu::load_vec_n;
+using cpu::load_vec_strided;
+using cpu::nan_max;
+using cpu::store_vec;
+using cpu::store_vec_n;
+using cpu::store_vec_strided;
+using cpu::Vec;
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr int64_t kGrainElements = 32768;  // work per parallel task, in student logits
+
+// The divergence after β's endpoints are resolved (as the Triton kernels' kinds).
+enum Kind { FORWARD_KL, REVERSE_KL, JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL, TVD, ZERO_TEACHER, ZERO_STUDENT };
+
+Kind kind_of(const std::string& d, double beta) {
+  if (d == "forward_kl") return FORWARD_KL;
+  if (d == "reverse_kl") return REVERSE_KL;
+  if (d == "jsd") return beta == 0 ? FORWARD_KL : beta == 1 ? REVERSE_KL : JSD;
+  if (d == "skew_forward_kl") return beta == 0 ? FORWARD_KL : beta == 1 ? ZERO_TEACHER : SKEW_FORWARD_KL;
+  if (d == "skew_reverse_kl") return beta == 0 ? REVERSE_KL : beta == 1 ? ZERO_STUDENT : SKEW_REVERSE_KL;
+  if (d == "tvd") return TVD;
+  TORCH_CHECK(false, "sparse_divergence_rows: unknown divergence ", d);
+}
+
+struct Terms {
+  double term, g, h;  // the bucket's loss term, ∂D/∂u, ∂D/∂v
+};
+
+// KL(x ‖ β x + (1−β) y) per bucket: (term, ∂/∂log x, ∂/∂log y); m ≥ β x > 0 where x has mass.
+inline Terms skew(double x, double lx, double y, double beta) {
+  const double m = beta * x + (1 - beta) * y, lm = std::log(m);
+  const double term = x != 0 ? x * (lx - lm) : 0.0;
+  const double dx = x != 0 ? x * (lx - lm + 1) - beta * x * x / m : 0.0;
+  const double dy = m != 0 ? -(1 - beta) * x * y / m : 0.0;
+  return {term, dx, dy};
+}
+
+// Terms of a distribution in front that is 0 are selected away (never 0·log 0); NaN has "mass".
+inline Terms bucket_terms(double u, double v, double beta, Kind kind) {
+  const double p = std::exp(u), q = std::exp(v);
+  switch (kind) {
+    case FORWARD_KL:
+      return {q != 0 ? q * (v - u) : 0.0, -q, q != 0 ? q * (v - u + 1) : 0.0};
+    case REVERSE_KL:
+      return {p != 0 ? p * (u - v) : 0.0, p != 0 ? p * (u - v + 1) : 0.0, -p};
+    case JSD: {
+      const double lm = std::log(beta * q + (1 - beta) * p);
+      const double g = (1 - beta) * (p != 0 ? p * (u - lm) : 0.0);
+      const double h = beta * (q != 0 ? q * (v - lm) : 0.0);
+      return {g + h, g, h};  // the mixture terms cancel: D = Σ (g + h)
+    }
+    case SKEW_FORWARD_KL: {
+      const Terms t = skew(q, v, p, beta);
+      return {t.term, t.h, t.g};
+    }
+    case SKEW_REVERSE_KL:
+      return skew(p, u, q, beta);
+    case TVD: {
+      double sign = p > q ? 1.0 : p < q ? -1.0 : 0.0;
+      if (p != p || q != q) sign = kNaN;
+      return {0.5 * std::abs(q - p), 0.5 * p * sign, -0.5 * q * sign};
+    }
+    case ZERO_TEACHER:  // KL(q ‖ q): 0, NaN where q is
+      return {v != kNegInf ? q * (v - v) : 0.0, 0.0, 0.0};
+    case ZERO_STUDENT:
+      return {u != kNegInf ? p * (u - u) : 0.0, 0.0, 0.0};
+  }
+  return {kNaN, kNaN, kNaN};
+}
+
+// log(1 − e^x) for x < 0, accurate at both ends; x ≥ 0 (stored mass rounded to ≥ 1): −inf.
+inline double log1mexp(double x) {
+  if (x >= 0) return kNegInf;
+  return x > -M_LN2 ? std::log(-std::expm1(x)) : std::log1p(-std::exp(x));
+}
+
+inline double logsumexp(const double* x, int64_t n) {
+  double m = kNegInf;
+  for (int64_t b = 0; b < n; ++b) m = nan_max(m, x[b]);
+  if (m == kNegInf) return kNegInf;
+  if (!std::isfinite(m)) return m == m ? kNaN : m;  // +inf − +inf, or NaN
+  double z = 0;
+  for (int64_t b = 0; b < n; ++b) z += std::exp(x[b] - m);
+  return m + std::log(z);
+}
+
+// cap·tanh(scale·z / cap), each step only if configured; −inf kept −inf. slope = d/dz from the
+// transformed value y: scale·(1 − (y/cap)²), scale at −inf.
+template <typename acc_t>
+struct Transform {
+  bool has_scale = false, has_cap = false;
+  acc_t scale = 1, cap = 1;
+  using V = Vec<acc_t>;
+
+  double apply(double z) const {
+    if (has_scale) z *= static_cast<double>(scale);
+    if (has_cap && z != kNegInf) z = cap * std::tanh(z / static_cast<double>(cap));
+    return z;
+  }
+  double slope(double y) const {
+    double s = 1;
+    if (has_cap && y != kNegInf) {
+      const double t = y / static_cast<double>(cap);
+      s = (1 - t) * (1 + t);
+    }
+    return has_scale ? s * static_cast<double>(scale) : s;
+  }
+  V apply(V z) const {
+    if (has_scale) z = z * V(scale);
+    if (has_cap) z = V::blendv(V(cap) * (z / V(cap)).tanh(), z, z == V(-std::numeric_limits<acc_t>::infinity()));
+    return z;
+  }
+  V slope(const V& y) const {
+    V s(1);
+    if (has_cap) {
+      const V t = y / V(cap);
+      s = V::blendv((V(1) - t) * (V(1) + t), V(1), y == V(-std::numeric_limits<acc_t>::infinity()));
+    }
+    return has_scale ? s * V(scale) : s;
+  }
+};
+
+// One row of the student's logits: classes c·sc from `data`.
+template <typename T>
+struct Strided {
+  T* data;
+  int64_t sc;
+  template <typename acc_t>
+  Vec<acc_t> load(int64_t c, int64_t n) const {
+    const T* p = data + c * sc;
+    if (sc == 1) return n == Vec<acc_t>::size() ? load_vec<acc_t>(p) : load_vec_n<acc_t>(p, n);
+    return load_vec_strided<acc_t>(p, sc, n);
+  }
+  template <typename acc_t>
+  void store(const Vec<acc_t>& v, int64_t c, int64_t n) const {
+    T* p = data + c * sc;
+    if (sc == 1) {
+      if (n == Vec<acc_t>::size()) {
+        store_vec(v, p);
+      } else {
+        store_vec_n(v, p, n);
+      }
+    } else {
+      store_vec_strided(v, p, sc, n);
+    }
+  }
+};
+
+// Calls f(c, n) for the vectors of classes [begin, end).
+template <typename acc_t, typename F>
+inline void for_vectors(int64_t begin, int64_t end, const F& f) {
+  constexpr int64_t L = Vec<acc_t>::size();
+  for (int64_t c = begin; c < end; c += L) f(c, std::min(L, end - c));
+}
+
+// Online softmax of z/T over the complement of the sorted ids: the segments between them.
+// m = the running maximum of the transformed logits (NaN-propagating), z = Σ e^{(x − m)/T}.
+// With `cache` (the row's fp32/fp64 gradient buffer, contiguous), each e^{(x − shift_b)/T} is
+// also stored there, and shift_b per segment in `shifts`: the gradient pass then only rescales
+// them (one exp per logit for the whole forward + backward, as kd_loss's ExpCache).
+template <typename acc_t, typename s_t>
+void complement_softmax(const Strided<const s_t>& s, const int64_t* sorted, int64_t k, int64_t C,
+                        const Transform<acc_t>& tr, acc_t inv_t, acc_t& m, acc_t& z, acc_t* cache, acc_t* shifts) {
+  using V = Vec<acc_t>;
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  m = ninf;
+  z = 0;
+  int64_t begin = 0;
+  for (int64_t b = 0; b <= k; ++b) {
+    const int64_t end = b < k ? sorted[b] : C;
+    if (end > begin) {
+      // Full vectors without masking; the last partial one with (the hot loops stay branch-free).
+      constexpr int64_t L = V::size();
+      const int64_t full_end = begin + (end - begin) / L * L;
+      V vm(ninf);
+      for (int64_t c = begin; c < full_end; c += L) vm = at::vec::maximum(vm, tr.apply(s.template load<acc_t>(c, L)));
+      if (full_end < end) {
+        vm = at::vec::maximum(vm, V::set(V(ninf), tr.apply(s.template load<acc_t>(full_end, end - full_end)), end - full_end));
+      }
+      const acc_t new_m = nan_max(m, hmax(vm));
+      const acc_t shift = new_m == ninf ? acc_t(0) : new_m;
+      if (m != ninf) z *= std::exp((m - shift) * inv_t);
+      V vz(0);
+      const V vshift(shift), vinv(inv_t);
+      if (cache != nullptr) {
+        for (int64_t c = begin; c < full_end; c += L) {
+          const V e = fast_exp<acc_t>((tr.apply(s.template load<acc_t>(c, L)) - vshift) * vinv);
+          vz = vz + e;
+          e.store(cache + c);
+        }
+      } else {
+        for (int64_t c = begin; c < full_end; c += L) {
+          vz = vz + fast_exp<acc_t>((tr.apply(s.template load<acc_t>(c, L)) - vshift) * vinv);
+        }
+      }
+      if (full_end < end) {
+        const int64_t n = end - full_end;
+        const V e = V::set(V(0), fast_exp<acc_t>((tr.apply(s.template load<acc_t>(full_end, n)) - vshift) * vinv), n);
+        vz = vz + e;
+        if (cache != nullptr) e.store(cache + full_end, n);
+      }
+      z += hsum(vz);
+      m = new_m;
+      if (shifts != nullptr) shifts[b] = shift;
+    }
+    begin = std::max(begin, end + 1);
+  }
+}
+
+// The cached exponentials of complement_softmax into the gradient, in place:
+// grad_j = coef·slope(x_j)·e^{x_j/T − lse_out} = e_j·coef·e^{shift_b/T − lse_out}·slope(x_j).
+template <typename acc_t, typename s_t>
+void complement_gradient_cached(const Strided<const s_t>& s, acc_t* cache, const acc_t* shifts, const int64_t* sorted,
+                                int64_t k, int64_t C, const Transform<acc_t>& tr, double inv_t, double lse_out,
+                                double coef) {
+  using V = Vec<acc_t>;
+  const bool has_slope = tr.has_cap || tr.has_scale;
+  int64_t begin = 0;
+  for (int64_t b = 0; b <= k; ++b) {
+    const int64_t end = b < k ? sorted[b] : C;
+    if (end > begin) {
+      const V factor(static_cast<acc_t>(coef * std::exp(static_cast<double>(shifts[b]) * inv_t - lse_out)));
+      constexpr int64_t L = V::size();
+      const int64_t full_end = begin + (end - begin) / L * L;
+      if (has_slope) {
+        for (int64_t c = begin; c < full_end; c += L) {
+          (V::loadu(cache + c) * factor * tr.slope(tr.apply(s.template load<acc_t>(c, L)))).store(cache + c);
+        }
+      } else {
+        for (int64_t c = begin; c < full_end; c += L) (V::loadu(cache + c) * factor).store(cache + c);
+      }
+      if (full_end < end) {
+        const int64_t n = end - full_end;
+        V g = V::loadu(cache + full_end, n) * factor;
+        if (has_slope) g = g * tr.slope(tr.apply(s.template load<acc_t>(full_end, n)));
+        g.store(cache + full_end, n);
+      }
+    }
+    begin = std::max(begin, end + 1);
+  }
+}
+
+// grad_j = scale_j·slope(x_j)·e^{x_j/T − lse_out} for the classes outside the sorted ids.
+template <typename acc_t, typename s_t>
+void complement_gradient(const Strided<const s_t>& s, const Strided<s_t>& gs, const int64_t* sorted, int64_t k,
+                         int64_t C, const Transform<acc_t>& tr, acc_t inv_t, acc_t lse_out, acc_t coef) {
+  using V = Vec<acc_t>;
+  const V vinv(inv_t), vlse(lse_out), vcoef(coef);
+  int64_t begin = 0;
+  for (int64_t b = 0; b <= k; ++b) {
+    const int64_t end = b < k ? sorted[b] : C;
+    for_vectors<acc_t>(begin, end, [&](int64_t c, int64_t n) {
+      const V y = tr.apply(s.template load<acc_t>(c, n));
+      const V e = (y * vinv - vlse).exp();  // libm-grade: this is the gradient itself
+      gs.template store<acc_t>(vcoef * e * tr.slope(y), c, n);
+    });
+    begin = std::max(begin, end + 1);
+  }
+}
+
+template <typename T>
+void fill_zero(const Strided<T>& x, int64_t C) {
+  if (x.sc == 1) {
+    std::fill(x.data, x.data + C, T(0));
+  } else {
+    for (int64_t c = 0; c < C; ++c) x.data[c * x.sc] = T(0);
+  }
+}
+
+struct Options {
+  Kind kind;
+  double beta, temperature, stored_temperature, factor, grad_scale;
+  bool tail_bucket, logprob_values;
+};
+
+// Per-thread scratch of O(k).
+struct Scratch {
+  std::vector<int64_t> sorted;
+  std::vector<double> t, y, sk, w, u, v, g, h;
+  void resize(int64_t k) {
+    sorted.resize(k);
+    for (auto* x : {&t, &y, &sk, &w, &u, &v, &g, &h}) x->resize(k + 1);
+  }
+};
+
+template <typename s_t, typename v_t>
+void sparse_rows_impl(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
+                      const bool* mask, const Options& opt, const Transform<typename cpu::acc_type_t<s_t, v_t>>& s_tr,
+                      const Transform<double>& t_tr, at::Tensor& loss, at::Tensor& grad_student,
+                      at::Tensor& grad_values, bool student_grad, bool values_grad) {
+  using acc_t = acc_type_t<s_t, v_t>;
+  const int64_t O = student.size(0), C = student.size(1), I = student.size(2), K = values.size(1);
+  const s_t* s_p = student.data_ptr<s_t>();
+  const v_t* v_p = values.data_ptr<v_t>();
+  const int64_t* i_p = indices.data_ptr<int64_t>();
+  s_t* gs_p = student_grad ? grad_student.data_ptr<s_t>() : nullptr;
+  v_t* gv_p = values_grad ? grad_values.data_ptr<v_t>() : nullptr;
+  acc_t* loss_p = loss.data_ptr<acc_t>();
+  const double T = opt.temperature, inv_t = 1.0 / T, T0 = opt.stored_temperature;
+  const int64_t P = O * I;
+  // Only the tail bucket reads the whole student row; renormalize is O(k) per row.
+  const int64_t work = opt.tail_bucket ? C : std::max<int64_t>(K, 1) * 8;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / work);
+
+  // The gradient buffer doubles as the exponentials' cache where it holds acc_t contiguously.
+  const bool use_cache = student_grad && opt.tail_bucket && std::is_same_v<s_t, acc_t> && grad_student.stride(1) == 1;
+  at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
+    Scratch sc;
+    sc.resize(K);
+    std::vector<acc_t> shifts(K + 1);
+    acc_t* cache = nullptr;
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t o = p / I, i = p % I;
+      const Strided<const s_t> s{s_p + o * student.stride(0) + i * student.stride(2), student.stride(1)};
+      const v_t* vals = v_p + o * values.stride(0) + i * values.stride(2);
+      const int64_t* ids = i_p + o * indices.stride(0) + i * indices.stride(2);
+      const int64_t vk = values.stride(1), ik = indices.stride(1);
+      const Strided<s_t> gs{student_grad ? gs_p + o * grad_student.stride(0) + i * grad_student.stride(2) : nullptr,
+                            student_grad ? grad_student.stride(1) : 0};
+      v_t* gv = values_grad ? gv_p + o * grad_values.stride(0) + i * grad_values.stride(2) : nullptr;
+      const int64_t gvk = values_grad ? grad_values.stride(1) : 0;
+
+      // The teacher's (transformed) values; the row counts when masked in and some is > −inf.
+      double t_max = kNegInf;
+      for (int64_t b = 0; b < K; ++b) {
+        const double raw = static_cast<double>(vals[b * vk]);
+        sc.t[b] = opt.logprob_values ? raw : t_tr.apply(raw);
+        t_max = nan_max(t_max, sc.t[b]);
+      }
+      const bool counted = (mask == nullptr || mask[p]) && t_max != kNegInf;
+      if (!counted) {
+        loss_p[p] = acc_t(0);
+        if (student_grad) fill_zero(gs, C);
+        if (values_grad) {
+          for (int64_t b = 0; b < K; ++b) gv[b * gvk] = v_t(0);
+        }
+        continue;
+      }
+      for (int64_t b = 0; b < K; ++b) {
+        const int64_t id = ids[b * ik];
+        TORCH_CHECK(id >= 0 && id < C, "sparse_divergence_rows: index ", id, " outside [0, ", C, ")");
+        sc.sorted[b] = id;
+        sc.y[b] = s_tr.apply(static_cast<double>(s.data[id * s.sc]));
+        sc.sk[b] = sc.y[b];
+      }
+
+      // Teacher buckets.
+      const int64_t nb = opt.tail_bucket ? K + 1 : K;
+      for (int64_t b = 0; b < K; ++b) sc.w[b] = opt.logprob_values ? sc.t[b] * (T0 * inv_t) : sc.t[b] * inv_t;
+      double lse_values = kNegInf, log_tail_t = kNegInf;
+      if (opt.tail_bucket && K < C) {
+        lse_values = logsumexp(sc.t.data(), K);
+        log_tail_t = log1mexp(lse_values);
+        if (lse_values != lse_values) log_tail_t = kNaN;
+        sc.w[K] = log_tail_t * (T0 * inv_t);
+      } else if (opt.tail_bucket) {
+        sc.w[K] = kNegInf;  // k = V: what 1 − Σ p_t holds is rounding, not mass
+      }
+      const double lse_w = logsumexp(sc.w.data(), nb);
+      for (int64_t b = 0; b < nb; ++b) sc.v[b] = sc.w[b] - lse_w;
+
+      // Student buckets.
+      for (int64_t b = 0; b < K; ++b) sc.sk[b] *= inv_t;
+      const double lse_k = logsumexp(sc.sk.data(), K);
+      double lse_all = lse_k, lse_out = kNegInf;
+      acc_t m_out = 0;
+      if (opt.tail_bucket) {
+        std::sort(sc.sorted.begin(), sc.sorted.end());
+        acc_t z_out = 0;
+        cache = use_cache ? reinterpret_cast<acc_t*>(gs.data) : nullptr;
+        complement_softmax<acc_t, s_t>(s, sc.sorted.data(), K, C, s_tr, static_cast<acc_t>(inv_t), m_out, z_out, cache,
+                                       cache != nullptr ? shifts.data() : nullptr);
+        if (m_out != m_out || m_out == std::numeric_limits<acc_t>::infinity()) {
+          lse_out = kNaN;  // fast_exp need not carry NaN through the sum: say it here
+        } else if (m_out != -std::numeric_limits<acc_t>::infinity()) {
+          lse_out = static_cast<double>(m_out) * inv_t + std::log(static_cast<double>(z_out));
+        }
+        const double pair[2] = {lse_k, lse_out};
+        lse_all = logsumexp(pair, 2);
+        for (int64_t b = 0; b < K; ++b) sc.u[b] = sc.sk[b] - lse_all;
+        sc.u[K] = lse_out - lse_all;
+      } else {
+        for (int64_t b = 0; b < K; ++b) sc.u[b] = sc.sk[b] - lse_k;
+      }
+
+      // The divergence over the buckets and its bucket gradients.
+      double D = 0, G = 0, H = 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const Terms tb = bucket_terms(sc.u[b], sc.v[b], opt.beta, opt.kind);
+        D += tb.term;
+        G += tb.g;
+        H += tb.h;
+        sc.g[b] = tb.g;
+        sc.h[b] = tb.h;
+      }
+      loss_p[p] = static_cast<acc_t>(opt.factor * D);
+
+      const double c = opt.grad_scale * opt.factor;  // the loss's scale in grad_scale·Σ loss
+      if (student_grad) {
+        if (opt.tail_bucket) {
+          // j ∉ K: c/T·slope·p_j·(g_tail/P_tail − Σg) = c/T·slope·e^{z_j/T − lse_out}·(g_tail − Σg·P_tail);
+          // an empty complement (all −inf, or k = V) has p_j = 0 there.
+          if (lse_out == kNegInf) {
+            fill_zero(gs, C);
+          } else {
+            const double p_tail = std::exp(lse_out - lse_all);
+            const double coef = c * inv_t * (sc.g[K] - G * p_tail);
+            if (cache != nullptr) {
+              complement_gradient_cached<acc_t, s_t>(s, cache, shifts.data(), sc.sorted.data(), K, C, s_tr, inv_t,
+                                                     lse_out, coef);
+            } else {
+              complement_gradient<acc_t, s_t>(s, gs, sc.sorted.data(), K, C, s_tr, static_cast<acc_t>(inv_t),
+                                              static_cast<acc_t>(lse_out), static_cast<acc_t>(coef));
+            }
+          }
+        } else {
+          fill_zero(gs, C);
+        }
+        for (int64_t b = 0; b < K; ++b) {
+          const int64_t id = ids[b * ik];
+          gs.data[id * gs.sc] = static_cast<s_t>(c * inv_t * (sc.g[b] - std::exp(sc.u[b]) * G) * s_tr.slope(sc.y[b]));
+        }
+      }
+      if (values_grad) {
+        // ∂D/∂w_b = h_b − q_b·Σh; w_b = values_b·T₀/T (log-probs) or transform(values_b)/T (logits);
+        // w_tail = (T₀/T)·log1mexp(lse(t)): ∂w_tail/∂t_b = −(T₀/T)·e^{t_b − log1mexp(lse(t))}.
+        double tail_part = 0;
+        const bool tail_live = opt.tail_bucket && K < C && !(lse_values >= 0);
+        if (tail_live) tail_part = (sc.h[K] - std::exp(sc.v[K]) * H) * (-T0 * inv_t);
+        for (int64_t b = 0; b < K; ++b) {
+          const double dw = sc.h[b] - std::exp(sc.v[b]) * H;
+          double d = dw * (opt.logprob_values ? T0 * inv_t : inv_t);
+          if (tail_live) d += tail_part * std::exp(sc.t[b] - log_tail_t);
+          if (!opt.logprob_values) d *= t_tr.slope(sc.t[b]);
+          gv[b * gvk] = static_cast<v_t>(c * d);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TensorTriple sparse_divergence_rows_cpu(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
+                                        const c10::optional<at::Tensor>& mask, c10::string_view divergence,
+                                        double beta, double temperature, bool scale_by_t2, c10::string_view tail,
+                                        c10::string_view teacher_values, double stored_temperature,
+                                        c10::optional<double> student_softcap, c10::optional<double> teacher_softcap,
+                                        c10::optional<double> student_logit_scale,
+                                        c10::optional<double> teacher_logit_scale, const at::Tensor& grad_scale,
+                                        bool student_grad, bool values_grad) {
+  TORCH_CHECK(student.device().is_cpu() && values.device().is_cpu() && indices.device().is_cpu(),
+              "sparse_divergence_rows_cpu: expected CPU tensors");
+  TORCH_CHECK(student.dim() == 3 && values.dim() == 3 && indices.dim() == 3,
+              "sparse_divergence_rows: student, values and indices must be 3-D (O, ·, I)");
+  TORCH_CHECK(values.sizes() == indices.sizes(), "sparse_divergence_rows: values ", values.sizes(), " and indices ",
+              indices.sizes(), " differ in shape");
+  TORCH_CHECK(values.size(0) == student.size(0) && values.size(2) == student.size(2),
+              "sparse_divergence_rows: values ", values.sizes(), " do not match the student's positions ",
+              student.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "sparse_divergence_rows: indices must be int64");
+  TORCH_CHECK(at::isFloatingType(student.scalar_type()) && at::isFloatingType(values.scalar_type()),
+              "sparse_divergence_rows: expected floating-point logits and values");
+  TORCH_CHECK(temperature > 0 && stored_temperature > 0, "sparse_divergence_rows: temperatures must be positive");
+  TORCH_CHECK(grad_scale.numel() == 1, "sparse_divergence_rows: grad_scale must have one element");
+  const std::string tail_s(tail), values_s(teacher_values);
+  TORCH_CHECK(tail_s == "renormalize" || tail_s == "tail_bucket", "sparse_divergence_rows: unknown tail ", tail_s);
+  TORCH_CHECK(values_s == "logits" || values_s == "logprobs", "sparse_divergence_rows: unknown teacher_values ",
+              values_s);
+  const int64_t O = student.size(0), C = student.size(1), I = student.size(2), K = values.size(1);
+  const bool* mask_p = nullptr;
+  at::Tensor mask_c;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "sparse_divergence_rows: mask must be bool");
+    TORCH_CHECK(mask->numel() == O * I, "sparse_divergence_rows: mask must have shape (", O, ", ", I, ")");
+    mask_c = mask->contiguous();
+    mask_p = mask_c.numel() > 0 ? mask_c.data_ptr<bool>() : nullptr;
+  }
+  const bool use_double = student.scalar_type() == at::kDouble || values.scalar_type() == at::kDouble;
+  at::Tensor loss = at::empty({O, I}, student.options().dtype(use_double ? at::kDouble : at::kFloat));
+  at::Tensor grad_student = cpu::gradient_buffer(student, student_grad);
+  at::Tensor grad_values = cpu::gradient_buffer(values, values_grad);
+  if (O * I == 0) return {loss, grad_student, grad_values};
+  if (C == 0 || K == 0) {  // no teacher mass anywhere: nothing counts
+    loss.zero_();
+    if (student_grad) grad_student.zero_();
+    if (values_grad) grad_values.zero_();
+    return {loss, grad_student, grad_values};
+  }
+  Options opt;
+  opt.kind = kind_of(std::string(divergence), beta);
+  opt.beta = beta;
+  opt.temperature = temperature;
+  opt.stored_temperature = stored_temperature;
+  opt.factor = scale_by_t2 ? temperature * temperature : 1.0;
+  opt.grad_scale = grad_scale.item<double>();
+  opt.tail_bucket = tail_s == "tail_bucket";
+  opt.logprob_values = values_s == "logprobs";
+  Transform<double> t_tr;
+  t_tr.has_scale = teacher_logit_scale.has_value();
+  t_tr.scale = teacher_logit_scale.value_or(1.0);
+  t_tr.has_cap = teacher_softcap.has_value();
+  t_tr.cap = teacher_softcap.value_or(1.0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "sparse_divergence_rows_cpu", [&] {
+    using s_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_divergence_rows_cpu", [&] {
+      using v_t = scalar_t;
+      using acc_t = acc_type_t<s_t, v_t>;
+      Transform<acc_t> s_tr;
+      s_tr.has_scale = student_logit_scale.has_value();
+      s_tr.scale = static_cast<acc_t>(student_logit_scale.value_or(1.0));
+      s_tr.has_cap = student_softcap.has_value();
+      s_tr.cap = static_cast<acc_t>(student_softcap.value_or(1.0));
+      sparse_rows_impl<s_t, v_t>(student, values, indices, mask_p, opt, s_tr, t_tr, loss, grad_student, grad_values,
+                                 student_grad, values_grad);
+    });
+  });
+  return {loss, grad_student, grad_values};
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace kdkernels
+
+KDKERNELS_REGISTER_CPU_KERNEL(sparse_divergence_rows_cpu);
