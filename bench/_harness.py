@@ -162,8 +162,12 @@ def time_interleaved(
     """Times of every candidate in every mode: ``{name: {mode: summary}}`` (or ``{name: error}``).
 
     Candidates take turns run by run, so a slow spell of a shared machine hits all of them
-    alike instead of whichever happened to be running.  Every run takes the next input set in
-    turn, so on CUDA no run finds the data of the run before it in L2 (with >= 2 sets).
+    alike instead of whichever happened to be running, and the order of the turns rotates from
+    round to round, so that no candidate always runs first (on CPU the first run of a round,
+    after the previous round's last candidate — e.g. the roofline's copy — has evicted the
+    caches and left its pages to the allocator, measured up to 1.6× slower, whichever loss it
+    was).  Every run takes the next input set in turn, so on CUDA no run finds the data of the
+    run before it in L2 (with >= 2 sets).
     """
     cuda = device.type == "cuda"
     if not cuda:
@@ -175,7 +179,9 @@ def time_interleaved(
     for mode in MODES:
         raw: dict[str, list] = {name: [] for name in live}
         for i in range(warmup + repeats):
-            for name, fn in list(live.items()):
+            order = list(live.items())
+            shift = i % len(order) if order else 0
+            for name, fn in order[shift:] + order[:shift]:
                 inputs = input_sets[turn % len(input_sets)]
                 turn += 1
                 try:

@@ -36,7 +36,6 @@ import os
 import platform
 import resource
 import shlex
-import statistics
 import sys
 import time
 

@@ -40,6 +40,7 @@
 
 #include "../kdkernels.h"
 #include "dispatch.h"
+#include "divergence_kind.h"
 #include "gradient_buffer.h"
 #include "kl_row_policy.h"
 #include "row_op_inputs.h"
@@ -54,29 +55,6 @@ using namespace cpu;  // the at::vec helpers of vec_utils.h
 
 // Work per parallel task, in logits of one input.
 constexpr int64_t kGrainElements = 32768;
-
-// The divergence after β's endpoints are resolved (the conventions of the Triton kernel's
-// divergence_kind: β = 0 / 1 of a mixture is the KL it reduces to, without log 0 terms).
-enum Kind : int {
-  kForwardKl,
-  kReverseKl,
-  kJsd,
-  kSkewForwardKl,
-  kSkewReverseKl,
-  kTvd,
-  kZeroTeacherReference,  // skew_forward_kl at β = 1: KL(q ‖ q)
-  kZeroStudentReference,  // skew_reverse_kl at β = 1: KL(p ‖ p)
-};
-
-Kind kind_of(c10::string_view divergence, double beta) {
-  if (divergence == "forward_kl") return kForwardKl;
-  if (divergence == "reverse_kl") return kReverseKl;
-  if (divergence == "jsd") return beta == 0 ? kForwardKl : beta == 1 ? kReverseKl : kJsd;
-  if (divergence == "skew_forward_kl") return beta == 0 ? kForwardKl : beta == 1 ? kZeroTeacherReference : kSkewForwardKl;
-  if (divergence == "skew_reverse_kl") return beta == 0 ? kReverseKl : beta == 1 ? kZeroStudentReference : kSkewReverseKl;
-  if (divergence == "tvd") return kTvd;
-  TORCH_CHECK(false, "divergence_rows: unknown divergence '", std::string(divergence), "'");
-}
 
 // One model's logit transform z = cap·tanh(scale·x/cap) (Gemma's soft-capping, a logit scale),
 // −inf kept −inf, and its slope dz/dx = scale·(1 − tanh²) (scale alone at −inf).
@@ -491,7 +469,7 @@ TensorTriple divergence_rows_cpu(const at::Tensor& student, const at::Tensor& te
                                  c10::optional<double> teacher_logit_scale, const at::Tensor& grad_scale,
                                  bool student_grad, bool teacher_grad) {
   cpu::check_row_op_inputs("divergence_rows", student, teacher, temperature, grad_scale);
-  const Kind kind = kind_of(divergence, beta);
+  const Kind kind = kind_of("divergence_rows", divergence, beta);
   const int64_t C = student.size(1);
   at::Tensor mask_c;
   const bool* mask_p = cpu::row_op_mask("divergence_rows", mask, student.size(0), student.size(2), mask_c);

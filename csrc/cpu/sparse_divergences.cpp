@@ -36,6 +36,7 @@
 
 #include "../kdkernels.h"
 #include "dispatch.h"
+#include "divergence_kind.h"
 #include "gradient_buffer.h"
 #include "vec_utils.h"
 
@@ -43,35 +44,11 @@ namespace kdkernels {
 namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
 namespace {
 
-using cpu::acc_type_t;
-using cpu::fast_exp;
-using cpu::hmax;
-using cpu::hsum;
-using cpu::load_vec;
-using cpu::load_vec_n;
-using cpu::load_vec_strided;
-using cpu::nan_max;
-using cpu::store_vec;
-using cpu::store_vec_n;
-using cpu::store_vec_strided;
-using cpu::Vec;
+using namespace cpu;  // the at::vec helpers of vec_utils.h
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr int64_t kGrainElements = 32768;  // work per parallel task, in student logits
-
-// The divergence after β's endpoints are resolved (as the Triton kernels' kinds).
-enum Kind { FORWARD_KL, REVERSE_KL, JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL, TVD, ZERO_TEACHER, ZERO_STUDENT };
-
-Kind kind_of(const std::string& d, double beta) {
-  if (d == "forward_kl") return FORWARD_KL;
-  if (d == "reverse_kl") return REVERSE_KL;
-  if (d == "jsd") return beta == 0 ? FORWARD_KL : beta == 1 ? REVERSE_KL : JSD;
-  if (d == "skew_forward_kl") return beta == 0 ? FORWARD_KL : beta == 1 ? ZERO_TEACHER : SKEW_FORWARD_KL;
-  if (d == "skew_reverse_kl") return beta == 0 ? REVERSE_KL : beta == 1 ? ZERO_STUDENT : SKEW_REVERSE_KL;
-  if (d == "tvd") return TVD;
-  TORCH_CHECK(false, "sparse_divergence_rows: unknown divergence ", d);
-}
 
 struct Terms {
   double term, g, h;  // the bucket's loss term, ∂D/∂u, ∂D/∂v
@@ -90,30 +67,30 @@ inline Terms skew(double x, double lx, double y, double beta) {
 inline Terms bucket_terms(double u, double v, double beta, Kind kind) {
   const double p = std::exp(u), q = std::exp(v);
   switch (kind) {
-    case FORWARD_KL:
+    case kForwardKl:
       return {q != 0 ? q * (v - u) : 0.0, -q, q != 0 ? q * (v - u + 1) : 0.0};
-    case REVERSE_KL:
+    case kReverseKl:
       return {p != 0 ? p * (u - v) : 0.0, p != 0 ? p * (u - v + 1) : 0.0, -p};
-    case JSD: {
+    case kJsd: {
       const double lm = std::log(beta * q + (1 - beta) * p);
       const double g = (1 - beta) * (p != 0 ? p * (u - lm) : 0.0);
       const double h = beta * (q != 0 ? q * (v - lm) : 0.0);
       return {g + h, g, h};  // the mixture terms cancel: D = Σ (g + h)
     }
-    case SKEW_FORWARD_KL: {
+    case kSkewForwardKl: {
       const Terms t = skew(q, v, p, beta);
       return {t.term, t.h, t.g};
     }
-    case SKEW_REVERSE_KL:
+    case kSkewReverseKl:
       return skew(p, u, q, beta);
-    case TVD: {
+    case kTvd: {
       double sign = p > q ? 1.0 : p < q ? -1.0 : 0.0;
       if (p != p || q != q) sign = kNaN;
       return {0.5 * std::abs(q - p), 0.5 * p * sign, -0.5 * q * sign};
     }
-    case ZERO_TEACHER:  // KL(q ‖ q): 0, NaN where q is
+    case kZeroTeacherReference:  // KL(q ‖ q): 0, NaN where q is
       return {v != kNegInf ? q * (v - v) : 0.0, 0.0, 0.0};
-    case ZERO_STUDENT:
+    case kZeroStudentReference:
       return {u != kNegInf ? p * (u - u) : 0.0, 0.0, 0.0};
   }
   return {kNaN, kNaN, kNaN};
@@ -539,7 +516,7 @@ TensorTriple sparse_divergence_rows_cpu(const at::Tensor& student, const at::Ten
     return {loss, grad_student, grad_values};
   }
   Options opt;
-  opt.kind = kind_of(std::string(divergence), beta);
+  opt.kind = kind_of("sparse_divergence_rows", divergence, beta);
   opt.beta = beta;
   opt.temperature = temperature;
   opt.stored_temperature = stored_temperature;

@@ -38,17 +38,7 @@ namespace kdkernels {
 namespace CPU_CAPABILITY {  // one copy per capability: see dispatch.h
 namespace {
 
-using cpu::fast_exp;
-using cpu::hmax;
-using cpu::hsum;
-using cpu::load_vec;
-using cpu::load_vec_n;
-using cpu::load_vec_strided;
-using cpu::neg_inf;
-using cpu::store_vec;
-using cpu::store_vec_n;
-using cpu::store_vec_strided;
-using cpu::Vec;
+using namespace cpu;  // the at::vec helpers of vec_utils.h
 
 using Strides = std::array<int64_t, 3>;  // (outer, classes, inner)
 

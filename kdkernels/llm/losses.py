@@ -1,9 +1,9 @@
 r"""Distillation losses for language models: the divergence family with temperature, sparse top-k
 teachers, and the conventions of Hugging Face / TRL users.
 
-**Kernels.** A dense teacher runs through the fused op ``kdkernels::divergences`` (Triton; the
-other backends fall back to its twin), a top-k teacher through ``kdkernels::sparse_divergences``
-(CPU C++ and Triton). Both implement the float64-exact reference
+**Kernels.** A dense teacher runs through the fused op ``kdkernels::divergences`` (CPU C++ and
+Triton; no CUDA C++ kernel yet), a top-k teacher through ``kdkernels::sparse_divergences`` (CPU
+C++ and Triton). Both implement the float64-exact reference
 :mod:`kdkernels.ops.reference.divergences` (plain PyTorch, differentiable), which is also their
 ``torch`` backend and the source of higher-order gradients.
 
@@ -270,14 +270,16 @@ def distill_loss(
     softcap: float | tuple[float | None, float | None] | None = None,
     logit_scale: float | tuple[float | None, float | None] | None = None,
     check_indices: str = "sync",
+    process_group=None,
 ) -> torch.Tensor:
     r"""Distillation divergence between a student and a (dense or top-k) teacher, per position.
 
-    **Kernels.** A dense teacher runs through the fused op ``kdkernels::divergences``: the Triton
-    kernel (the shared online-softmax row walker, softcap / scale inside, the gradient computed in
-    the forward) where Triton runs; on the ``cpu`` and ``cuda`` backends, which have no kernel for
-    it yet, the default falls back to the op's twin (the reference formula, an eager composite's
-    memory). A top-k teacher runs through the fused op ``kdkernels::sparse_divergences`` (CPU C++
+    **Kernels.** A dense teacher runs through the fused op ``kdkernels::divergences``: the CPU C++
+    and Triton kernels (the shared online-softmax row walkers, softcap / scale inside, the gradient
+    computed in the forward; extra memory = the gradients); the ``cuda`` backend has no kernel for
+    it yet, so on a GPU without Triton the default falls back to the op's twin (the reference
+    formula, an eager composite's memory). With ``process_group``, logits sharded along the
+    vocabulary go through :func:`kdkernels.llm.vocab_parallel_distill_loss` (PyTorch operations). A top-k teacher runs through the fused op ``kdkernels::sparse_divergences`` (CPU C++
     and Triton kernels; elsewhere its twin): one pass over the student's V logits per position
     (none for ``renormalize``), nothing of size (…, V) for the teacher; the extra memory is the
     student's gradient plus O(N·k). ``values`` get a gradient too when they require one.
@@ -309,6 +311,10 @@ def distill_loss(
             both models or a ``(student, teacher)`` pair; not applied to log-prob values.
         check_indices: ``"sync"`` (default; on CPU direct checks, on an accelerator one host sync),
             ``"async"`` (``torch._assert_async``, no sync) or ``"off"``.
+        process_group: the logits are this rank's slice of the vocabulary, split over the ranks of
+            this ``torch.distributed`` group (a tensor-parallel LM head): the loss is the whole
+            vocabulary's, identical on every rank, the gradient this rank's slice's
+            (:func:`kdkernels.llm.vocab_parallel_distill_loss`; dense teacher, no ``vocab_size``).
 
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or the positions' shape for ``none``.
@@ -317,6 +323,16 @@ def distill_loss(
         ValueError / TypeError naming the argument, before any computation: k > V, ids out of range
         or repeated, β outside [0, 1], T ≤ 0, shapes, dtypes, devices.
     """
+    if process_group is not None:
+        if teacher_topk is not None or vocab_size is not None:
+            raise ValueError("process_group: vocabulary-parallel logits take a dense teacher_logits shard and no vocab_size")
+        from kdkernels.llm.vocab_parallel import vocab_parallel_distill_loss
+
+        return vocab_parallel_distill_loss(
+            student_logits, teacher_logits, process_group=process_group, divergence=divergence, beta=beta,
+            temperature=temperature, scale_by_t2=scale_by_t2, mask=mask, labels=labels, ignore_index=ignore_index,
+            reduction=reduction, num_items_in_batch=num_items_in_batch, softcap=softcap, logit_scale=logit_scale,
+        )
     kwargs = _validate(
         student_logits,
         teacher_logits,

@@ -30,8 +30,10 @@ class DistillLoss(nn.Module):
         softcap=None,
         logit_scale=None,
         check_indices: str = "sync",
+        process_group=None,
     ) -> None:
         super().__init__()
+        self.process_group = process_group  # not in config: a process group has no useful repr
         self.config = dict(
             divergence=divergence,
             beta=beta,
@@ -56,6 +58,7 @@ class DistillLoss(nn.Module):
             mask=mask,
             labels=labels,
             num_items_in_batch=num_items_in_batch,
+            process_group=self.process_group,
             **self.config,
         )
 
@@ -93,8 +96,10 @@ class FusedLinearDistillLoss(nn.Module):
         softcap=None,
         logit_scale=None,
         chunk_rows: int | None = None,
+        process_group=None,
     ) -> None:
         super().__init__()
+        self.process_group = process_group  # not in config: a process group has no useful repr
         self.config = dict(
             divergence=divergence,
             beta=beta,
@@ -112,7 +117,8 @@ class FusedLinearDistillLoss(nn.Module):
                 *, mask=None, labels=None, num_items_in_batch=None):
         return fused_linear_distill_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
-            mask=mask, labels=labels, num_items_in_batch=num_items_in_batch, **self.config,
+            mask=mask, labels=labels, num_items_in_batch=num_items_in_batch, process_group=self.process_group,
+            **self.config,
         )
 
     def extra_repr(self) -> str:

@@ -117,6 +117,8 @@ def vocab_parallel_distill_loss(
     rank's shard) and the sparse teacher."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("process_group: torch.distributed is not initialised (call init_process_group first)")
+    if process_group is None:
+        process_group = dist.group.WORLD
     kw = _validate(
         student_logits, teacher_logits, None, divergence, beta, temperature, scale_by_t2, "renormalize", "logits", 1.0,
         mask, labels, ignore_index, reduction, num_items_in_batch, None, softcap, logit_scale, "off",

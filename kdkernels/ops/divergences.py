@@ -38,10 +38,12 @@ def divergence_rows(
     raise NotImplementedError  # a signature: ops/triton/divergences.py, csrc/cpu/divergences.cpp
 
 
-def _positions(student, teacher, mask, divergence, beta, temperature, scale_by_t2, s_cap, t_cap, s_scale, t_scale):
+def rows_positions(student, mask, divergence, beta, temperature, scale_by_t2, s_cap, t_cap, s_scale, t_scale, **teacher):
+    """The reference's per-position loss of (outer, classes, inner) student rows, (outer, inner):
+    the twin of the divergence ops; ``teacher``: ``teacher_logits=`` or ``teacher_topk=`` (and
+    the sparse teacher's options), already classes-last."""
     loss, _ = distill_loss_positions(
         student.movedim(1, -1),
-        teacher.movedim(1, -1),
         divergence=divergence,
         beta=beta,
         temperature=temperature,
@@ -49,8 +51,13 @@ def _positions(student, teacher, mask, divergence, beta, temperature, scale_by_t
         mask=mask,
         softcap=(s_cap, t_cap),
         logit_scale=(s_scale, t_scale),
+        **teacher,
     )
     return loss
+
+
+def _positions(student, teacher, mask, *options):
+    return rows_positions(student, mask, *options, teacher_logits=teacher.movedim(1, -1))
 
 
 DIVERGENCES = FusedLoss(

@@ -21,7 +21,7 @@ from typing import Optional
 from torch import Tensor
 
 from kdkernels.ops.fused_loss import FusedLoss
-from kdkernels.ops.reference.divergences import distill_loss_positions
+from kdkernels.ops.divergences import rows_positions
 
 
 def sparse_divergence_rows(
@@ -57,23 +57,13 @@ def sparse_divergence_rows(
 
 def _positions(
     student, values, indices, mask, divergence, beta, temperature, scale_by_t2, tail, teacher_values,
-    stored_temperature, s_cap, t_cap, s_scale, t_scale,
+    stored_temperature, *transforms,
 ):
-    loss, _ = distill_loss_positions(
-        student.movedim(1, -1),
-        teacher_topk=(indices.movedim(1, -1), values.movedim(1, -1)),
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        scale_by_t2=scale_by_t2,
-        tail=tail,
-        teacher_values=teacher_values,
+    return rows_positions(
+        student, mask, divergence, beta, temperature, scale_by_t2, *transforms,
+        teacher_topk=(indices.movedim(1, -1), values.movedim(1, -1)), tail=tail, teacher_values=teacher_values,
         stored_temperature=stored_temperature,
-        mask=mask,
-        softcap=(s_cap, t_cap),
-        logit_scale=(s_scale, t_scale),
     )
-    return loss
 
 
 SPARSE_DIVERGENCES = FusedLoss(

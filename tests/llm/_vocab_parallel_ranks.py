@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from kdkernels.llm.fused_linear import fused_linear_distill_loss
+from kdkernels.llm.losses import distill_loss
 from kdkernels.llm.vocab_parallel import vocab_parallel_distill_loss
 
 SPLIT = 17  # rank 0: classes [0, 17), rank 1: [17, 31)
@@ -59,7 +60,10 @@ def main(out: str) -> None:
     for name, kw in cases():
         s_shard = s[..., cols].clone().requires_grad_()
         t_shard = t[..., cols].clone().requires_grad_()
-        loss = vocab_parallel_distill_loss(s_shard, t_shard, mask=mask, **kw)
+        if name.startswith("jsd"):  # through distill_loss's process_group= as well
+            loss = distill_loss(s_shard, t_shard, mask=mask, process_group=dist.group.WORLD, **kw)
+        else:
+            loss = vocab_parallel_distill_loss(s_shard, t_shard, mask=mask, **kw)
         g_s, g_t = torch.autograd.grad(loss.sum(), (s_shard, t_shard))
         results[name] = (loss.detach(), g_s, g_t)
     h_s, w_s, b_s, h_t, w_t, mask = heads()
