@@ -48,9 +48,11 @@ class _VocabParallel:
     def __init__(self, group):
         self.group = group
 
-# Logit bytes per block at the default chunk size: two (rows, V) logit blocks and their gradients
-# stay in the last-level cache's order of magnitude, and rows · H is GEMM-sized.
-_DEFAULT_BLOCK_BYTES = 16 << 20
+# fp32 logit bytes of one head per block at the default chunk size (N = 2048, V = 32000: 65 rows):
+# the two heads' logit blocks and the student's gradient block are the O(tile) part of the extra
+# memory (24 MiB, against the 133 MiB of the student's hidden-state and weight gradients there),
+# and 65 × H rows still make GEMMs that run at the eager composite's speed (bench_fused_linear_kd).
+_DEFAULT_BLOCK_BYTES = 8 << 20
 
 
 def _check_head(hidden, weight, bias, positions, who: str) -> None:
@@ -166,6 +168,7 @@ def _walk_blocks(heads: _Heads, mask, options, grad_scale, wants, chunk_rows, ba
                 g_w.addmm_(gz.t().to(acc), h.to(acc))
             if g_b is not None:
                 g_b += gz.sum(0, dtype=acc)
+        del gzs, gzt, gz  # before the next block's logits: one block's tensors alive at a time
     if isinstance(backend, _VocabParallel):
         # The hidden states are replicated over the group and each rank's shard of the head
         # contributes to their gradient: summed here (Megatron's column-parallel input); the
@@ -264,7 +267,7 @@ def fused_linear_distill_loss(
         num_items_in_batch, vocab_size, softcap, logit_scale: as :func:`distill_loss` (the logits of
             a linear head are finite, so every counted position has a teacher distribution:
             ``mean`` divides by the counted positions).
-        chunk_rows: positions per block (default: about 16 MiB of fp32 logits per head and block).
+        chunk_rows: positions per block (default: about 8 MiB of fp32 logits per head and block).
         process_group: LM heads sharded along the vocabulary over this ``torch.distributed`` group
             (a tensor-parallel head): each rank passes its rows of both weights (and biases) and
             the full, replicated hidden states; the loss is the whole vocabulary's, the same on
