@@ -6,7 +6,7 @@ import torch
 
 from kdkernels import _validation
 from kdkernels._layout import class_dim_views
-from kdkernels.ops._reduction import reduction_code
+from kdkernels.ops._reduction import reduce_differentiable, reduction_code
 from kdkernels.ops.kd_loss import KD_LOSS
 
 KD_REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -19,6 +19,8 @@ def kd_loss(
     reduction: str = "batchmean",
     dim: int = -1,
     mask: torch.Tensor | None = None,
+    *,
+    process_group=None,
 ) -> torch.Tensor:
     r"""Knowledge-distillation loss of Hinton et al. (2015), in one fused kernel.
 
@@ -42,6 +44,11 @@ def kd_loss(
             (read in place, contiguous or channels_last).
         mask: optional bool tensor of the logits' shape without ``dim``; False positions (padding,
             ignored tokens) contribute 0 and get zero gradients.
+        process_group: the logits are this rank's slice of the classes, split over the ranks of
+            this ``torch.distributed`` group (a tensor-parallel LM head): the loss is the whole
+            vocabulary's, identical on every rank, and the gradient this rank's slice's; three
+            all-reduces per position make the softmaxes global
+            (:mod:`kdkernels.llm.vocab_parallel`; PyTorch operations, not the fused kernel).
 
     Returns:
         The loss in float32 (float64 for float64 inputs): 0-d, or per position for ``"none"``.
@@ -58,8 +65,17 @@ def kd_loss(
     positions_shape = tuple(student_logits.shape[:dim]) + tuple(student_logits.shape[dim + 1 :])
     _validation.check_mask(mask, positions_shape, student_logits.device)
 
-    views = class_dim_views(student_logits, teacher_logits, dim, mask)
     code, scale = reduction_code(reduction, student_logits.shape[0])
+    if process_group is not None:
+        from kdkernels.llm.vocab_parallel import vocab_parallel_positions
+
+        per_position, _ = vocab_parallel_positions(
+            student_logits.movedim(dim, -1), teacher_logits.movedim(dim, -1), mask, "forward_kl", 0.5, temperature,
+            True, None, None, None, None, group=process_group,
+        )
+        positions = per_position.numel()
+        return reduce_differentiable(per_position, code, scale, positions, mask)
+    views = class_dim_views(student_logits, teacher_logits, dim, mask)
     loss = KD_LOSS(views.student, views.teacher, views.mask, temperature, reduction=code, scale=scale)
     if reduction == "none":
         loss = loss.reshape(positions_shape)

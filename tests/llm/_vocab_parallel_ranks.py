@@ -9,6 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from kdkernels.functional import kd_loss
 from kdkernels.llm.fused_linear import fused_linear_distill_loss
 from kdkernels.llm.losses import distill_loss
 from kdkernels.llm.vocab_parallel import vocab_parallel_distill_loss
@@ -66,14 +67,20 @@ def main(out: str) -> None:
             loss = vocab_parallel_distill_loss(s_shard, t_shard, mask=mask, **kw)
         g_s, g_t = torch.autograd.grad(loss.sum(), (s_shard, t_shard))
         results[name] = (loss.detach(), g_s, g_t)
-    h_s, w_s, b_s, h_t, w_t, mask = heads()
+    h_s, w_s, b_s, h_t, w_t, head_mask = heads()
     for name, kw in fused_linear_cases():
         hs = h_s.clone().requires_grad_()
         ws, bs = w_s[cols].clone().requires_grad_(), b_s[cols].clone().requires_grad_()
         # Blocks of 5 of the 12 positions: the last one short, every rank walking the same blocks.
-        loss = fused_linear_distill_loss(hs, ws, h_t, w_t[cols], bs, mask=mask, chunk_rows=5,
+        loss = fused_linear_distill_loss(hs, ws, h_t, w_t[cols], bs, mask=head_mask, chunk_rows=5,
                                          process_group=dist.group.WORLD, **kw)
         results[name] = (loss.detach(), *torch.autograd.grad(loss.sum(), (hs, ws, bs)))
+    # kd_loss: classes along dim 1 of (3, 31, 4) maps, every reduction.
+    for reduction in ("batchmean", "mean", "sum", "none"):
+        s_shard = s.movedim(-1, 1)[:, cols].clone().requires_grad_()
+        t_shard = t.movedim(-1, 1)[:, cols].clone().requires_grad_()
+        loss = kd_loss(s_shard, t_shard, 1.7, reduction, dim=1, mask=mask, process_group=dist.group.WORLD)
+        results[f"kd_loss-{reduction}"] = (loss.detach(), *torch.autograd.grad(loss.sum(), (s_shard, t_shard)))
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kdkernels
-from kdkernels.functional import distill_loss, fused_linear_distill_loss
+from kdkernels.functional import distill_loss, fused_linear_distill_loss, kd_loss
 from kdkernels.llm.vocab_parallel import vocab_parallel_distill_loss
 from tests.llm import _vocab_parallel_ranks as ranks
 
@@ -63,6 +63,22 @@ def test_fused_linear_with_sharded_heads_equals_one_process(two_rank_results, na
         torch.testing.assert_close(r_h, g_h, rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(r_w, g_w[rows], rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(r_b, g_b[rows], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+def test_kd_loss_over_two_ranks_equals_one_process(two_rank_results, reduction):
+    """kd_loss(process_group=) with the classes along dim 1, each rank holding a slice of them."""
+    s, t, mask = ranks.logits()
+    s, t = s.movedim(-1, 1).requires_grad_(), t.movedim(-1, 1).requires_grad_()
+    with kdkernels.use_backend("torch"):
+        expected = kd_loss(s, t, 1.7, reduction, dim=1, mask=mask)
+    g_s, g_t = torch.autograd.grad(expected.sum(), (s, t))
+    for rank, results in enumerate(two_rank_results):
+        loss, r_s, r_t = results[f"kd_loss-{reduction}"]
+        cols = slice(0, ranks.SPLIT) if rank == 0 else slice(ranks.SPLIT, None)
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(r_s, g_s[:, cols], rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(r_t, g_t[:, cols], rtol=1e-10, atol=1e-13, equal_nan=True)
 
 
 def test_needs_an_initialised_process_group():
