@@ -139,7 +139,7 @@ def _walk_blocks(heads: _Heads, mask, options, grad_scale, wants, chunk_rows, ba
     """One pass over the row blocks: the per-position losses (N,) and the gradients of the
     ``wants`` = (hs, ws, bs, ht, wt, bt) flags, accumulated in float32 (float64 for float64)."""
     n = heads.hs.shape[0]
-    acc = torch.float64 if heads.hs.dtype == torch.float64 else torch.float32
+    acc = torch.float64 if torch.float64 in (heads.hs.dtype, heads.ht.dtype) else torch.float32
     losses = torch.empty(n, dtype=acc, device=heads.hs.device)
     want_hs, want_ws, want_bs, want_ht, want_wt, want_bt = wants
     student_grad = want_hs or want_ws or want_bs

@@ -172,3 +172,15 @@ def test_a_second_backward_walks_the_blocks_again():
     second = torch.autograd.grad(loss, student[:2], grad_outputs=torch.tensor(3.0, dtype=loss.dtype))
     for a, b in zip(first, second):
         torch.testing.assert_close(3 * a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_float64_teacher_gives_a_float64_loss():
+    """Mixed heads (float32 student, float64 teacher): the loss accumulates in float64, as
+    distill_loss's does for the same logits."""
+    student, teacher = _heads(11, vs=19, vt=19, dtype=torch.float32)
+    teacher = [x.double() for x in teacher]
+    with kdkernels.use_backend("cpu"):
+        loss = fused_linear_distill_loss(*student[:2], *teacher[:2], student[2], teacher[2], divergence="jsd", chunk_rows=4)
+    assert loss.dtype == torch.float64
+    expected = _eager([x.double() for x in student], teacher, divergence="jsd")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
