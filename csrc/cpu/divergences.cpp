@@ -453,11 +453,13 @@ Setup<acc_t> setup_of(Kind kind, double beta, double temperature, bool scale_by_
   return su;
 }
 
+// Classes contiguous (a stride along a dimension of size 1 never matters): the rows layout.
+bool class_rows(const at::Tensor& x) { return x.size(1) == 1 || x.stride(1) == 1; }
+
 // `x` as an (outer, classes, inner) tensor of `dtype` with class stride 1 (a copy unless it is one).
 at::Tensor as_rows(const at::Tensor& x, at::ScalarType dtype) {
-  const bool rows = x.size(1) == 1 || x.stride(1) == 1;
-  at::Tensor y = x.scalar_type() == dtype ? x : x.to(dtype);
-  return rows && y.stride(1) == x.stride(1) ? y : y.transpose(1, 2).contiguous().transpose(1, 2);
+  const at::Tensor y = x.scalar_type() == dtype ? x : x.to(dtype);
+  return class_rows(y) ? y : y.transpose(1, 2).contiguous().transpose(1, 2);
 }
 
 }  // namespace
@@ -470,7 +472,6 @@ TensorTriple divergence_rows_cpu(const at::Tensor& student, const at::Tensor& te
                                  bool student_grad, bool teacher_grad) {
   cpu::check_row_op_inputs("divergence_rows", student, teacher, temperature, grad_scale);
   const Kind kind = kind_of("divergence_rows", divergence, beta);
-  const int64_t C = student.size(1);
   at::Tensor mask_c;
   const bool* mask_p = cpu::row_op_mask("divergence_rows", mask, student.size(0), student.size(2), mask_c);
   cpu::RowOpOutputs out = cpu::row_op_outputs(student, teacher, student_grad, teacher_grad);
@@ -482,7 +483,7 @@ TensorTriple divergence_rows_cpu(const at::Tensor& student, const at::Tensor& te
   // The gradients go straight into the returned buffers when those are rows of the common dtype.
   auto work_buffer = [&](const at::Tensor& grad, const at::Tensor& rows, bool wanted) {
     if (!wanted) return grad;
-    const bool direct = grad.scalar_type() == common && (C == 1 || grad.stride(1) == 1);
+    const bool direct = grad.scalar_type() == common && class_rows(grad);
     return direct ? grad : cpu::gradient_buffer(rows, true);
   };
   at::Tensor gs_work = work_buffer(grad_student, s, student_grad);

@@ -94,45 +94,46 @@ class _Heads:
         self.bt = None if bt is None else bt[:vocab]
 
 
+def _autograd_block(per_position, zs, zt, grad_scale, student_grad, teacher_grad):
+    """``per_position(zs, zt)`` (differentiable PyTorch) and the gradients of
+    ``Σ grad_scale · loss`` with respect to the wanted logits, by autograd."""
+    with torch.enable_grad():
+        s_leaf = zs.detach().requires_grad_(student_grad)
+        t_leaf = zt.detach().requires_grad_(teacher_grad)
+        loss = per_position(s_leaf, t_leaf)
+        weighted = (loss * grad_scale.to(loss.dtype).reshape(-1)).sum()
+        wanted = [x for x, w in ((s_leaf, student_grad), (t_leaf, teacher_grad)) if w]
+        grads = iter(torch.autograd.grad(weighted, wanted)) if wanted else iter(())
+    return loss.detach(), next(grads) if student_grad else None, next(grads) if teacher_grad else None
+
+
 def _block_losses_and_grads(backend, zs, zt, mask, options, grad_scale, student_grad, teacher_grad):
     """Per-position losses of a block of logits and the gradients of ``grad_scale · Σ loss`` (or of
     ``Σ grad_scale_i · loss_i`` for a per-row ``grad_scale``) with respect to them."""
-    s3, t3 = zs.unsqueeze(-1), zt.unsqueeze(-1)
-    m2 = None if mask is None else mask.unsqueeze(-1)
-    rowwise = grad_scale.numel() > 1
     if isinstance(backend, _VocabParallel):
         from kdkernels.llm.vocab_parallel import vocab_parallel_positions
 
-        with torch.enable_grad():
-            s_leaf = zs.detach().requires_grad_(student_grad)
-            t_leaf = zt.detach().requires_grad_(teacher_grad)
-            loss, _ = vocab_parallel_positions(s_leaf, t_leaf, mask, *options, group=backend.group)
-            weighted = (loss * grad_scale.to(loss.dtype).reshape(-1)).sum()
-            wanted = [x for x, w in ((s_leaf, student_grad), (t_leaf, teacher_grad)) if w]
-            # Every rank walks the same blocks: the collectives of this backward happen in lockstep.
-            grads = iter(torch.autograd.grad(weighted, wanted)) if wanted else iter(())
-        return loss.detach(), next(grads) if student_grad else None, next(grads) if teacher_grad else None
-    if backend == "torch" or rowwise:
-        # The reference formula through autograd (and every backend for per-row scales, which the
-        # kernels do not take: reduction="none"'s backward).
-        if backend != "torch":
-            kernel = DIVERGENCES_OP.kernel_for(backend)
-            loss, gs, gt = kernel(s3, t3, m2, *options, torch.ones((), dtype=torch.float64), student_grad, teacher_grad)
-            row = grad_scale.to(gs.dtype if student_grad else gt.dtype).reshape(-1, 1, 1)
-            return loss.squeeze(-1), (gs * row).squeeze(-1) if student_grad else None, (gt * row).squeeze(-1) if teacher_grad else None
-        with torch.enable_grad():
-            s_leaf = s3.detach().requires_grad_(student_grad)
-            t_leaf = t3.detach().requires_grad_(teacher_grad)
-            loss = DIVERGENCES_OP.twin(s_leaf, t_leaf, m2, *options)
-            wanted = [x for x, w in ((s_leaf, student_grad), (t_leaf, teacher_grad)) if w]
-            weighted = (loss.squeeze(-1) * grad_scale.to(loss.dtype).reshape(-1)).sum()
-            grads = iter(torch.autograd.grad(weighted, wanted)) if wanted else iter(())
-        gs = next(grads).squeeze(-1) if student_grad else None
-        gt = next(grads).squeeze(-1) if teacher_grad else None
-        return loss.detach().squeeze(-1), gs, gt
-    kernel = DIVERGENCES_OP.kernel_for(backend)
-    loss, gs, gt = kernel(s3, t3, m2, *options, grad_scale.reshape(()), student_grad, teacher_grad)
-    return loss.squeeze(-1), gs.squeeze(-1) if student_grad else None, gt.squeeze(-1) if teacher_grad else None
+        # Every rank walks the same blocks: the collectives of this backward happen in lockstep.
+        return _autograd_block(
+            lambda s, t: vocab_parallel_positions(s, t, mask, *options, group=backend.group)[0],
+            zs, zt, grad_scale, student_grad, teacher_grad,
+        )
+    m2 = None if mask is None else mask.unsqueeze(-1)
+    if backend == "torch":  # the reference formula through autograd
+        return _autograd_block(
+            lambda s, t: DIVERGENCES_OP.twin(s.unsqueeze(-1), t.unsqueeze(-1), m2, *options).squeeze(-1),
+            zs, zt, grad_scale, student_grad, teacher_grad,
+        )
+    # The kernels take one scale: per-row scales (reduction="none"'s backward) multiply the rows after.
+    rowwise = grad_scale.numel() > 1
+    kernel_scale = torch.ones((), dtype=torch.float64) if rowwise else grad_scale.reshape(())
+    loss, gs, gt = DIVERGENCES_OP.kernel_for(backend)(
+        zs.unsqueeze(-1), zt.unsqueeze(-1), m2, *options, kernel_scale, student_grad, teacher_grad
+    )
+    grads = [g.squeeze(-1) if wanted else None for g, wanted in ((gs, student_grad), (gt, teacher_grad))]
+    if rowwise:
+        grads = [None if g is None else g * grad_scale.to(g.dtype).reshape(-1, 1) for g in grads]
+    return loss.squeeze(-1), *grads
 
 
 def _walk_blocks(heads: _Heads, mask, options, grad_scale, wants, chunk_rows, backend):
