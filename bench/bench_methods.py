@@ -14,6 +14,10 @@ FitNets has two rows: RepDistiller's one stage (CE + 100 × hint) and the paper'
 hint alone on the student's first stages, then Hinton KD; see ``run_fitnets_two_stage``), the
 second also compared with Hinton KD alone; both guide the student's last stage through
 RepDistiller's regressor (``--hint-layer``, ``--hint-regressor``; chosen on validation seeds).
+Born-again also reports the paper's final model, the ensemble of generations 0 and 1, next to a
+control that averages two CE students (``--born-again-init``: generation 1's initial weights);
+BYOT's heads go where ``--byot-heads`` says. Both were chosen on validation seeds too
+(``bench/results/{born_again,byot}_validation/``).
 
     python bench/bench_methods.py                     # the full study (10 seeds; minutes on 2 cores)
     python bench/bench_methods.py --quick             # a smoke run (CI: tests/test_bench_methods_quick.py)
@@ -47,6 +51,7 @@ from torch import nn
 
 from kdkernels.distill import (
     BYOT,
+    BornAgainEnsemble,
     FSP,
     OFD,
     RKD,
@@ -173,6 +178,7 @@ class ConvReg(nn.Sequential):
 
 
 HINT_CHANNELS = {"relu2": (8, 16), "relu3": (16, 32)}  # (student, teacher) channels at the guided / hint layer
+BYOT_HEAD_CHANNELS = {"relu1": 4, "relu2": 8}  # the student's shallow stages that can carry a BYOT head
 
 
 def hint_regressor(kind: str, layer: str) -> nn.Module:
@@ -218,18 +224,31 @@ LABELS = {
     "similarity_preserving": "similarity-preserving (γ=3000)",
     "ofd": "OFD (1e-3)",
     "born_again": "born-again (KL at T=1 + CE)",
+    "born_again_ensemble": "born-again ensemble (generations 0 and 1)",
+    "ce_ensemble": "control: CE student 0 and CE student 1 averaged",
     "mutual_learning": "deep mutual learning (2 peers)",
     "byot": "BYOT (T=3, α=0.1, λ=1e-6)",
 }
 SCHEMES_WITHOUT_WEIGHTS = ("mutual_learning", "byot")
+# Rows that the born_again method's run also writes (they are not methods to select).
+ROWS_OF = {"born_again": ("born_again_ensemble", "ce_ensemble")}
+SELECTABLE = [name for name in LABELS if not any(name in rows for rows in ROWS_OF.values())]
 # The rows --update may replace, and what each row is compared with besides the CE.
-SECOND_BASELINE = {"fitnets_two_stage": "hinton_kd"}  # its stage 2 is Hinton KD: does the hint stage add to it?
+SECOND_BASELINE = {
+    "fitnets_two_stage": "hinton_kd",  # its stage 2 is Hinton KD: does the hint stage add to it?
+    "born_again_ensemble": "ce_ensemble",  # does the KL add anything to averaging two generations?
+}
 
 
 def label(name: str, entry: dict | None = None) -> str:
-    """The row's name; FitNets' rows also say where their hint was (recorded with each result)."""
-    hint = (entry or {}).get("hint")
-    return LABELS[name] if hint is None else f"{LABELS[name][:-1]}; {hint})"
+    """The row's name; FitNets' rows also say where their hint was, BYOT's where its heads were
+    (recorded with each result)."""
+    entry = entry or {}
+    if entry.get("hint") is not None:
+        return f"{LABELS[name][:-1]}; {entry['hint']})"
+    if entry.get("heads") is not None:
+        return f"{LABELS[name][:-1]}; heads at {entry['heads']})"
+    return LABELS[name]
 
 
 def fit(module: nn.Module, step: Callable[[], object], steps: int, lr: float, parameters=None) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -329,10 +348,24 @@ def run_seed(data: Data, seed: int, args) -> dict:
 
     # Born-again: the CE-trained student of this seed is generation 0; generation 1 has its
     # architecture and learns from it (KL at T = 1 plus the CE), as schemes.born_again builds it.
+    # Rows: generation 1 alone, and the paper's final model, the ensemble of generations 0 and 1
+    # (BornAgainEnsemble), with its control: generation 0 averaged with a second CE student from
+    # generation 1's initial weights (what two generations give without the KL).
+    def second_init() -> nn.Module:
+        torch.manual_seed(3000 + seed)
+        return CNN()
+
     for weighting in ("default", "calibrated") if "born_again" in selected else ():
-        student = fresh_student()
+        student = fresh_student() if args.born_again_init == "same" else second_init()
         methods = [HintonKD(temperature=1.0, alpha=1.0, name="born_again"), CrossEntropy()]
         results[f"born_again/{weighting}"] = run_distiller(student, ce_student, methods, x, y, data, args.steps, args.lr, weighting == "calibrated")
+        results[f"born_again_ensemble/{weighting}"] = {"accuracy": accuracy(BornAgainEnsemble([ce_student, student]), data), "finite": results[f"born_again/{weighting}"]["finite"]}
+    if "born_again" in selected:
+        student = fresh_student() if args.born_again_init == "same" else second_init()
+        distiller = Distiller(student, teacher, [CrossEntropy()])
+        totals, _ = fit(distiller, lambda: distiller(x, y), args.steps, args.lr)
+        distiller.remove_hooks()
+        results["ce_ensemble/default"] = {"accuracy": accuracy(BornAgainEnsemble([ce_student, student]), data), "finite": all(map(math.isfinite, totals))}
 
     if "mutual_learning" in selected:
         student = fresh_student()
@@ -343,9 +376,10 @@ def run_seed(data: Data, seed: int, args) -> dict:
 
     if "byot" in selected:
         student = fresh_student()
-        byot = BYOT(student, stage_layers=["relu1", "relu2"], stage_channels=[4, 8], feature_layer="pool", feature_dim=16, num_classes=10)
+        heads = args.byot_heads
+        byot = BYOT(student, stage_layers=heads, stage_channels=[BYOT_HEAD_CHANNELS[h] for h in heads], feature_layer="pool", feature_dim=16, num_classes=10)
         totals, _ = fit(byot, lambda: byot(x, y), args.steps, args.lr)
-        results["byot/default"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals))}
+        results["byot/default"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals)), "heads": ", ".join(heads)}
     results["seconds"] = time.perf_counter() - t0
     return results
 
@@ -378,10 +412,13 @@ def summarise(per_seed: list[dict]) -> dict:
         }
         name, weighting = key.split("/")
         second = f"{SECOND_BASELINE.get(name)}/{weighting}"
+        if second not in per_seed[0]:
+            second = f"{SECOND_BASELINE.get(name)}/default"  # a control without weights
         if second in per_seed[0]:
             entry["vs"] = {"baseline": second, **paired(per_seed, key, second)}
-        if "hint" in per_seed[0][key]:
-            entry["hint"] = per_seed[0][key]["hint"]
+        for what in ("hint", "heads"):
+            if what in per_seed[0][key]:
+                entry[what] = per_seed[0][key][what]
         if "first_ratio" in per_seed[0][key]:
             entry["first_ratio"] = statistics.median(r[key]["first_ratio"] for r in per_seed)
             entry["warned"] = sum(r[key]["warned"] for r in per_seed)
@@ -429,8 +466,8 @@ def markdown(summary: dict, args, runs: list[dict]) -> str:
     for name, weighting in [k.split("/") for k in summary if "/" in k and "vs" in summary[k]]:
         vs = summary[f"{name}/{weighting}"]["vs"]
         p = "–" if math.isnan(vs["wilcoxon_p"]) else f"{vs['wilcoxon_p']:.3f}"
-        base = label(vs["baseline"].split("/")[0])
-        lines.append(f"\n{label(name, summary[f'{name}/{weighting}'])} [{weighting}] against {base} [{weighting}] alone (paired): "
+        base_name, base_weighting = vs["baseline"].split("/")
+        lines.append(f"\n{label(name, summary[f'{name}/{weighting}'])} [{weighting}] against {label(base_name)} [{base_weighting}] alone (paired): "
                      f"{vs['mean_diff_pp']:+.1f} ± {vs['sd_diff_pp']:.1f} pp, {vs['better']} / {vs['worse']}, p = {p}.")
     lines += ["", "Commands (each run's rows; `--update` replaces the rows it runs, after checking that the teacher's and CE's accuracies reproduce bit for bit):", ""]
     lines += [f"- `{run['command']}`: {run['methods']} ({run['minutes']:.1f} min, {run['threads']} threads, torch {run['torch']})" for run in runs]
@@ -491,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="2 seeds of the same study: a smoke run (about a minute of CPU)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
-    parser.add_argument("--methods", default=",".join(LABELS), help=f"comma-separated subset of {','.join(LABELS)} (CE alone always runs)")
+    parser.add_argument("--methods", default=",".join(SELECTABLE), help=f"comma-separated subset of {','.join(SELECTABLE)} (CE alone always runs)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed … first-seed + seeds − 1 (variants are chosen on seeds outside the study's)")
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="measure on the test split, or on the training images outside each seed's transfer batch (to choose between variants)")
@@ -499,14 +536,23 @@ def main(argv: list[str] | None = None) -> dict:
     # row's mean paired Δ (bench/results/fitnets_validation/README.md).
     parser.add_argument("--hint-layer", choices=tuple(HINT_CHANNELS), default="relu3", help="FitNets' guided and hint layer (the same stage of both)")
     parser.add_argument("--hint-regressor", choices=("conv", "convreg"), default="convreg", help="FitNets' regressor (see hint_regressor)")
+    # BYOT's heads: chosen on the validation split of seeds 100-109 (bench/results/byot_validation/README.md).
+    # Born-again's generation 1 starts from generation 0's initial weights or from new ones: chosen
+    # on the same validation seeds (bench/results/born_again_validation/README.md).
+    parser.add_argument("--born-again-init", choices=("same", "new"), default="new",
+                        help="generation 1's initial weights: generation 0's (the study's pairing) or new ones (seed 3000 + seed)")
+    parser.add_argument("--byot-heads", default="relu2", help=f"comma-separated shallow stages that get a BYOT head, from {list(BYOT_HEAD_CHANNELS)}")
     parser.add_argument("--update", action="store_true",
                         help="replace this run's rows in <out>/methods_digits.json (and its .md, .png), keeping the others; "
                         "refused unless the teacher's and CE's accuracies reproduce exactly")
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in args.methods if m not in LABELS]
+    unknown = [m for m in args.methods if m not in SELECTABLE]
     if unknown:
-        parser.error(f"--methods: unknown {unknown}; expected names from {list(LABELS)}")
+        parser.error(f"--methods: unknown {unknown}; expected names from {SELECTABLE}")
+    args.byot_heads = [h for h in args.byot_heads.split(",") if h]
+    if not args.byot_heads or any(h not in BYOT_HEAD_CHANNELS for h in args.byot_heads):
+        parser.error(f"--byot-heads: expected a comma-separated subset of {list(BYOT_HEAD_CHANNELS)}, got {args.byot_heads}")
     if args.quick:
         args.seeds = 2  # the same study on 2 seeds: shorter training would not show what the methods do
     torch.set_num_threads(args.threads)

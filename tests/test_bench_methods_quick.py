@@ -24,12 +24,16 @@ def test_quick_study(tmp_path):
     finally:
         torch.set_num_threads(threads)
     keys = [k for k in summary if "/" in k]
-    assert len(keys) == 20  # 9 methods (FitNets one- and two-stage) × (default, calibrated) + mutual learning + BYOT
+    # 9 methods (FitNets one- and two-stage) × (default, calibrated) + mutual learning + BYOT, and
+    # born-again's ensemble rows (× 2) with their control
+    assert len(keys) == 23, keys
     assert all(summary[k]["finite"] for k in keys), [k for k in keys if not summary[k]["finite"]]
     assert summary["hinton_kd/default"]["mean_diff_pp"] > 0, summary["hinton_kd/default"]
     for key in keys:
-        if key.endswith("/calibrated"):
+        if key.endswith("/calibrated") and not key.startswith("born_again_ensemble/"):
             assert summary[key]["first_ratio"] == pytest.approx(1.0, rel=1e-3), key
+    assert summary["born_again_ensemble/calibrated"]["vs"]["baseline"] == "ce_ensemble/default"
+    assert summary["byot/default"]["heads"] == "relu2"
     assert summary["fitnets/default"]["warned"] == 2  # 100 × hint starts at ~17× the CE here
     assert summary["fitnets/calibrated"]["warned"] == 0
     for suffix in ("json", "md", "png"):

@@ -17,6 +17,11 @@ convs) and an FC layer; they belong to this module, the model is not edited.
 Scale: the defaults come from the unofficial code's CIFAR-100 ResNets (512-wide final features).
 The KD terms are per-sample means (T² keeps them near the CE's size); the feature term is a plain
 sum over batch × feature_dim, so it grows with both (λ = 10⁻⁶ keeps it small at that size).
+Where the heads go matters more than the weights on small networks: a head asks its stage to be
+class-separable after pooling. On the digits study's 4/8/16-channel CNN a head on the 4-channel
+first stage cost 3.4 points on validation seeds, one head on the 8-channel stage alone gained 3.4
+there and still lost 3.2 on the test seeds (``bench/results/byot_validation/``,
+``bench/results/methods_digits.md``): give heads to stages wide enough to carry a classifier.
 """
 
 from __future__ import annotations
