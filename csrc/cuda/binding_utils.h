@@ -76,6 +76,18 @@ inline at::Tensor gradient_buffer(const at::Tensor& input, bool wanted) {
   return wanted ? at::empty_like(input) : at::empty({0}, input.options());
 }
 
+// Fills the outputs of a launcher whose only gradient is the student's (bounded_regression,
+// margin_partial_l2): grad_scale as the loss's dtype, the loss (partial sums when `reduce`), and
+// the student's gradient buffer, or nullptr when it is not requested.
+template <typename Params>
+void fill_student_grad_outputs(Params& p, const at::Tensor& grad_scale, const at::Tensor& loss, bool reduce,
+                               const at::Tensor& grad_student, bool student_grad) {
+  p.grad_scale = grad_scale_ptr(grad_scale, loss);
+  p.loss = loss.data_ptr();
+  p.reduce = reduce;
+  p.grad_student = student_grad ? grad_student.data_ptr() : nullptr;
+}
+
 // The checks every softmax pair op makes on its (outer, classes, inner) student and teacher views,
 // mask, temperature and grad_scale. Returns the mask as a contiguous tensor (undefined if absent):
 // the caller keeps it alive until the launch.

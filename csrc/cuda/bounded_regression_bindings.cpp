@@ -57,10 +57,7 @@ std::tuple<at::Tensor, at::Tensor> bounded_regression_rows_cuda(const at::Tensor
   p.coords = student.size(1);
   p.mask = mask.has_value() ? mask_c.data_ptr<bool>() : nullptr;
   p.margin = margin;
-  p.grad_scale = binding::grad_scale_ptr(grad_scale, loss);
-  p.loss = loss.data_ptr();
-  p.reduce = reduce;
-  p.grad_student = student_grad ? grad.data_ptr() : nullptr;
+  binding::fill_student_grad_outputs(p, grad_scale, loss, reduce, grad, student_grad);
   C10_CUDA_CHECK(cuda::launch_bounded_regression(p, binding::current_stream(student)));
   return {loss, grad};
 }

@@ -54,10 +54,7 @@ std::tuple<at::Tensor, at::Tensor> margin_partial_l2_elements_cuda(const at::Ten
   p.margin = margin.data_ptr();
   p.channels = margin.numel();
   p.channel_stride = channel_stride;
-  p.grad_scale = binding::grad_scale_ptr(grad_scale, loss);
-  p.loss = loss.data_ptr();
-  p.reduce = reduce;
-  p.grad_student = student_grad ? grad.data_ptr() : nullptr;
+  binding::fill_student_grad_outputs(p, grad_scale, loss, reduce, grad, student_grad);
   C10_CUDA_CHECK(cuda::launch_margin_partial_l2(p, binding::current_stream(student)));
   return {loss, grad};
 }

@@ -9,7 +9,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from kdkernels.ops.fused_loss import FusedLoss
+from kdkernels.ops.fused_loss import leading_index, FusedLoss
 from kdkernels.ops.reference.bounded_regression import bounded_regression_reference
 
 
@@ -36,10 +36,7 @@ BOUNDED_REGRESSION = FusedLoss(
     twin=lambda student, teacher, target, mask, margin: bounded_regression_reference(
         student, teacher, target, margin, "none", mask
     ),
-    loss_shape=lambda student, *_: (student.shape[0],),
-    counted=lambda student, teacher, target, mask, margin: (student.shape[0], mask),
-    # A per-row grad_output broadcasts across the K coordinates.
-    expand=lambda g: g.unsqueeze(-1),
+    positions=leading_index(trailing_dims=1),  # per row of (rows, K)
     dtype_inputs=("student", "teacher", "target"),
     contiguous_grads=True,
 )

@@ -11,7 +11,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from kdkernels.ops.fused_loss import FusedLoss
+from kdkernels.ops.fused_loss import CLASS_ROWS, FusedLoss
 from kdkernels.ops.reference.divergences import distill_loss_positions
 
 
@@ -64,9 +64,7 @@ DIVERGENCES = FusedLoss(
     name="divergences",
     kernel=divergence_rows,
     twin=_positions,
-    loss_shape=lambda student, *_: (student.shape[0], student.shape[2]),
-    counted=lambda student, teacher, mask, *_: (student.shape[0] * student.shape[2], mask),
-    expand=lambda g: g.unsqueeze(1),
+    positions=CLASS_ROWS,
     dtype_inputs=("student", "teacher"),
     kernel_backends=("triton", "cpu"),
 )

@@ -51,6 +51,48 @@ _GRAD_SUFFIX = "_grad"
 
 
 @dataclasses.dataclass(frozen=True)
+class Positions:
+    """Where a fused loss's per-position losses lie, as functions of its first input ``x`` (the
+    kernel's view of it).
+
+    Attributes:
+        shape: ``shape(x)`` -> the shape of the per-position loss (what the kernel returns without
+            ``reduce``, and the op's loss for ``reduction`` NONE); None for an elementwise loss,
+            which has the shape and strides of ``x``.
+        count: ``count(x)`` -> how many positions there are (what an unmasked ``mean`` divides by).
+        expand: turns a per-position ``grad_output`` into one that broadcasts against the
+            gradients of the inputs.
+    """
+
+    shape: Callable[[Tensor], tuple] | None
+    count: Callable[[Tensor], int]
+    expand: Callable[[Tensor], Tensor]
+
+
+#: One position per class vector of (outer, classes, inner) views: the loss is (outer, inner),
+#: and a per-position ``grad_output`` broadcasts across the classes.
+CLASS_ROWS = Positions(
+    shape=lambda x: (x.shape[0], x.shape[2]),
+    count=lambda x: x.shape[0] * x.shape[2],
+    expand=lambda g: g.unsqueeze(1),
+)
+
+#: One position per element: the loss has the first input's shape and strides.
+ELEMENTS = Positions(shape=None, count=lambda x: x.numel(), expand=lambda g: g)
+
+
+def leading_index(trailing_dims: int) -> Positions:
+    """One position per index of the first dimension (a row, a batch element, an anchor) of an
+    input with ``trailing_dims`` more dimensions, across which a per-position ``grad_output``
+    broadcasts."""
+    return Positions(
+        shape=lambda x: (x.shape[0],),
+        count=lambda x: x.shape[0],
+        expand=lambda g: g.reshape(g.shape + (1,) * trailing_dims),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class FusedLoss:
     """The declaration of one fused loss (see the module docstring).
 
@@ -60,14 +102,11 @@ class FusedLoss:
         kernel: the kernel's signature (a function with annotations; its body is never run).
         twin: ``twin(*inputs)`` -> the per-position loss as differentiable torch operations, in the
             accumulation dtype (the ``torch`` backend and higher-order autograd).
-        loss_shape: ``loss_shape(*inputs)`` -> the shape of the per-position loss (what the kernel
-            returns without ``reduce``, and the op's loss for ``reduction`` NONE); None for an
-            elementwise loss, which has the first input's shape and strides.
-        counted: ``counted(*inputs)`` -> ``(positions, mask)``: how many positions a ``mean``
-            divides by, and the bool mask that selects them (None: all of them count).
-        expand: turns a per-position ``grad_output`` into one that broadcasts against the
-            gradients (e.g. ``unsqueeze(1)`` across the classes of (outer, classes, inner)).
-        dtype_inputs: names of the inputs whose dtypes set the accumulation dtype.
+        positions: where the per-position losses lie in the first input (:class:`Positions`:
+            :data:`CLASS_ROWS`, :data:`ELEMENTS` or :func:`leading_index`). A ``mean`` divides
+            by their count, or by the count of True in the input named ``mask`` if there is one.
+        dtype_inputs: names of the inputs whose dtypes set the accumulation dtype (default: the
+            inputs that can get a gradient).
         contiguous_grads: the kernels return contiguous gradients (else: the inputs' strides).
         kernel_backends: the backends with a kernel for this loss. Where the default choice for
             the device has none, the next one that can run is used (at last ``torch``); asking for
@@ -77,10 +116,8 @@ class FusedLoss:
     name: str
     kernel: Callable
     twin: Callable
-    loss_shape: Callable[..., tuple] | None
-    counted: Callable[..., tuple]
-    expand: Callable[[Tensor], Tensor]
-    dtype_inputs: tuple[str, ...]
+    positions: Positions
+    dtype_inputs: tuple[str, ...] | None = None
     contiguous_grads: bool = False
     kernel_backends: tuple[str, ...] = ("triton", "cpu", "cuda")
 
@@ -134,7 +171,18 @@ class FusedLoss:
     @functools.cached_property
     def _dtype_positions(self) -> list[int]:
         names = [p.name for p in self.inputs]
-        return [names.index(n) for n in self.dtype_inputs]
+        return [names.index(n) for n in (self.differentiable if self.dtype_inputs is None else self.dtype_inputs)]
+
+    @functools.cached_property
+    def _mask_position(self) -> int | None:
+        names = [p.name for p in self.inputs]
+        return names.index("mask") if "mask" in names else None
+
+    def counted(self, inputs: list) -> tuple[int, Tensor | None]:
+        """``(positions, mask)``: how many positions a ``mean`` divides by, and the bool mask that
+        selects them (None: all of them count)."""
+        mask = None if self._mask_position is None else inputs[self._mask_position]
+        return self.positions.count(inputs[0]), mask
 
     def accumulation_dtype(self, inputs: list) -> torch.dtype:
         return accumulation_dtype(*(inputs[k] for k in self._dtype_positions))
@@ -151,9 +199,9 @@ class FusedLoss:
 
     def _per_position_buffer(self, inputs: list) -> Tensor:
         dtype = self.accumulation_dtype(inputs)
-        if self.loss_shape is None:  # elementwise: the first input's shape and strides
+        if self.positions.shape is None:  # elementwise: the first input's shape and strides
             return torch.empty_like(inputs[0], dtype=dtype)
-        return inputs[0].new_empty(self.loss_shape(*inputs), dtype=dtype)
+        return inputs[0].new_empty(self.positions.shape(inputs[0]), dtype=dtype)
 
     def _gradient_buffer(self, x: Tensor, wanted: bool) -> Tensor:
         if wanted and self.contiguous_grads:
@@ -187,7 +235,7 @@ class FusedLoss:
 
         def fused(*args):
             inputs, reduction, scale, flags, backend = spec._split_op_args(args)
-            positions, mask = spec.counted(*inputs)
+            positions, mask = spec.counted(inputs)
             grad_scale, divisor = grad_scale_and_divisor(
                 reduction, scale, positions, mask, inputs[0].device, spec.accumulation_dtype(inputs)
             )
@@ -210,7 +258,7 @@ class FusedLoss:
         n_args = len(fused.__signature__.parameters)
 
         def backward(ctx, grad_loss, *_grads):
-            grads = _gradients.take_gradients(ctx, op, grad_loss, spec.expand, spec.reduced_twin)
+            grads = _gradients.take_gradients(ctx, op, grad_loss, spec.positions.expand, spec.reduced_twin)
             return (*grads, *([None] * (n_args - n_grads)))
 
         _gradients.register_autograd(op, backward, self.reduced_twin)
@@ -229,7 +277,7 @@ class FusedLoss:
     def reduced_twin(self, *args):
         """The op's loss (reduced) from the op's own arguments, in differentiable operations."""
         inputs, reduction, scale, _flags, _backend = self._split_op_args(args)
-        positions, mask = self.counted(*inputs)
+        positions, mask = self.counted(inputs)
         return reduce_differentiable(self.twin(*inputs), reduction, scale, positions, mask)
 
     # ------------------------------------------------------------------ the dispatch

@@ -8,7 +8,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from kdkernels.ops.fused_loss import FusedLoss
+from kdkernels.ops.fused_loss import CLASS_ROWS, FusedLoss
 from kdkernels.ops.reference.kd_loss import kd_loss_positions
 
 
@@ -37,9 +37,5 @@ KD_LOSS = FusedLoss(
     name="kd_loss",
     kernel=kd_loss_rows,
     twin=_positions,
-    loss_shape=lambda student, *_: (student.shape[0], student.shape[2]),
-    counted=lambda student, teacher, mask, *_: (student.shape[0] * student.shape[2], mask),
-    # (outer, inner) per-position grad_output broadcasts across the classes of (outer, C, inner).
-    expand=lambda g: g.unsqueeze(1),
-    dtype_inputs=("student", "teacher"),
+    positions=CLASS_ROWS,
 )

@@ -6,7 +6,7 @@ Inputs are contiguous tensors of one shape (the public function broadcasts and c
 from torch import Tensor
 
 from kdkernels._dtypes import accumulation_dtype
-from kdkernels.ops.fused_loss import FusedLoss
+from kdkernels.ops.fused_loss import ELEMENTS, FusedLoss
 from kdkernels.ops.reference.kl_div import kl_div_pointwise_reference
 
 
@@ -28,8 +28,5 @@ KL_DIV = FusedLoss(
     name="kl_div",
     kernel=kl_div_pointwise,
     twin=_pointwise,
-    loss_shape=None,
-    counted=lambda input, *_: (input.numel(), None),
-    expand=lambda g: g,
-    dtype_inputs=("input", "target"),
+    positions=ELEMENTS,
 )

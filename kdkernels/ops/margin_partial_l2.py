@@ -10,7 +10,7 @@ never gets a gradient: the paper and the official code detach it.
 
 from torch import Tensor
 
-from kdkernels.ops.fused_loss import FusedLoss
+from kdkernels.ops.fused_loss import ELEMENTS, FusedLoss
 from kdkernels.ops.reference.margin_partial_l2 import margin_partial_l2_elements as _reference_elements
 
 
@@ -67,8 +67,6 @@ MARGIN_PARTIAL_L2 = FusedLoss(
     name="margin_partial_l2",
     kernel=margin_partial_l2_elements,
     twin=_elements,
-    loss_shape=None,
-    counted=lambda student, *_: (student.numel(), None),
-    expand=lambda g: g,
-    dtype_inputs=("student", "teacher"),
+    positions=ELEMENTS,
+    dtype_inputs=("student", "teacher"),  # the teacher gets no gradient but sets the dtype
 )

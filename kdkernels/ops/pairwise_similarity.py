@@ -8,7 +8,7 @@ it (Triton runs it on CUDA).
 
 from torch import Tensor
 
-from kdkernels.ops.fused_loss import FusedLoss
+from kdkernels.ops.fused_loss import leading_index, FusedLoss
 from kdkernels.ops.reference.pairwise_similarity import pairwise_similarity_batches as _reference_batches
 
 
@@ -24,11 +24,7 @@ PAIRWISE_SIMILARITY = FusedLoss(
     name="pairwise_similarity",
     kernel=pairwise_similarity_batches,
     twin=_reference_batches,
-    loss_shape=lambda student, *_: (student.shape[0],),
-    counted=lambda student, *_: (student.shape[0], None),
-    # A per-batch-element grad_output broadcasts across (N, C).
-    expand=lambda g: g.reshape(-1, 1, 1),
-    dtype_inputs=("student", "teacher"),
+    positions=leading_index(trailing_dims=2),  # per batch element of (B, N, C)
     contiguous_grads=True,
     kernel_backends=("triton", "cpu"),
 )

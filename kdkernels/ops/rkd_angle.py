@@ -9,7 +9,7 @@ for it (Triton runs it on CUDA).
 
 from torch import Tensor
 
-from kdkernels.ops.fused_loss import FusedLoss
+from kdkernels.ops.fused_loss import leading_index, FusedLoss
 from kdkernels.ops.reference.rkd_angle import rkd_angle_anchor_sums
 
 
@@ -26,10 +26,7 @@ RKD_ANGLE = FusedLoss(
     name="rkd_angle",
     kernel=rkd_angle_anchors,
     twin=rkd_angle_anchor_sums,
-    loss_shape=lambda student, *_: (student.shape[0],),
-    counted=lambda student, *_: (student.shape[0], None),
-    expand=lambda g: g.unsqueeze(-1),
-    dtype_inputs=("student", "teacher"),
+    positions=leading_index(trailing_dims=1),  # per anchor of (B, D)
     contiguous_grads=True,
     kernel_backends=("triton", "cpu"),
 )

@@ -20,7 +20,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from kdkernels.ops.fused_loss import FusedLoss
+from kdkernels.ops.fused_loss import CLASS_ROWS, FusedLoss
 from kdkernels.ops.divergences import rows_positions
 
 
@@ -70,11 +70,9 @@ SPARSE_DIVERGENCES = FusedLoss(
     name="sparse_divergences",
     kernel=sparse_divergence_rows,
     twin=_positions,
-    loss_shape=lambda student, *_: (student.shape[0], student.shape[2]),
-    counted=lambda student, values, indices, mask, *_: (student.shape[0] * student.shape[2], mask),
     # (outer, inner) per-position grad_output broadcasts across the classes (student) and the k
     # entries (values) of the (outer, ·, inner) views.
-    expand=lambda g: g.unsqueeze(1),
+    positions=CLASS_ROWS,
     dtype_inputs=("student", "values"),
     kernel_backends=("triton", "cpu"),
 )

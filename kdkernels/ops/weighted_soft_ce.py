@@ -8,7 +8,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from kdkernels.ops.fused_loss import FusedLoss
+from kdkernels.ops.fused_loss import CLASS_ROWS, FusedLoss
 from kdkernels.ops.reference.weighted_soft_ce import weighted_soft_ce_positions
 
 
@@ -40,8 +40,5 @@ WEIGHTED_SOFT_CE = FusedLoss(
     name="weighted_soft_ce",
     kernel=weighted_soft_ce_rows,
     twin=_positions,
-    loss_shape=lambda student, *_: (student.shape[0], student.shape[2]),
-    counted=lambda student, teacher, class_weight, mask, *_: (student.shape[0] * student.shape[2], mask),
-    expand=lambda g: g.unsqueeze(1),
-    dtype_inputs=("student", "teacher"),
+    positions=CLASS_ROWS,
 )
