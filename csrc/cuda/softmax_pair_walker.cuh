@@ -145,7 +145,7 @@ struct PositionPtrs {
 };
 
 template <typename S, typename T, typename Acc>
-__device__ __forceinline__ PositionPtrs<S, T> position_ptrs(const PairArgs<S, T, Acc>& args, int64_t p) {
+__host__ __device__ __forceinline__ PositionPtrs<S, T> position_ptrs(const PairArgs<S, T, Acc>& args, int64_t p) {
   const int64_t o = p / args.inner;
   const int64_t i = p - o * args.inner;
   PositionPtrs<S, T> pos;
@@ -499,15 +499,9 @@ __global__ void __launch_bounds__(kChannelThreads)
   }
 }
 
-// Enqueues the rows or the channels kernel for (S, T) = the inputs' element types. Params checked
-// by check_softmax_pair_params; nothing is launched when there are no positions.
-template <typename Policy, typename S, typename T>
-cudaError_t launch_softmax_pair(const SoftmaxPairParams& p, const Policy& policy, cudaStream_t stream) {
-  using Acc = typename Policy::Acc;
-  static_assert(std::is_same<Acc, acc_t<S, T>>::value, "the policy accumulates in acc_t<S, T>");
-  const int64_t positions = p.outer * p.inner;
-  if (positions == 0) return cudaSuccess;
-
+// The kernels' typed view of checked params.
+template <typename S, typename T, typename Acc>
+PairArgs<S, T, Acc> make_pair_args(const SoftmaxPairParams& p) {
   PairArgs<S, T, Acc> a;
   a.student = static_cast<const S*>(p.student.data);
   a.teacher = static_cast<const T*>(p.teacher.data);
@@ -518,7 +512,7 @@ cudaError_t launch_softmax_pair(const SoftmaxPairParams& p, const Policy& policy
   a.grad_scale = p.grad_scale;
   a.classes = p.classes;
   a.inner = p.inner;
-  a.positions = positions;
+  a.positions = p.outer * p.inner;
   for (int d = 0; d < 3; ++d) {
     a.s_stride[d] = p.student_strides[d];
     a.t_stride[d] = p.teacher_strides[d];
@@ -526,6 +520,18 @@ cudaError_t launch_softmax_pair(const SoftmaxPairParams& p, const Policy& policy
     a.gt_stride[d] = p.grad_teacher_strides[d];
   }
   a.inv_temperature = static_cast<Acc>(1.0 / p.temperature);
+  return a;
+}
+
+// Enqueues the rows or the channels kernel for (S, T) = the inputs' element types. Params checked
+// by check_softmax_pair_params; nothing is launched when there are no positions.
+template <typename Policy, typename S, typename T>
+cudaError_t launch_softmax_pair(const SoftmaxPairParams& p, const Policy& policy, cudaStream_t stream) {
+  using Acc = typename Policy::Acc;
+  static_assert(std::is_same<Acc, acc_t<S, T>>::value, "the policy accumulates in acc_t<S, T>");
+  const int64_t positions = p.outer * p.inner;
+  if (positions == 0) return cudaSuccess;
+  const PairArgs<S, T, Acc> a = make_pair_args<S, T, Acc>(p);
 
   const bool rows_layout =
       p.inner == 1 || (a.s_stride[1] == 1 && a.t_stride[1] == 1) || positions <= Policy::kRowsKernelMaxPositions;
