@@ -30,12 +30,10 @@
 // finish runs for every position (its result is unused where the position does not count); loss
 // and grads run for counted positions only (the walker writes the zeros).
 //
-// The divergences of kdkernels/ops/reference/divergences.py, as policies: reverse KL's cross term
-// Σ e^{(s − m_s)/T}·(a − b) rescales with the student's sums (ClassStep's a_scale / a_weight), so
-// it is a policy as it stands. JSD, the skew KLs and TVD need per-class terms of the normalised
-// distributions (log of the mixture), i.e. one more block-reduced pass between the statistics and
-// the gradients (for the loss and Σ_c ∂D/∂log p_s,c); a top-k teacher reads the student through the
-// k teacher ids. Each is a hook to add here when its kernel is written, not before.
+// The LLM divergences (divergences_kernel.cu) use the per-class update and merge (add_class, merge)
+// with their own block-per-position kernel: their logits are transformed (soft-cap, scale) before
+// the walker sees them, and the mixtures (JSD, skew KLs, TVD) need one more block-reduced pass of
+// per-class terms of the normalised distributions between the statistics and the gradients.
 //
 // A loss's launcher is launch_softmax_pair_loss<Policy>(params, stream). Two kernels, the launcher
 // picks one per call (launch_softmax_pair):

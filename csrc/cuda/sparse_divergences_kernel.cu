@@ -184,10 +184,14 @@ __host__ __device__ void sparse_divergence_position(const Team& team, const Spar
   }
   if (team.rank() == 0) a.loss[row] = counted ? a.factor * sums.d : Acc(0);
 
+  // KL(x ‖ x) (the skews at β = 1) does not use the other model at all: its gradient is exactly 0,
+  // even where that model's row is NaN.
+  const bool student_used = counted && a.kind != DivergenceKind::kZeroTeacherReference;
+  const bool values_used = counted && a.kind != DivergenceKind::kZeroStudentReference;
   if (gs != nullptr) {
     // Every class: the complement's share c/T·slope·e^{z_j/T − lse_out}·(g_tail − Σg·P_tail)
     // (tail_bucket, some mass outside the ids), else 0; then the k ids.
-    const bool dense = counted && tail && lse_out != neg_inf<Acc>();
+    const bool dense = student_used && tail && lse_out != neg_inf<Acc>();
     const Acc coef_out = dense ? coef * inv_t * (tail_terms.g - sums.g * acc_exp(lse_out - lse_all)) : Acc(0);
     for (int64_t j = team.rank(); j < C; j += team.size()) {
       Acc grad = Acc(0);
@@ -198,7 +202,7 @@ __host__ __device__ void sparse_divergence_position(const Team& team, const Spar
       gs[j * a.gs_stride[1]] = from_acc<S>(grad);
     }
     team.sync();  // the ids below overwrite what the team just wrote
-    if (counted) {
+    if (student_used) {
       for (int64_t b = team.rank(); b < K; b += team.size()) {
         const SparseBucket<Acc> B = bucket(b);
         if (!B.id_ok) continue;
@@ -216,7 +220,7 @@ __host__ __device__ void sparse_divergence_position(const Team& team, const Spar
     const Acc tail_part = tail_live ? (tail_terms.h - acc_exp(v_tail) * sums.h) * (-a.t0_over_t) : Acc(0);
     for (int64_t b = team.rank(); b < K; b += team.size()) {
       Acc grad = Acc(0);
-      if (counted) {
+      if (values_used) {
         const SparseBucket<Acc> B = bucket(b);
         Acc u, v;
         log_probs(B, u, v);
