@@ -102,6 +102,22 @@ inline int team_threads(int64_t work, int max_threads) {
   return threads;
 }
 
+// The launchers' dispatch: for the element types (A, B) of the two inputs, calls
+// launch(Tag<A>{}, Tag<B>{}, grid), which enqueues a kernel of one team (block) per position on
+// `grid` blocks (grid-stride beyond); returns its launch status. Nothing is launched without
+// positions; cudaErrorInvalidValue for an unknown dtype.
+template <typename Launch>
+cudaError_t launch_position_teams(DType a, DType b, int64_t positions, Launch&& launch) {
+  cudaError_t status = cudaSuccess;
+  const unsigned grid = static_cast<unsigned>(positions < kMaxGrid ? positions : kMaxGrid);
+  const bool known = dispatch_dtype_pair(a, b, [&](auto tag_a, auto tag_b) {
+    if (positions == 0) return;
+    launch(tag_a, tag_b, grid);
+    status = cudaGetLastError();
+  });
+  return known ? status : cudaErrorInvalidValue;
+}
+
 // One host thread: what the host test walks a position with.
 struct SerialTeam {
   __host__ __device__ int rank() const { return 0; }

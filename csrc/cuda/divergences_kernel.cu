@@ -198,19 +198,15 @@ cudaError_t launch_divergence_rows(const DivergenceParams& params, cudaStream_t 
   using namespace detail;
   const cudaError_t bad = check_softmax_pair_params(params);
   if (bad != cudaSuccess) return bad;
-  const int64_t positions = params.outer * params.inner;
-  cudaError_t status = cudaSuccess;
-  const bool known = dispatch_dtype_pair(params.student.dtype, params.teacher.dtype, [&](auto s_tag, auto t_tag) {
-    using S = typename decltype(s_tag)::type;
-    using T = typename decltype(t_tag)::type;
-    using Acc = acc_t<S, T>;
-    if (positions == 0) return;
-    const unsigned grid = static_cast<unsigned>(std::min(positions, kMaxGrid));
-    divergence_rows_kernel<S, T, Acc><<<grid, team_threads(params.classes, kDivergenceMaxThreads), 0, stream>>>(
-        make_pair_args<S, T, Acc>(params), divergence_options<Acc>(params));
-    status = cudaGetLastError();
-  });
-  return known ? status : cudaErrorInvalidValue;
+  const int threads = team_threads(params.classes, kDivergenceMaxThreads);
+  return launch_position_teams(params.student.dtype, params.teacher.dtype, params.outer * params.inner,
+                               [&](auto s_tag, auto t_tag, unsigned grid) {
+                                 using S = typename decltype(s_tag)::type;
+                                 using T = typename decltype(t_tag)::type;
+                                 using Acc = acc_t<S, T>;
+                                 divergence_rows_kernel<S, T, Acc><<<grid, threads, 0, stream>>>(
+                                     make_pair_args<S, T, Acc>(params), divergence_options<Acc>(params));
+                               });
 }
 
 }  // namespace cuda

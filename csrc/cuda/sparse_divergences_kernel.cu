@@ -284,21 +284,17 @@ cudaError_t launch_sparse_divergence_rows(const SparseDivergenceParams& params, 
   using namespace detail;
   const cudaError_t bad = check_sparse_divergence_params(params);
   if (bad != cudaSuccess) return bad;
-  const int64_t positions = params.outer * params.inner;
   // Per position: O(V) work for the tail bucket or a student gradient, else O(k).
   const int64_t work = params.tail_bucket || params.grad_student != nullptr ? params.classes : params.k;
   const int threads = team_threads(work, kSparseMaxThreads);
-  cudaError_t status = cudaSuccess;
-  const bool known = dispatch_dtype_pair(params.student.dtype, params.values.dtype, [&](auto s_tag, auto v_tag) {
-    using S = typename decltype(s_tag)::type;
-    using V = typename decltype(v_tag)::type;
-    using Acc = acc_t<S, V>;
-    if (positions == 0) return;
-    const unsigned grid = static_cast<unsigned>(std::min(positions, kMaxGrid));
-    sparse_divergence_rows_kernel<S, V, Acc><<<grid, threads, 0, stream>>>(make_sparse_args<S, V, Acc>(params));
-    status = cudaGetLastError();
-  });
-  return known ? status : cudaErrorInvalidValue;
+  return launch_position_teams(params.student.dtype, params.values.dtype, params.outer * params.inner,
+                               [&](auto s_tag, auto v_tag, unsigned grid) {
+                                 using S = typename decltype(s_tag)::type;
+                                 using V = typename decltype(v_tag)::type;
+                                 using Acc = acc_t<S, V>;
+                                 sparse_divergence_rows_kernel<S, V, Acc>
+                                     <<<grid, threads, 0, stream>>>(make_sparse_args<S, V, Acc>(params));
+                               });
 }
 
 }  // namespace cuda

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "host_check.h"
 #include "../divergences_kernel.cu"
 #include "../sparse_divergences_kernel.cu"
 
@@ -27,20 +28,8 @@ namespace {
 
 using namespace detail;
 
-int failures = 0;
-int checks = 0;
-
-#define EXPECT(cond, ...)                                          \
-  do {                                                             \
-    ++checks;                                                      \
-    if (!(cond)) {                                                 \
-      if (++failures <= 30) {                                      \
-        std::printf("%s:%d: %s: ", __FILE__, __LINE__, #cond);     \
-        std::printf(__VA_ARGS__);                                  \
-        std::printf("\n");                                         \
-      }                                                            \
-    }                                                              \
-  } while (0)
+using host_check::checks;
+using host_check::failures;
 
 const double kInf = INFINITY;
 
