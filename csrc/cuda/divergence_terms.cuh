@@ -129,16 +129,42 @@ struct TermSums {
   }
 };
 
+// The smallest normal number: a mixture below it has lost precision or underflowed (to 0 under
+// flush-to-zero, or when w·x rounds away).
+template <typename Acc>
+__host__ __device__ __forceinline__ Acc min_normal() {
+  return sizeof(Acc) == sizeof(double) ? static_cast<Acc>(2.2250738585072014e-308) : static_cast<Acc>(1.17549435e-38f);
+}
+
+// log m and x/m of the mixture m = w·x + (1−w)·y of two probabilities (lx = log x, ly = log y).
+// Where m is not a normal number both come from log space (log m = logaddexp(lx + log w,
+// ly + log(1−w))): an underflowed m = 0 would make log m = −inf, and the terms +inf, where x or y
+// still has (tiny) mass; the reference's log-space mixture has no such cliff.
+template <typename Acc>
+__host__ __device__ __forceinline__ void log_mixture(Acc x, Acc lx, Acc y, Acc ly, Acc w, Acc& log_m, Acc& x_over_m) {
+  const Acc m = w * x + (Acc(1) - w) * y;
+  if (m >= min_normal<Acc>()) {
+    log_m = acc_log(m);
+    x_over_m = x / m;
+    return;
+  }
+  const Acc la = lx + acc_log(w);
+  const Acc lb = ly + acc_log1p(-w);
+  const Acc hi = nan_max(la, lb);
+  const Acc lo = la == hi ? lb : la;
+  log_m = hi == neg_inf<Acc>() ? hi : hi + acc_log1p(acc_exp(lo - hi));  // NaN propagates
+  x_over_m = acc_exp(lx - log_m);
+}
+
 // KL(x ‖ β x + (1−β) y) per class: (term, ∂/∂log x, ∂/∂log y); m ≥ β x > 0 where x has mass.
 template <typename Acc>
-__host__ __device__ __forceinline__ BucketTerms<Acc> skew_terms(Acc x, Acc lx, Acc y, Acc beta) {
-  const Acc m = beta * x + (Acc(1) - beta) * y;
-  const Acc lm = acc_log(m);
-  const Acc x_over_m = x / m;
+__host__ __device__ __forceinline__ BucketTerms<Acc> skew_terms(Acc x, Acc lx, Acc y, Acc ly, Acc beta) {
+  Acc lm, x_over_m;
+  log_mixture(x, lx, y, ly, beta, lm, x_over_m);
   BucketTerms<Acc> r;
   r.term = x != Acc(0) ? x * (lx - lm) : Acc(0);
   r.g = x != Acc(0) ? x * (lx - lm + Acc(1)) - beta * x * x_over_m : Acc(0);  // ∂/∂log x
-  r.h = m != Acc(0) ? -(Acc(1) - beta) * y * x_over_m : Acc(0);               // ∂/∂log y
+  r.h = lm != neg_inf<Acc>() ? -(Acc(1) - beta) * y * x_over_m : Acc(0);      // ∂/∂log y
   return r;
 }
 
@@ -155,17 +181,18 @@ __host__ __device__ __forceinline__ BucketTerms<Acc> bucket_terms(DivergenceKind
     case DivergenceKind::kReverseKl:
       return {p != Acc(0) ? p * (u - v) : Acc(0), p != Acc(0) ? p * (u - v + Acc(1)) : Acc(0), -p};
     case DivergenceKind::kJsd: {
-      const Acc lm = acc_log(beta * q + (Acc(1) - beta) * p);
+      Acc lm, q_over_m;
+      log_mixture(q, v, p, u, beta, lm, q_over_m);
       const Acc g = (Acc(1) - beta) * (p != Acc(0) ? p * (u - lm) : Acc(0));
       const Acc h = beta * (q != Acc(0) ? q * (v - lm) : Acc(0));
       return {g + h, g, h};  // the mixture's own terms cancel: D = Σ (g + h)
     }
     case DivergenceKind::kSkewForwardKl: {
-      const BucketTerms<Acc> t = skew_terms(q, v, p, beta);
+      const BucketTerms<Acc> t = skew_terms(q, v, p, u, beta);
       return {t.term, t.h, t.g};
     }
     case DivergenceKind::kSkewReverseKl:
-      return skew_terms(p, u, q, beta);
+      return skew_terms(p, u, q, v, beta);
     case DivergenceKind::kTvd: {
       Acc sign = p > q ? Acc(1) : p < q ? Acc(-1) : Acc(0);
       if (p != p || q != q) sign = quiet_nan<Acc>();

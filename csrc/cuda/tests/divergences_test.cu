@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include <xmmintrin.h>  // flush-to-zero, as a --use_fast_math build runs float32 on the GPU
+
 #include "host_check.h"
 #include "../divergences_kernel.cu"
 #include "../sparse_divergences_kernel.cu"
@@ -202,8 +204,10 @@ template <typename X>
 void test_dense_against_direct(double tol, double fd_tol) {
   std::mt19937_64 rng(1);
   for (const Case& cs : kCases) {
-    for (int variant = 0; variant < 4; ++variant) {
-      Setting st{cs.name, cs.beta, variant == 1 ? 0.7 : 2.0, variant != 2, {}, {}};
+    for (int variant = 0; variant < 5; ++variant) {
+      // 0: T = 2; 1: T = 0.7; 2: no T²; 3: transforms; 4: large logits (probabilities near
+      // float32 underflow: the mixtures' log m must not fall off to −inf).
+      Setting st{cs.name, cs.beta, variant == 1 ? 0.7 : variant == 4 ? 1.0 : 2.0, variant != 2, {}, {}};
       if (variant == 3) {  // transforms on both sides
         st.ts.has_scale = st.ts.has_cap = true;
         st.ts.scale = 0.5;
@@ -211,7 +215,10 @@ void test_dense_against_direct(double tol, double fd_tol) {
         st.tt.has_cap = true;
         st.tt.cap = 6.0;
       }
-      const std::vector<double> s = random_logits(rng, 23, 2.0), t = random_logits(rng, 23, 2.0);
+      const double scale = variant == 4 ? 30.0 : 2.0;
+      std::vector<double> s = random_logits(rng, 23, scale), t = random_logits(rng, 23, scale);
+      for (double& x : s) x = static_cast<double>(static_cast<X>(x));  // what the kernel reads
+      for (double& x : t) x = static_cast<double>(static_cast<X>(x));
       const Result<X> r = run_dense<X>(st, s, t);
       const double want = direct_dense(st, s, t);
       EXPECT(close(r.loss, want, tol), "%s β=%g variant %d: loss %.12g, direct %.12g", cs.name, cs.beta, variant,
@@ -305,6 +312,30 @@ void test_dense_non_finite() {
     r = run_dense<X>(st, no_mass, t);
     if (!zero_teacher) EXPECT(std::isnan(r.loss), "%s: student all -inf, loss %g", cs.name, r.loss);
   }
+}
+
+// Student probabilities at the edge of float32 (the smallest denormal, the smallest normal) where
+// the teacher has none: the mixture β q + (1−β) p underflows to 0, with or without flush-to-zero,
+// and log m must not become −inf (which made the JSD / skew terms +inf; the reference is finite).
+void test_mixture_underflow(bool flush_to_zero) {
+  const unsigned csr = _mm_getcsr();
+  if (flush_to_zero) _mm_setcsr(csr | 0x8040);  // FTZ | DAZ
+  // log p = −102.9 (a denormal that (1−β)·p rounds to 0) and −87 (normal; 0.1·p is denormal).
+  const double log_z = std::log(std::exp(0.0) + std::exp(1.0) + std::exp(2.0));
+  const std::vector<double> s = {0.0, log_z - 102.9, log_z - 87.0, 1.0, 2.0};
+  const std::vector<double> t = {1.0, -kInf, -kInf, 0.5, 0.0};
+  for (const Case& cs : {Case{"jsd", 0.5}, Case{"jsd", 0.9}, Case{"skew_forward_kl", 0.9}, Case{"skew_reverse_kl", 0.9},
+                         Case{"skew_reverse_kl", 0.5}}) {
+    const Setting st{cs.name, cs.beta, 1.0, true, {}, {}};
+    const Result<float> r = run_dense<float>(st, s, t);
+    const Result<float> swapped = run_dense<float>(st, t, s);  // the teacher at the edge instead
+    EXPECT(close(r.loss, direct_dense(st, s, t), 2e-5), "%s β=%g ftz %d: loss %g, direct %g", cs.name, cs.beta,
+           flush_to_zero, r.loss, direct_dense(st, s, t));
+    EXPECT(close(swapped.loss, direct_dense(st, t, s), 2e-5), "%s β=%g ftz %d swapped: loss %g, direct %g", cs.name,
+           cs.beta, flush_to_zero, swapped.loss, direct_dense(st, t, s));
+    for (double g : r.grad_a) EXPECT(std::isfinite(g), "%s β=%g ftz %d: student gradient %g", cs.name, cs.beta, flush_to_zero, g);
+  }
+  _mm_setcsr(csr);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -415,11 +446,13 @@ void test_sparse_against_direct(double tol, double fd_tol) {
   std::mt19937_64 rng(3);
   const int V = 29, K = 6;
   for (const Case& cs : kCases) {
-    for (int variant = 0; variant < 5; ++variant) {
+    for (int variant = 0; variant < 6; ++variant) {
       // 0: renormalize, logits; 1: renormalize, log-probs re-tempered; 2: tail, log-probs;
-      // 3: tail, re-tempered, student transform; 4: renormalize, logits with transforms, no T².
+      // 3: tail, re-tempered, student transform; 4: renormalize, logits with transforms, no T²;
+      // 5: tail, log-probs, large student logits (bucket probabilities near float32 underflow).
       SparseSetting ss{{cs.name, cs.beta, variant == 1 || variant == 3 ? 1.7 : 1.0, variant != 4, {}, {}},
-                       variant == 2 || variant == 3, variant >= 1 && variant <= 3, variant == 1 || variant == 3 ? 1.2 : 1.0};
+                       variant == 2 || variant == 3 || variant == 5, (variant >= 1 && variant <= 3) || variant == 5,
+                       variant == 1 || variant == 3 ? 1.2 : 1.0};
       if (variant == 3 || variant == 4) {
         ss.base.ts.has_cap = true;
         ss.base.ts.cap = 5.0;
@@ -432,8 +465,10 @@ void test_sparse_against_direct(double tol, double fd_tol) {
       std::vector<int64_t> ids;
       std::vector<double> logprobs, logits;
       sparse_teacher(rng, V, K, ss.T0, ids, logprobs, logits);
-      const std::vector<double>& values = ss.logprobs ? logprobs : logits;
-      const std::vector<double> s = random_logits(rng, V, 2.0);
+      std::vector<double> values = ss.logprobs ? logprobs : logits;
+      std::vector<double> s = random_logits(rng, V, variant == 5 ? 30.0 : 2.0);
+      for (double& x : s) x = static_cast<double>(static_cast<X>(x));  // what the kernel reads
+      for (double& x : values) x = static_cast<double>(static_cast<X>(x));
       const Result<X> r = run_sparse<X>(ss, s, values, ids);
       const double want = direct_sparse(ss, s, values, ids);
       EXPECT(close(r.loss, want, tol), "sparse %s β=%g variant %d: loss %.12g, direct %.12g", cs.name, cs.beta, variant,
@@ -541,6 +576,8 @@ int main() {
   test_dense_against_direct<float>(2e-4, 2e-3);
   test_dense_non_finite<double>();
   test_dense_non_finite<float>();
+  test_mixture_underflow(false);
+  test_mixture_underflow(true);
   test_sparse_against_direct<double>(1e-10, 1e-6);
   test_sparse_against_direct<float>(2e-4, 2e-3);
   test_sparse_rules<double>(1e-9);
