@@ -1,16 +1,18 @@
 // Checks and conversions shared by the torch bindings of the CUDA kernels (csrc/cuda/*_bindings.cpp):
 // tensor dtype -> the launchers' DType and TypedInput, device checks, the current stream, loss and
-// gradient buffers, and the arguments every softmax pair loss (kd_loss_rows, weighted_soft_ce_rows)
-// takes. Header-only; compiled only in a CUDA build.
+// gradient buffers, the arguments every softmax pair loss (kd_loss_rows, weighted_soft_ce_rows,
+// divergence_rows) takes, and the LLM divergences' options. Header-only; compiled only in a CUDA build.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Optional.h>
 
+#include <string>
 #include <tuple>
 
 #include "common.cuh"               // cuda::DType
+#include "divergence_terms.cuh"     // cuda::DivergenceKind, cuda::LogitTransformParams
 #include "softmax_pair_walker.cuh"  // cuda::SoftmaxPairParams (its host part)
 
 namespace kdkernels {
@@ -88,6 +90,43 @@ void fill_student_grad_outputs(Params& p, const at::Tensor& grad_scale, const at
   p.grad_student = student_grad ? grad_student.data_ptr() : nullptr;
 }
 
+// An optional (outer, inner) bool mask of the positions of an (outer, classes, inner) student, as a
+// contiguous tensor (undefined if absent): the caller keeps it alive until the launch.
+inline at::Tensor check_position_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& student) {
+  if (!mask.has_value()) return at::Tensor();
+  const int64_t outer = student.size(0), inner = student.size(2);
+  check_cuda_on(*mask, student, "mask");
+  TORCH_CHECK(mask->scalar_type() == at::kBool, "mask: expected a bool tensor, got ", mask->scalar_type());
+  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == outer && mask->size(1) == inner, "mask: expected shape (", outer,
+              ", ", inner, "), got ", mask->sizes());
+  return mask->contiguous();
+}
+
+// The element strides of a 3-d view.
+inline void copy_strides(const at::Tensor& t, int64_t (&strides)[3]) {
+  for (int d = 0; d < 3; ++d) strides[d] = t.stride(d);
+}
+
+// The kernels' kind of an LLM divergence name at β (β's endpoints resolved).
+inline cuda::DivergenceKind divergence_kind(c10::string_view divergence, double beta) {
+  const std::string name(divergence);
+  cuda::DivergenceKind kind = cuda::DivergenceKind::kForwardKl;
+  TORCH_CHECK(cuda::divergence_kind_of(name.c_str(), beta, kind), "divergence: unknown divergence '", name, "'");
+  return kind;
+}
+
+// A logit transform from its optional logit scale and soft-cap.
+inline cuda::LogitTransformParams logit_transform(const c10::optional<double>& logit_scale,
+                                                  const c10::optional<double>& softcap) {
+  cuda::LogitTransformParams t;
+  t.has_scale = logit_scale.has_value();
+  t.scale = logit_scale.value_or(1.0);
+  t.has_cap = softcap.has_value();
+  t.cap = softcap.value_or(1.0);
+  TORCH_CHECK(!t.has_cap || t.cap > 0.0, "softcap: expected a positive value, got ", t.cap);
+  return t;
+}
+
 // The checks every softmax pair op makes on its (outer, classes, inner) student and teacher views,
 // mask, temperature and grad_scale. Returns the mask as a contiguous tensor (undefined if absent):
 // the caller keeps it alive until the launch.
@@ -104,13 +143,7 @@ inline at::Tensor check_softmax_pair_inputs(const at::Tensor& student, const at:
   TORCH_CHECK(temperature > 0.0, "temperature: expected a positive value, got ", temperature);
   to_dtype(student, "student");
   to_dtype(teacher, "teacher");
-  if (!mask.has_value()) return at::Tensor();
-  const int64_t outer = student.size(0), inner = student.size(2);
-  check_cuda_on(*mask, student, "mask");
-  TORCH_CHECK(mask->scalar_type() == at::kBool, "mask: expected a bool tensor, got ", mask->scalar_type());
-  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == outer && mask->size(1) == inner, "mask: expected shape (", outer,
-              ", ", inner, "), got ", mask->sizes());
-  return mask->contiguous();
+  return check_position_mask(mask, student);
 }
 
 // The accumulation (and loss) dtype of a student/teacher pair: float64 iff either is.
@@ -136,10 +169,8 @@ inline void fill_softmax_pair_params(cuda::SoftmaxPairParams& p, const at::Tenso
   const at::Tensor& grad_teacher = std::get<2>(outputs);
   p.student = typed_input(student, "student");
   p.teacher = typed_input(teacher, "teacher");
-  for (int d = 0; d < 3; ++d) {
-    p.student_strides[d] = student.stride(d);
-    p.teacher_strides[d] = teacher.stride(d);
-  }
+  copy_strides(student, p.student_strides);
+  copy_strides(teacher, p.teacher_strides);
   p.outer = student.size(0);
   p.classes = student.size(1);
   p.inner = student.size(2);
@@ -149,11 +180,11 @@ inline void fill_softmax_pair_params(cuda::SoftmaxPairParams& p, const at::Tenso
   p.loss = loss.data_ptr();
   if (student_grad) {
     p.grad_student = grad_student.data_ptr();
-    for (int d = 0; d < 3; ++d) p.grad_student_strides[d] = grad_student.stride(d);
+    copy_strides(grad_student, p.grad_student_strides);
   }
   if (teacher_grad) {
     p.grad_teacher = grad_teacher.data_ptr();
-    for (int d = 0; d < 3; ++d) p.grad_teacher_strides[d] = grad_teacher.stride(d);
+    copy_strides(grad_teacher, p.grad_teacher_strides);
   }
 }
 

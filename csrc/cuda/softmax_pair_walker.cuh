@@ -30,12 +30,10 @@
 // finish runs for every position (its result is unused where the position does not count); loss
 // and grads run for counted positions only (the walker writes the zeros).
 //
-// The divergences of kdkernels/ops/reference/divergences.py, as policies: reverse KL's cross term
-// Σ e^{(s − m_s)/T}·(a − b) rescales with the student's sums (ClassStep's a_scale / a_weight), so
-// it is a policy as it stands. JSD, the skew KLs and TVD need per-class terms of the normalised
-// distributions (log of the mixture), i.e. one more block-reduced pass between the statistics and
-// the gradients (for the loss and Σ_c ∂D/∂log p_s,c); a top-k teacher reads the student through the
-// k teacher ids. Each is a hook to add here when its kernel is written, not before.
+// The LLM divergences (divergences_kernel.cu) use the per-class update and merge (add_class, merge)
+// with their own block-per-position kernel: their logits are transformed (soft-cap, scale) before
+// the walker sees them, and the mixtures (JSD, skew KLs, TVD) need one more block-reduced pass of
+// per-class terms of the normalised distributions between the statistics and the gradients.
 //
 // A loss's launcher is launch_softmax_pair_loss<Policy>(params, stream). Two kernels, the launcher
 // picks one per call (launch_softmax_pair):
@@ -145,7 +143,7 @@ struct PositionPtrs {
 };
 
 template <typename S, typename T, typename Acc>
-__device__ __forceinline__ PositionPtrs<S, T> position_ptrs(const PairArgs<S, T, Acc>& args, int64_t p) {
+__host__ __device__ __forceinline__ PositionPtrs<S, T> position_ptrs(const PairArgs<S, T, Acc>& args, int64_t p) {
   const int64_t o = p / args.inner;
   const int64_t i = p - o * args.inner;
   PositionPtrs<S, T> pos;
@@ -499,15 +497,9 @@ __global__ void __launch_bounds__(kChannelThreads)
   }
 }
 
-// Enqueues the rows or the channels kernel for (S, T) = the inputs' element types. Params checked
-// by check_softmax_pair_params; nothing is launched when there are no positions.
-template <typename Policy, typename S, typename T>
-cudaError_t launch_softmax_pair(const SoftmaxPairParams& p, const Policy& policy, cudaStream_t stream) {
-  using Acc = typename Policy::Acc;
-  static_assert(std::is_same<Acc, acc_t<S, T>>::value, "the policy accumulates in acc_t<S, T>");
-  const int64_t positions = p.outer * p.inner;
-  if (positions == 0) return cudaSuccess;
-
+// The kernels' typed view of checked params.
+template <typename S, typename T, typename Acc>
+PairArgs<S, T, Acc> make_pair_args(const SoftmaxPairParams& p) {
   PairArgs<S, T, Acc> a;
   a.student = static_cast<const S*>(p.student.data);
   a.teacher = static_cast<const T*>(p.teacher.data);
@@ -518,7 +510,7 @@ cudaError_t launch_softmax_pair(const SoftmaxPairParams& p, const Policy& policy
   a.grad_scale = p.grad_scale;
   a.classes = p.classes;
   a.inner = p.inner;
-  a.positions = positions;
+  a.positions = p.outer * p.inner;
   for (int d = 0; d < 3; ++d) {
     a.s_stride[d] = p.student_strides[d];
     a.t_stride[d] = p.teacher_strides[d];
@@ -526,6 +518,18 @@ cudaError_t launch_softmax_pair(const SoftmaxPairParams& p, const Policy& policy
     a.gt_stride[d] = p.grad_teacher_strides[d];
   }
   a.inv_temperature = static_cast<Acc>(1.0 / p.temperature);
+  return a;
+}
+
+// Enqueues the rows or the channels kernel for (S, T) = the inputs' element types. Params checked
+// by check_softmax_pair_params; nothing is launched when there are no positions.
+template <typename Policy, typename S, typename T>
+cudaError_t launch_softmax_pair(const SoftmaxPairParams& p, const Policy& policy, cudaStream_t stream) {
+  using Acc = typename Policy::Acc;
+  static_assert(std::is_same<Acc, acc_t<S, T>>::value, "the policy accumulates in acc_t<S, T>");
+  const int64_t positions = p.outer * p.inner;
+  if (positions == 0) return cudaSuccess;
+  const PairArgs<S, T, Acc> a = make_pair_args<S, T, Acc>(p);
 
   const bool rows_layout =
       p.inner == 1 || (a.s_stride[1] == 1 && a.t_stride[1] == 1) || positions <= Policy::kRowsKernelMaxPositions;

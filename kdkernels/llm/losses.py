@@ -1,9 +1,9 @@
 r"""Distillation losses for language models: the divergence family with temperature, sparse top-k
 teachers, and the conventions of Hugging Face / TRL users.
 
-**Kernels.** A dense teacher runs through the fused op ``kdkernels::divergences`` (CPU C++ and
-Triton; no CUDA C++ kernel yet), a top-k teacher through ``kdkernels::sparse_divergences`` (CPU
-C++ and Triton). Both implement the float64-exact reference
+**Kernels.** A dense teacher runs through the fused op ``kdkernels::divergences`` (CPU C++,
+Triton and CUDA C++), a top-k teacher through ``kdkernels::sparse_divergences`` (CPU C++, Triton
+and CUDA C++). Both implement the float64-exact reference
 :mod:`kdkernels.ops.reference.divergences` (plain PyTorch, differentiable), which is also their
 ``torch`` backend and the source of higher-order gradients.
 
@@ -276,11 +276,10 @@ def distill_loss(
 
     **Kernels.** A dense teacher runs through the fused op ``kdkernels::divergences``: the CPU C++
     and Triton kernels (the shared online-softmax row walkers, softcap / scale inside, the gradient
-    computed in the forward; extra memory = the gradients); the ``cuda`` backend has no kernel for
-    it yet, so on a GPU without Triton the default falls back to the op's twin (the reference
-    formula, an eager composite's memory). With ``process_group``, logits sharded along the
-    vocabulary go through :func:`kdkernels.llm.vocab_parallel_distill_loss` (PyTorch operations). A top-k teacher runs through the fused op ``kdkernels::sparse_divergences`` (CPU C++
-    and Triton kernels; elsewhere its twin): one pass over the student's V logits per position
+    computed in the forward; extra memory = the gradients), and the CUDA C++ kernel (``cuda``
+    backend: the default on a GPU without Triton). With ``process_group``, logits sharded along the
+    vocabulary go through :func:`kdkernels.llm.vocab_parallel_distill_loss` (PyTorch operations). A top-k teacher runs through the fused op ``kdkernels::sparse_divergences`` (CPU C++,
+    Triton and CUDA C++ kernels): one pass over the student's V logits per position
     (none for ``renormalize``), nothing of size (…, V) for the teacher; the extra memory is the
     student's gradient plus O(N·k). ``values`` get a gradient too when they require one.
 

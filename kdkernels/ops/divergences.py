@@ -3,8 +3,9 @@ skew KLs, TVD) of a student and a dense teacher, declared once.
 
 Inputs are (outer, classes, inner) views of any strides and an optional (outer, inner) bool mask;
 the formulas are :mod:`kdkernels.ops.reference.divergences`'. Kernels: Triton (the shared row
-walker, ``kdkernels/ops/triton/divergences.py``) and CPU C++ (the CPU row walker,
-``csrc/cpu/divergences.cpp``); no CUDA C++ kernel yet (on a GPU the Triton one runs).
+walker, ``kdkernels/ops/triton/divergences.py``), CPU C++ (the CPU row walker,
+``csrc/cpu/divergences.cpp``) and CUDA C++ (``csrc/cuda/divergences_kernel.cu``: one thread block
+per position; on a GPU it runs without Triton, or with ``backend="cuda"``).
 """
 
 from typing import Optional
@@ -35,7 +36,7 @@ def divergence_rows(
     logits ``z = cap·tanh(scale·x / cap)`` (T² times it with ``scale_by_t2``), as (outer, inner)
     fp32 (fp64 for fp64 logits), 0 where masked out or where the teacher has no mass; the
     gradients of ``grad_scale * sum(loss)`` with the logits' shapes, strides and dtypes."""
-    raise NotImplementedError  # a signature: ops/triton/divergences.py, csrc/cpu/divergences.cpp
+    raise NotImplementedError  # a signature: ops/triton/divergences.py, csrc/cpu/divergences.cpp, csrc/cuda/divergences_kernel.cu
 
 
 def rows_positions(student, mask, divergence, beta, temperature, scale_by_t2, s_cap, t_cap, s_scale, t_scale, **teacher):
@@ -66,5 +67,5 @@ DIVERGENCES = FusedLoss(
     twin=_positions,
     positions=CLASS_ROWS,
     dtype_inputs=("student", "teacher"),
-    kernel_backends=("triton", "cpu"),
+    kernel_backends=("triton", "cpu", "cuda"),
 )

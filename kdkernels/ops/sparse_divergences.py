@@ -12,8 +12,9 @@ transforms (``cap·tanh(scale·z / cap)``; the teacher's only for ``teacher_valu
 
 Both inputs that can get a gradient do: the student's logits (dense, (…, V): nothing else of
 that size is made) and the teacher's values (O(N·k)). Kernels: Triton
-(``kdkernels/ops/triton/sparse_divergences.py``) and CPU C++ (``csrc/cpu/sparse_divergences.cpp``);
-no CUDA kernel, so on CUDA tensors without Triton the default runs the twin (the reference).
+(``kdkernels/ops/triton/sparse_divergences.py``), CPU C++ (``csrc/cpu/sparse_divergences.cpp``)
+and CUDA C++ (``csrc/cuda/sparse_divergences_kernel.cu``: one thread block per position; on CUDA
+tensors it runs without Triton, or with ``backend="cuda"``).
 """
 
 from typing import Optional
@@ -52,7 +53,7 @@ def sparse_divergence_rows(
     ``∂/∂z_j = (g_j·[j∈K] + g_tail·p_j/P_tail·[j∉K] − p_j Σ_b g_b) / T`` (``g = ∂D/∂log p_s`` per
     bucket; renormalize: the k ids only, p conditioned on them) and
     ``∂/∂w_b = h_b − q_b Σ h`` (``h = ∂D/∂log p_t``) back through the teacher's bucket logits ``w``."""
-    raise NotImplementedError  # a signature: csrc/cpu/sparse_divergences.cpp, ops/triton/sparse_divergences.py
+    raise NotImplementedError  # a signature: csrc/cpu/sparse_divergences.cpp, ops/triton/sparse_divergences.py, csrc/cuda/sparse_divergences_kernel.cu
 
 
 def _positions(
@@ -74,5 +75,5 @@ SPARSE_DIVERGENCES = FusedLoss(
     # entries (values) of the (outer, ·, inner) views.
     positions=CLASS_ROWS,
     dtype_inputs=("student", "values"),
-    kernel_backends=("triton", "cpu"),
+    kernel_backends=("triton", "cpu", "cuda"),
 )

@@ -310,7 +310,7 @@ def test_peak_memory_is_the_student_gradient_plus_o_nk():
 def test_schemas_follow_from_the_declaration():
     spec = SPARSE_DIVERGENCES
     assert spec.differentiable == ["student", "values"]
-    assert spec.kernel_backends == ("triton", "cpu")
+    assert spec.kernel_backends == ("triton", "cpu", "cuda")
     inputs = [p.name for p in spec.inputs]
     assert inputs[:4] == ["student", "values", "indices", "mask"]
     flags = ["student_grad", "values_grad"]

@@ -11,6 +11,7 @@
 #include <random>
 #include <vector>
 
+#include "host_check.h"
 #include "../kd_loss_kernel.cu"
 #include "../weighted_soft_ce_kernel.cu"
 
@@ -18,18 +19,7 @@ namespace kdkernels {
 namespace cuda {
 namespace {
 
-int failures = 0;
-
-#define EXPECT(cond, ...)                                 \
-  do {                                                    \
-    if (!(cond)) {                                        \
-      if (++failures <= 20) {                             \
-        std::printf("%s:%d: %s: ", __FILE__, __LINE__, #cond); \
-        std::printf(__VA_ARGS__);                         \
-        std::printf("\n");                                \
-      }                                                   \
-    }                                                     \
-  } while (0)
+using host_check::failures;
 
 template <typename Acc>
 struct Result {
