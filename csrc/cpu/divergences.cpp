@@ -184,6 +184,33 @@ RowResult kl_row(const Setup<acc_t>& su, const RowInputs<acc_t, in_t>& in, out_t
   return {true, static_cast<double>(su.factor * policy.kl)};
 }
 
+// log m of a mixture m = w_x·x + w_y·y of the probabilities x = e^{lx}, y = e^{ly}: log(m) where m
+// is a normal number, else in log space, log(w_x e^{lx} + w_y e^{ly}). The sum underflows (to 0
+// even: half the smallest subnormal rounds to 0) where x and y are tiny but not 0, and there log m
+// would be −inf and a term x·(lx − log m) infinite. `tiny` marks the lanes taken in log space.
+template <typename acc_t>
+struct LogMixture {
+  using V = Vec<acc_t>;
+  V lm, tiny;
+  bool any_tiny;
+  LogMixture(const V& m, acc_t wx, const V& lx, acc_t wy, const V& ly) {
+    lm = fast_log(m);
+    tiny = m < V(std::numeric_limits<acc_t>::min());
+    any_tiny = tiny.zero_mask() != (1 << V::size()) - 1;
+    if (!any_tiny) return;  // the common case: no extra work
+    const V a = lx + V(std::log(wx)), b = ly + V(std::log(wy));  // log 0 = −inf: that side has no weight
+    const V hi = at::vec::maximum(a, b), lo = at::vec::minimum(a, b);
+    V in_log_space = hi + fast_log(V(1) + fast_exp(lo - hi));
+    in_log_space = V::blendv(in_log_space, hi, hi == V(neg_inf<acc_t>()));  // both −inf: −inf, not NaN
+    lm = V::blendv(lm, in_log_space, tiny);
+  }
+  // x/m, from e^{lx − log m} where m is tiny (x/m itself may be x/0 there).
+  V ratio(const V& x, const V& m, const V& lx) const {
+    const V r = x / m;
+    return any_tiny ? V::blendv(r, fast_exp(lx - lm), tiny) : r;
+  }
+};
+
 // The mixtures' per-class terms: (term, g = ∂D/∂u, h = ∂D/∂v), the Triton kernel's _bucket_terms.
 // Terms of a class where the distribution in front is 0 are selected away (never 0·log 0).
 template <int kKind, typename acc_t>
@@ -192,7 +219,7 @@ inline void bucket_terms(const Vec<acc_t>& u, const Vec<acc_t>& v, const Vec<acc
   using V = Vec<acc_t>;
   const V zero(0), vb(beta), vb1(acc_t(1) - beta);
   if constexpr (kKind == kJsd) {
-    const V lm = fast_log(vb * q + vb1 * p);
+    const V lm = LogMixture<acc_t>(vb * q + vb1 * p, beta, v, acc_t(1) - beta, u).lm;
     g = vb1 * V::blendv(zero, p * (u - lm), p != zero);
     h = vb * V::blendv(zero, q * (v - lm), q != zero);
     term = g + h;  // the mixture's own terms cancel: D = Σ (g + h)
@@ -202,13 +229,16 @@ inline void bucket_terms(const Vec<acc_t>& u, const Vec<acc_t>& v, const Vec<acc
     const V& x = fwd ? q : p;
     const V& lx = fwd ? v : u;
     const V& y = fwd ? p : q;
+    const V& ly = fwd ? u : v;
     const V m = vb * x + vb1 * y;
-    const V lm = fast_log(m);
+    const LogMixture<acc_t> mix(m, beta, lx, acc_t(1) - beta, ly);
+    const V& lm = mix.lm;
     const V live = x != zero;
-    const V x_over_m = x / m;  // one division for both derivatives
+    const V x_over_m = mix.ratio(x, m, lx);  // one division for both derivatives
     term = V::blendv(zero, x * (lx - lm), live);
     const V d_x = V::blendv(zero, x * (lx - lm + V(1)) - vb * x * x_over_m, live);
-    const V d_y = V::blendv(zero, zero - vb1 * y * x_over_m, m != zero);
+    // x = 0: x/m = 0 (and m = 0 only there, or where a tiny m was taken in log space).
+    const V d_y = V::blendv(zero, zero - vb1 * y * x_over_m, live);
     g = fwd ? d_y : d_x;
     h = fwd ? d_x : d_y;
   } else {
@@ -335,8 +365,10 @@ RowResult zero_row(const Setup<acc_t>& su, const RowInputs<acc_t, in_t>& in, out
   if (mt == ninf) return {false, 0.0};
   const bool teacher_side = su.kind == kZeroTeacherReference;
   const acc_t m = teacher_side ? mt : ms;
-  const acc_t value = (m != m || m == std::numeric_limits<acc_t>::infinity()) ? std::numeric_limits<acc_t>::quiet_NaN()
-                                                                              : acc_t(0);
+  // A student reference side that is −inf everywhere has no distribution: the reference's
+  // log-softmax of it is NaN, and so is the row (a teacher like that is not counted, above).
+  const bool nan_row = m != m || m == std::numeric_limits<acc_t>::infinity() || (!teacher_side && m == ninf);
+  const acc_t value = nan_row ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
   for (int64_t c = 0; c < C; ++c) {
     if (gs != nullptr) gs[c] = static_cast<out_t>(teacher_side ? acc_t(0) : value);
     if (gt != nullptr) gt[c] = static_cast<out_t>(teacher_side ? value : acc_t(0));

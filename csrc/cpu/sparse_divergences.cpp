@@ -54,12 +54,25 @@ struct Terms {
   double term, g, h;  // the bucket's loss term, ∂D/∂u, ∂D/∂v
 };
 
-// KL(x ‖ β x + (1−β) y) per bucket: (term, ∂/∂log x, ∂/∂log y); m ≥ β x > 0 where x has mass.
-inline Terms skew(double x, double lx, double y, double beta) {
-  const double m = beta * x + (1 - beta) * y, lm = std::log(m);
+// log(w_x e^{lx} + w_y e^{ly}): the log of the sum where it is a normal number, else in log space
+// (the sum of two tiny probabilities underflows, to 0 even, and its log would be −inf).
+inline double log_mixture(double wx, double lx, double wy, double ly) {
+  const double m = wx * std::exp(lx) + wy * std::exp(ly);
+  if (!(m < std::numeric_limits<double>::min())) return std::log(m);  // NaN too
+  const double a = lx + std::log(wx), b = ly + std::log(wy);
+  const double hi = std::max(a, b), lo = std::min(a, b);
+  return hi == kNegInf ? kNegInf : hi + std::log1p(std::exp(lo - hi));
+}
+
+// KL(x ‖ β x + (1−β) y) per bucket: (term, ∂/∂log x, ∂/∂log y), with x = e^{lx}, y = e^{ly};
+// x/m = e^{lx − log m} (m ≥ β x > 0 where x has mass, but it may underflow).
+inline Terms skew(double lx, double ly, double beta) {
+  const double x = std::exp(lx), y = std::exp(ly);
+  const double lm = log_mixture(beta, lx, 1 - beta, ly);
+  const double x_over_m = x != 0 ? std::exp(lx - lm) : 0.0;
   const double term = x != 0 ? x * (lx - lm) : 0.0;
-  const double dx = x != 0 ? x * (lx - lm + 1) - beta * x * x / m : 0.0;
-  const double dy = m != 0 ? -(1 - beta) * x * y / m : 0.0;
+  const double dx = x != 0 ? x * (lx - lm + 1) - beta * x * x_over_m : 0.0;
+  const double dy = -(1 - beta) * y * x_over_m;
   return {term, dx, dy};
 }
 
@@ -72,17 +85,17 @@ inline Terms bucket_terms(double u, double v, double beta, Kind kind) {
     case kReverseKl:
       return {p != 0 ? p * (u - v) : 0.0, p != 0 ? p * (u - v + 1) : 0.0, -p};
     case kJsd: {
-      const double lm = std::log(beta * q + (1 - beta) * p);
+      const double lm = log_mixture(beta, v, 1 - beta, u);
       const double g = (1 - beta) * (p != 0 ? p * (u - lm) : 0.0);
       const double h = beta * (q != 0 ? q * (v - lm) : 0.0);
       return {g + h, g, h};  // the mixture terms cancel: D = Σ (g + h)
     }
     case kSkewForwardKl: {
-      const Terms t = skew(q, v, p, beta);
+      const Terms t = skew(v, u, beta);
       return {t.term, t.h, t.g};
     }
     case kSkewReverseKl:
-      return skew(p, u, q, beta);
+      return skew(u, v, beta);
     case kTvd: {
       double sign = p > q ? 1.0 : p < q ? -1.0 : 0.0;
       if (p != p || q != q) sign = kNaN;
@@ -424,7 +437,11 @@ void sparse_rows_impl(const at::Tensor& student, const at::Tensor& values, const
       loss_p[p] = static_cast<acc_t>(opt.factor * D);
 
       const double c = opt.grad_scale * opt.factor;  // the loss's scale in grad_scale·Σ loss
-      if (student_grad) {
+      // KL(q ‖ q) does not read the student at all (nor KL(p ‖ p) the teacher): its gradient is 0
+      // even where that model's logits are NaN (which 0·NaN below would spread).
+      if (student_grad && opt.kind == kZeroTeacherReference) {
+        fill_zero(gs, C);
+      } else if (student_grad) {
         if (opt.tail_bucket) {
           // j ∉ K: c/T·slope·p_j·(g_tail/P_tail − Σg) = c/T·slope·e^{z_j/T − lse_out}·(g_tail − Σg·P_tail);
           // an empty complement (all −inf, or k = V) has p_j = 0 there.
@@ -449,7 +466,9 @@ void sparse_rows_impl(const at::Tensor& student, const at::Tensor& values, const
           gs.data[id * gs.sc] = static_cast<s_t>(c * inv_t * (sc.g[b] - std::exp(sc.u[b]) * G) * s_tr.slope(sc.y[b]));
         }
       }
-      if (values_grad) {
+      if (values_grad && opt.kind == kZeroStudentReference) {
+        for (int64_t b = 0; b < K; ++b) gv[b * gvk] = v_t(0);
+      } else if (values_grad) {
         // ∂D/∂w_b = h_b − q_b·Σh; w_b = values_b·T₀/T (log-probs) or transform(values_b)/T (logits);
         // w_tail = (T₀/T)·log1mexp(lse(t)): ∂w_tail/∂t_b = −(T₀/T)·e^{t_b − log1mexp(lse(t))}.
         double tail_part = 0;

@@ -123,14 +123,31 @@ def _transform_slope(z, scale, cap, HAS_SCALE: tl.constexpr, HAS_CAP: tl.constex
 
 
 @triton.jit
-def _skew_terms(x, lx, y, beta):
-    """KL(x ‖ β x + (1−β) y) per class: ``(term, ∂/∂log x, ∂/∂log y)`` with x = e^{lx}; the
-    mixture m ≥ β x > 0 wherever x has mass. Used both ways round for the two skew KLs."""
+def _log_mixture(m, wx, lx, wy, ly):
+    """``log m`` of the mixture ``m = wx·e^{lx} + wy·e^{ly}``: ``log(m)`` where m is a normal
+    float32, else in log space. The sum of two tiny probabilities underflows (to 0 even: half the
+    smallest subnormal rounds to 0), and there ``log m`` would be −inf and ``x·(lx − log m)``
+    infinite. Also returns where the log-space value was taken."""
+    tiny = m < 1.1754943508222875e-38
+    a = lx + tl.log(wx)  # log 0 = −inf: that side has no weight
+    b = ly + tl.log(wy)
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    in_log_space = tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
+    return tl.where(tiny, in_log_space, tl.log(m)), tiny
+
+
+@triton.jit
+def _skew_terms(x, lx, y, ly, beta):
+    """KL(x ‖ β x + (1−β) y) per class: ``(term, ∂/∂log x, ∂/∂log y)`` with x = e^{lx}, y = e^{ly};
+    x/m = e^{lx − log m} where the mixture is tiny (m ≥ β x > 0 wherever x has mass, but it may
+    underflow). Used both ways round for the two skew KLs."""
     m = beta * x + (1.0 - beta) * y
-    lm = tl.log(m)
+    lm, tiny = _log_mixture(m, beta, lx, 1.0 - beta, ly)
+    x_over_m = tl.where(tiny, tl.exp(lx - lm), x / m)
     term = tl.where(x != 0.0, x * (lx - lm), 0.0)
-    d_x = tl.where(x != 0.0, x * (lx - lm + 1.0) - beta * x * x / m, 0.0)
-    d_y = tl.where(m != 0.0, -(1.0 - beta) * x * y / m, 0.0)
+    d_x = tl.where(x != 0.0, x * (lx - lm + 1.0) - beta * x * x_over_m, 0.0)
+    d_y = tl.where(x != 0.0, -(1.0 - beta) * y * x_over_m, 0.0)  # x = 0: x/m = 0
     return term, d_x, d_y
 
 
@@ -149,14 +166,14 @@ def _bucket_terms(u, v, beta, KIND: tl.constexpr):
         g = tl.where(p != 0.0, p * (u - v + 1.0), 0.0)
         h = -p
     elif KIND == JSD:
-        lm = tl.log(beta * q + (1.0 - beta) * p)
+        lm, _ = _log_mixture(beta * q + (1.0 - beta) * p, beta, v, 1.0 - beta, u)
         g = (1.0 - beta) * tl.where(p != 0.0, p * (u - lm), 0.0)
         h = beta * tl.where(q != 0.0, q * (v - lm), 0.0)
         term = g + h  # the mixture terms cancel: D = Σ (g + h)
     elif KIND == SKEW_FORWARD_KL:
-        term, h, g = _skew_terms(q, v, p, beta)
+        term, h, g = _skew_terms(q, v, p, u, beta)
     elif KIND == SKEW_REVERSE_KL:
-        term, g, h = _skew_terms(p, u, q, beta)
+        term, g, h = _skew_terms(p, u, q, v, beta)
     elif KIND == TVD:
         term = 0.5 * tl.abs(q - p)
         sign = tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))

@@ -188,10 +188,14 @@ def _sparse_kernel(
                 dense = tl.where(counted & outside, dense, 0.0)
             else:
                 dense = tl.zeros([BLOCK_C], ACC)
+            if KIND == ZERO_TEACHER_REFERENCE:  # KL(q ‖ q) never reads the student: 0 even where it is NaN
+                dense = tl.zeros([BLOCK_C], ACC)
             tl.store(gs_row + cols * gs_sc, dense.to(GS.dtype.element_ty), mask=in_row)
         tl.debug_barrier()  # the k ids below overwrite what this program just wrote
         grad_k = c * inv_t * (g - tl.exp(u) * sum_g) * _transform_slope(y, s_scale, s_cap, S_SCALE, S_CAP)
         grad_k = tl.where(counted, grad_k, 0.0)
+        if KIND == ZERO_TEACHER_REFERENCE:
+            grad_k = tl.zeros([BLOCK_B], ACC)
         counted_b = (tl.zeros([BLOCK_B], tl.int32) + counted.to(tl.int32)) != 0  # the interpreter's & wants one shape
         tl.store(gs_row + ids * gs_sc, grad_k.to(GS.dtype.element_ty), mask=id_ok & counted_b)
 
@@ -208,6 +212,8 @@ def _sparse_kernel(
         if not LOGPROBS:
             d = d * _transform_slope(t, t_scale, t_cap, T_SCALE, T_CAP)
         d = tl.where(counted, c * d, 0.0)
+        if KIND == ZERO_STUDENT_REFERENCE:  # KL(p ‖ p) never reads the teacher
+            d = tl.zeros([BLOCK_B], ACC)
         tl.store(GV + o * gv_so + i * gv_si + b * gv_sk, d.to(GV.dtype.element_ty), mask=entry)
 
 
