@@ -81,7 +81,8 @@ class FusedLinearDistillLoss(nn.Module):
     """Holds the configuration of :func:`~kdkernels.llm.fused_linear_distill_loss`;
     ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None,
     teacher_bias=None, *, mask=None, labels=None, num_items_in_batch=None)`` — e.g. with the models'
-    final hidden states and ``model.lm_head.weight``: no logits are computed."""
+    final hidden states and ``model.lm_head.weight``: no logits are computed. ``ce_weight > 0`` adds
+    the label cross-entropy (``labels`` required)."""
 
     def __init__(
         self,
@@ -97,6 +98,8 @@ class FusedLinearDistillLoss(nn.Module):
         logit_scale=None,
         chunk_rows: int | None = None,
         process_group=None,
+        kd_weight: float = 1.0,
+        ce_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.process_group = process_group  # not in config: a process group has no useful repr
@@ -111,6 +114,8 @@ class FusedLinearDistillLoss(nn.Module):
             softcap=softcap,
             logit_scale=logit_scale,
             chunk_rows=chunk_rows,
+            kd_weight=kd_weight,
+            ce_weight=ce_weight,
         )
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None, teacher_bias=None,
