@@ -156,9 +156,37 @@ def _block_losses_and_grads(backend, zs, zt, mask, targets, options, weights, gr
     return _autograd_block(per_position, zs, zt, grad_scale, student_grad, teacher_grad)
 
 
+def _label_cross_entropy_and_grad(zs, targets, mask, softcap, logit_scale, grad_scale, want_grad):
+    """:func:`_label_cross_entropy` and, with ``want_grad``, ``grad_scale_i · ∂CE_i/∂z`` in closed
+    form (no autograd inside the op, so that it compiles): ``(softmax(z') − onehot(label)) · dz'/dz``
+    with ``z' = cap · tanh(z · scale / cap)``, ``dz'/dz = scale · (1 − tanh²)`` (the logits of a
+    linear head are finite). float32 (float64 for float64) inside, the gradient in ``zs``' dtype."""
+    z = zs.to(accumulation_dtype(zs))
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap is not None:
+        capped = torch.tanh(z / softcap)
+        z = softcap * capped
+    log_p = torch.log_softmax(z, -1)
+    counted = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask
+    safe = torch.where(counted, targets, torch.zeros_like(targets)).unsqueeze(-1)
+    ce = torch.where(counted, -log_p.gather(-1, safe).squeeze(-1), torch.zeros((), dtype=z.dtype, device=z.device))
+    if not want_grad:
+        return ce, None
+    grad = log_p.exp_()  # the softmax, in log_p's buffer
+    grad.scatter_add_(-1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
+    row_scale = torch.where(counted, grad_scale.to(grad.dtype).reshape(-1), torch.zeros((), dtype=grad.dtype, device=grad.device))
+    grad *= row_scale.unsqueeze(-1)
+    if softcap is not None:
+        grad *= 1 - capped * capped
+    if logit_scale is not None:
+        grad *= logit_scale
+    return ce, grad
+
+
 def _kernel_block(backend, zs, zt, mask, targets, options, weights, grad_scale, student_grad, teacher_grad, vocab):
     """:func:`_block_losses_and_grads` through the backend's fused divergence kernel (the
-    cross-entropy, a log-softmax of the block, through autograd)."""
+    cross-entropy in closed form on the block)."""
     kd_weight, ce_weight = weights
     # The kernels take one scale: per-row scales (reduction="none"'s backward) multiply the rows after.
     rowwise = grad_scale.numel() > 1
@@ -173,13 +201,11 @@ def _kernel_block(backend, zs, zt, mask, targets, options, weights, grad_scale, 
         grads = [None if g is None else g * kd_scale.to(g.dtype).reshape(-1, 1) for g in grads]
     loss = kd_weight * loss.squeeze(-1)
     if ce_weight:
-        s_softcap, s_scale = options[4], options[6]
-        ce, g_ce, _ = _autograd_block(lambda s, t: _label_cross_entropy(s, targets, mask, s_softcap, s_scale),
-                                      zs, zt, grad_scale * ce_weight, student_grad, False)
+        ce, g_ce = _label_cross_entropy_and_grad(zs, targets, mask, options[4], options[6], grad_scale * ce_weight, student_grad)
         loss = loss + ce_weight * ce
         if student_grad:
             g_ce[:, :vocab] += grads[0]  # the divergence's gradient, over the compared classes
-            grads[0] = g_ce
+            grads[0] = g_ce.to(zs.dtype)
     return loss, *grads
 
 
@@ -415,7 +441,9 @@ def fused_linear_distill_loss(
         outside = (targets < 0) | (targets >= classes)
         if mask_rows is not None:
             outside &= mask_rows
-        if bool(outside.any()):
+        if torch.compiler.is_compiling():  # no data-dependent branch in a compiled graph: a device-side assertion
+            torch._assert_async(~outside.any(), "labels: the cross-entropy needs ids in the student's vocabulary")
+        elif bool(outside.any()):
             raise ValueError(f"labels: the cross-entropy needs ids in [0, {classes}) (the student's vocabulary) where counted, "
                              f"got {int(targets[outside][0])}")
     options = (kw["divergence"], kw["beta"], kw["temperature"], kw["scale_by_t2"], *kw["softcap"], *kw["logit_scale"])

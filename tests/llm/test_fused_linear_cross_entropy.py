@@ -145,3 +145,22 @@ def test_bad_weights_and_labels_name_the_argument():
     # An out-of-range id at an ignored position does not count.
     bad[1, 3] = -100
     fused_linear_distill_loss(h_s, w_s, h_t, w_t, labels=bad, ce_weight=1.0)
+
+
+def test_compile_fullgraph_with_the_cross_entropy():
+    student, teacher, labels = _heads(7, vs=19, vt=19)
+    student = [x.detach().float().requires_grad_() for x in student]
+    teacher = [x.detach().float() for x in teacher]
+
+    def loss_fn(h, w, b):
+        return fused_linear_distill_loss(h, w, teacher[0], teacher[1], b, teacher[2], labels=labels, ce_weight=0.5,
+                                         divergence="jsd", beta=0.3, chunk_rows=5)
+
+    with kdkernels.use_backend("cpu"):
+        eager = loss_fn(*student)
+        eager_grads = torch.autograd.grad(eager, student)
+        compiled = torch.compile(loss_fn, fullgraph=True)(*student)
+        compiled_grads = torch.autograd.grad(compiled, student)
+    torch.testing.assert_close(compiled, eager)
+    for a, e in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, e)
