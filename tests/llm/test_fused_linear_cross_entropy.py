@@ -156,11 +156,10 @@ def test_compile_fullgraph_with_the_cross_entropy():
         return fused_linear_distill_loss(h, w, teacher[0], teacher[1], b, teacher[2], labels=labels, ce_weight=0.5,
                                          divergence="jsd", beta=0.3, chunk_rows=5)
 
+    results = []  # (loss, gradients) eager, then compiled
     with kdkernels.use_backend("cpu"):
-        eager = loss_fn(*student)
-        eager_grads = torch.autograd.grad(eager, student)
-        compiled = torch.compile(loss_fn, fullgraph=True)(*student)
-        compiled_grads = torch.autograd.grad(compiled, student)
-    torch.testing.assert_close(compiled, eager)
-    for a, e in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(a, e)
+        for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+            loss = fn(*student)
+            results.append((loss, *torch.autograd.grad(loss, student)))
+    for compiled, eager in zip(results[1], results[0]):
+        torch.testing.assert_close(compiled, eager)
