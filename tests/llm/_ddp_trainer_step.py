@@ -26,3 +26,5 @@ if __name__ == "__main__":
     )
     if torch.distributed.get_rank() == 0:
         torch.save({"loss": loss, "params": params}, f"{out}/ddp.pt")
+    torch.distributed.barrier()  # both ranks leave together: a rank that exits first can abort the other's gloo threads
+    torch.distributed.destroy_process_group()

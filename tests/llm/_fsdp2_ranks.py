@@ -52,6 +52,7 @@ def main(out: str) -> None:
     dist.all_gather(losses, loss.detach().float())
     if rank == 0:
         torch.save({"losses": losses, "grads": grads, "params": params}, f"{out}/fsdp2.pt")
+    dist.barrier()  # both ranks leave together: a rank that exits first can abort the other's gloo threads
     dist.destroy_process_group()
 
 

@@ -4,10 +4,6 @@ one SGD step of ``causal_lm_fused_linear_distill_loss`` (divergence + label cros
 token count) gives the gradients and parameters of one process training on the whole batch with
 the dense (logits) loss."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -15,17 +11,12 @@ transformers = pytest.importorskip("transformers")
 
 from kdkernels.llm.hf import causal_lm_distill_loss  # noqa: E402
 from tests.llm import _fsdp2_ranks as ranks  # noqa: E402
+from tests.llm._torchrun import run_two_ranks  # noqa: E402
 from tests.llm.test_hf_trainer import tiny_llama  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_fully_shard_two_ranks_equal_one_process(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "tests", "llm", "_fsdp2_ranks.py"), str(tmp_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_ranks("_fsdp2_ranks.py", str(tmp_path))
     sharded = torch.load(tmp_path / "fsdp2.pt")
 
     torch.set_num_threads(1)

@@ -6,10 +6,6 @@ LM head sees a row; the heads' own soft-capping (Gemma-2) is applied; bf16 autoc
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -21,6 +17,7 @@ from kdkernels.llm.hf import (  # noqa: E402
     final_hidden_states,
     lm_head_transform,
 )
+from tests.llm._torchrun import run_two_ranks  # noqa: E402
 from tests.llm.test_hf_trainer import EXAMPLES, dataset, tiny_llama, train_one_step  # noqa: E402
 
 KWARGS = dict(divergence="jsd", beta=0.3, temperature=2.0)
@@ -147,12 +144,7 @@ def test_ddp_two_ranks_fused_linear_equals_one_process_dense(tmp_path):
     """torchrun, 2 CPU ranks (gloo) × 4 examples with fused_linear=True: the parameters of one
     process × 8 examples on the dense path."""
     pytest.importorskip("accelerate")
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(repo, "tests", "llm", "_ddp_trainer_step.py"), str(tmp_path), "fused_linear"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_ranks("_ddp_trainer_step.py", str(tmp_path), "fused_linear")
     ddp = torch.load(tmp_path / "ddp.pt")
     teacher = tiny_llama(2, hidden=48, layers=2)
     _, params = train_one_step(tmp_path, EXAMPLES, 1, teacher_model=teacher, kd_weight=1.0, ce_weight=0.5,
