@@ -13,10 +13,19 @@
       ``tail_bucket`` and ``renormalize``). k = full vocabulary is the dense run (the tests show a
       store with k = V gives the dense loss exactly); it is not stored again here because at k = V a
       store costs V × 4 bytes per token.
+    - ``fused-linear forward_kl``: the dense forward-KL run again without logits: both models run
+      without their LM heads and :func:`kdkernels.llm.hf.causal_lm_fused_linear_distill_loss`
+      takes their final hidden states and head weights (divergence and CE in row blocks).
+* One training step (student forward, teacher forward, loss, backward), dense logits vs
+  fused-linear: peak extra memory (CPU allocator, torch profiler) and median time, at the
+  example's vocabulary and at ``--compare-vocab`` (fresh models of the same sizes).
 * Output (``--out``): ``results.csv`` / ``results.md`` (validation perplexity of each run, store bytes
-  per token) and ``perplexity.png``.
+  per token; the step comparison), ``step_comparison.csv`` and ``perplexity.png``.
 
-The losses run through kdkernels' reference implementation today (fused kernels: pending issue 11).
+The losses run through kdkernels' fused kernels: :func:`kdkernels.llm.distill_loss` dispatches a
+dense teacher to the ``kdkernels::divergences`` op and a top-k one to ``sparse_divergences`` (CPU
+C++ kernels here; Triton on a GPU), the fused-linear loss calls the same divergence kernel per
+block.
 
     python examples/llm_distill.py                 # default: minutes on 2 cores
     python examples/llm_distill.py --synthetic     # seconds (CI)
@@ -29,6 +38,7 @@ import csv
 import glob
 import math
 import os
+import sys
 import sysconfig
 import time
 
@@ -49,12 +59,15 @@ def parse_args(argv=None):
     p.add_argument("--student-seqs", type=int, default=1600,
                    help="the students train on (and the stores cover) the first N training sequences")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compare-vocab", type=int, default=32000, help="the larger vocabulary of the dense vs fused-linear step")
+    p.add_argument("--compare-repeats", type=int, default=3, help="timed steps per mode (median)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.synthetic:
         args.vocab, args.seq_len, args.batch = 300, 32, 8
         args.teacher_minutes, args.student_steps, args.max_files, args.val_seqs = 0.0, 4, 6, 8
         args.student_seqs = 64
+        args.compare_vocab, args.compare_repeats = 2000, 1
     return args
 
 
@@ -146,24 +159,81 @@ def train_teacher(args, train, val):
     return teacher, steps
 
 
-def train_student(args, name, train, val, teacher=None, store=None, **loss_kwargs):
+def new_student(args, vocab: int):
+    size = (24, 1, 2) if args.synthetic else (128, 2, 4)
+    return llama(vocab, *size, args.seq_len, args.seed + 2)
+
+
+def dense_step_loss(student, teacher, ids, **loss_kwargs):
+    """½ CE + ½ divergence from both models' logits."""
+    from kdkernels.llm.hf import causal_lm_distill_loss
+
+    logits = student(input_ids=ids).logits
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids).logits
+    return causal_lm_distill_loss(logits, ids, teacher_logits=teacher_logits, kd_weight=0.5, ce_weight=0.5, **loss_kwargs)
+
+
+def fused_linear_step_loss(student, teacher, ids, **loss_kwargs):
+    """The same loss without logits: final hidden states and LM-head weights only."""
+    from kdkernels.llm.hf import causal_lm_fused_linear_distill_loss, final_hidden_states
+
+    _, student_hidden = final_hidden_states(student, {"input_ids": ids})
+    with torch.no_grad():
+        _, teacher_hidden = final_hidden_states(teacher, {"input_ids": ids})
+    return causal_lm_fused_linear_distill_loss(student_hidden, student.get_output_embeddings(), teacher_hidden,
+                                               teacher.get_output_embeddings(), ids, kd_weight=0.5, ce_weight=0.5, **loss_kwargs)
+
+
+def compare_step(args, vocab: int, teacher, ids) -> list[dict]:
+    """Peak extra memory and median time of one training step (forward of both models, loss,
+    backward into the student's gradients) on the dense path and the fused-linear path, from the
+    same student initialisation."""
+    import statistics
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench._harness import cpu_peak_extra_bytes  # the benchmarks' CPU allocator peak (torch profiler)
+
+    student = new_student(args, vocab)
+    rows = []
+    for mode, step_loss in (("dense", dense_step_loss), ("fused-linear", fused_linear_step_loss)):
+        def run():
+            student.zero_grad(set_to_none=True)  # the gradients are allocated inside every step
+            loss = step_loss(student, teacher, ids, divergence="forward_kl")
+            loss.backward()
+            return loss.detach()
+
+        loss = run()  # warm-up
+        times = []
+        for _ in range(args.compare_repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        peak = cpu_peak_extra_bytes(run)
+        rows.append({"vocab": vocab, "tokens": ids.numel(), "mode": mode, "peak_extra_mib": peak / 2**20,
+                     "step_ms": 1e3 * statistics.median(times), "loss": float(loss)})
+    student.zero_grad(set_to_none=True)
+    return rows
+
+
+def train_student(args, name, train, val, teacher=None, store=None, fused_linear=False, **loss_kwargs):
     from tqdm.auto import tqdm
 
     from kdkernels.llm.hf import causal_lm_distill_loss
 
-    size = (24, 1, 2) if args.synthetic else (128, 2, 4)
-    student = llama(args.vocab, *size, args.seq_len, args.seed + 2)
+    student = new_student(args, args.vocab)
     opt = torch.optim.AdamW(student.parameters(), lr=3e-3, weight_decay=0.01)
     for picked in tqdm(batches(train, args.batch, args.student_steps, args.seed + 11), total=args.student_steps, desc=name, unit="step"):
         ids = train[picked]
-        logits = student(input_ids=ids).logits
-        if teacher is None and store is None:
-            loss = causal_lm_distill_loss(logits, ids, teacher_logits=logits.detach(), kd_weight=0.0, ce_weight=1.0)
+        if fused_linear:
+            loss = fused_linear_step_loss(student, teacher, ids, **loss_kwargs)
+        elif teacher is not None:
+            loss = dense_step_loss(student, teacher, ids, **loss_kwargs)
         elif store is None:
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=ids).logits
-            loss = causal_lm_distill_loss(logits, ids, teacher_logits=teacher_logits, kd_weight=0.5, ce_weight=0.5, **loss_kwargs)
+            logits = student(input_ids=ids).logits
+            loss = causal_lm_distill_loss(logits, ids, teacher_logits=logits.detach(), kd_weight=0.0, ce_weight=1.0)
         else:
+            logits = student(input_ids=ids).logits
             topk = store.batch(picked.tolist(), seq_len=args.seq_len)
             loss = causal_lm_distill_loss(
                 logits, ids, teacher_topk=(topk.indices, topk.values), teacher_mask=topk.mask, kd_weight=0.5, ce_weight=0.5,
@@ -200,6 +270,7 @@ def main(argv=None):
     runs = [("labels only", {}, None)]
     for divergence in ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"):
         runs.append((f"dense {divergence}", {"divergence": divergence, "beta": 0.1 if divergence.startswith("skew") else 0.5}, "dense"))
+    runs.append(("fused-linear forward_kl", {"divergence": "forward_kl", "beta": 0.5}, "fused"))
     stores = {}
     for k in (8, 32):
         k = min(k, args.vocab)
@@ -212,15 +283,27 @@ def main(argv=None):
     for name, loss_kwargs, source in runs:
         ppl = train_student(
             args, name, train, val,
-            teacher=teacher if source == "dense" else None,
+            teacher=teacher if source in ("dense", "fused") else None,
             store=stores.get(source) if isinstance(source, int) else None,
+            fused_linear=source == "fused",
             **loss_kwargs,
         )
         store = stores.get(source) if isinstance(source, int) else None
         dense_bytes = args.vocab * 2  # bf16 logits
+        note = {"dense": "teacher online (k = V); bytes = its bf16 logits", "fused": "teacher online, no logits (hidden states + heads)"}
         rows.append({"run": name, "val_ppl": ppl, "bytes_per_token": store.bytes_per_token if store else (dense_bytes if source == "dense" else ""),
-                     "note": "stored top-k" if store else ("teacher online (k = V); bytes = its bf16 logits" if source == "dense" else "")})
+                     "note": "stored top-k" if store else note.get(source, "")})
         print(f"{name}: val ppl {ppl:.2f}")
+
+    ids = train[: args.batch]
+    steps = compare_step(args, args.vocab, teacher, ids)
+    big_teacher = llama(args.compare_vocab, *((48, 1, 2) if args.synthetic else (256, 4, 4)), args.seq_len, args.seed + 3)
+    big_ids = torch.randint(0, args.compare_vocab, ids.shape, generator=torch.Generator().manual_seed(args.seed))
+    steps += compare_step(args, args.compare_vocab, big_teacher.eval().requires_grad_(False), big_ids)
+    with open(os.path.join(args.out, "step_comparison.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(steps[0]))
+        writer.writeheader()
+        writer.writerows(steps)
 
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["run", "val_ppl", "bytes_per_token", "note"])
@@ -230,6 +313,11 @@ def main(argv=None):
         f.write("| run | validation perplexity | teacher bytes / token | note |\n|---|---:|---:|---|\n")
         for row in rows:
             f.write(f"| {row['run']} | {row['val_ppl']:.2f} | {row['bytes_per_token']} | {row['note']} |\n")
+        f.write(f"\nOne training step (student + teacher forward, ½ CE + ½ forward KL, backward), batch {args.batch} × "
+                f"{args.seq_len} tokens; peak memory above the level before the step (CPU allocator):\n\n"
+                "| vocabulary | path | peak extra memory (MiB) | step time (ms, median) | loss |\n|---:|---|---:|---:|---:|\n")
+        for row in steps:
+            f.write(f"| {row['vocab']} | {row['mode']} | {row['peak_extra_mib']:.1f} | {row['step_ms']:.0f} | {row['loss']:.6f} |\n")
     import matplotlib
 
     matplotlib.use("Agg")

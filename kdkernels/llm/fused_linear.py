@@ -20,6 +20,11 @@ head that learns), with the softmax passes fused. The gradients are computed in 
 every kdkernels loss); ``reduction="none"`` recomputes the blocks in the backward instead, with
 each position's incoming gradient.
 
+With ``labels`` and ``ce_weight`` the label cross-entropy of the student's logits joins the
+divergence in each block (its gradient added to the block's student-logit gradient before the
+GEMMs), so a causal LM's ``kd_weight · KD + ce_weight · CE`` needs no logits at all
+(:func:`kdkernels.llm.hf.causal_lm_fused_linear_distill_loss`).
+
 With ``process_group`` the heads are sharded along the vocabulary over the ranks (a tensor-parallel
 LM head): each block's softmaxes are global through :mod:`kdkernels.llm.vocab_parallel`.
 
@@ -34,19 +39,22 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from kdkernels import backends
-from kdkernels._validation import check_int, check_tensor
+from kdkernels._dtypes import accumulation_dtype
+from kdkernels._validation import check_finite_real, check_int, check_tensor
 from kdkernels.llm.losses import IGNORE_INDEX, _validate
 from kdkernels.ops._reduction import counted_positions
 from kdkernels.ops.divergences import DIVERGENCES as DIVERGENCES_OP
+from kdkernels.ops.reference.divergences import transform_logits
 
 
 class _VocabParallel:
     """The "backend" of weights sharded along the vocabulary over ``group``: each block's loss by
     :func:`kdkernels.llm.vocab_parallel.vocab_parallel_positions` (PyTorch operations and three
-    all-reduces per block), its gradients through autograd."""
+    all-reduces per block), its gradients through autograd. ``offset``: the first class id of
+    this rank's rows (for the label cross-entropy)."""
 
-    def __init__(self, group):
-        self.group = group
+    def __init__(self, group, offset: int = 0):
+        self.group, self.offset = group, offset
 
 # fp32 logit bytes of one head per block at the default chunk size (N = 2048, V = 32000: 65 rows):
 # the two heads' logit blocks and the student's gradient block are the O(tile) part of the extra
@@ -85,13 +93,26 @@ def _logits(hidden, weight, bias):
 
 
 class _Heads:
-    """Both heads' tensors, flattened to (N, H) rows and cut to the compared vocabulary."""
+    """Both heads' tensors, flattened to (N, H) rows and cut to the compared vocabulary ``vocab``
+    — except the student's with ``student_whole`` (the label cross-entropy is over the student's
+    whole vocabulary, as the model's own loss)."""
 
-    def __init__(self, hs, ws, bs, ht, wt, bt, vocab):
+    def __init__(self, hs, ws, bs, ht, wt, bt, vocab, student_whole=False):
+        self.vocab = vocab
         self.hs, self.ht = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
-        self.ws, self.wt = ws[:vocab], wt[:vocab]
-        self.bs = None if bs is None else bs[:vocab]
+        student_rows = slice(None) if student_whole else slice(None, vocab)
+        self.ws, self.wt = ws[student_rows], wt[:vocab]
+        self.bs = None if bs is None else bs[student_rows]
         self.bt = None if bt is None else bt[:vocab]
+
+
+def _label_cross_entropy(zs, targets, mask, softcap, logit_scale):
+    """Per-row ``−log softmax(z)[label]`` (rows,) of the student's logits after its soft-cap /
+    scale (the logits the model outputs; no temperature), 0 where ``mask`` is False."""
+    z = transform_logits(zs.to(accumulation_dtype(zs)), logit_scale, softcap)
+    safe = targets if mask is None else torch.where(mask, targets, torch.zeros_like(targets))
+    ce = -torch.log_softmax(z, -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return ce if mask is None else torch.where(mask, ce, torch.zeros_like(ce))
 
 
 def _autograd_block(per_position, zs, zt, grad_scale, student_grad, teacher_grad):
@@ -107,36 +128,88 @@ def _autograd_block(per_position, zs, zt, grad_scale, student_grad, teacher_grad
     return loss.detach(), next(grads) if student_grad else None, next(grads) if teacher_grad else None
 
 
-def _block_losses_and_grads(backend, zs, zt, mask, options, grad_scale, student_grad, teacher_grad):
-    """Per-position losses of a block of logits and the gradients of ``grad_scale · Σ loss`` (or of
-    ``Σ grad_scale_i · loss_i`` for a per-row ``grad_scale``) with respect to them."""
+def _block_losses_and_grads(backend, zs, zt, mask, targets, options, weights, grad_scale, student_grad, teacher_grad, vocab):
+    """Per-position losses ``kd_weight · divergence + ce_weight · CE`` of a block of logits and the
+    gradients of ``grad_scale · Σ loss`` (or of ``Σ grad_scale_i · loss_i`` for a per-row
+    ``grad_scale``) with respect to them. ``zs`` spans the student's whole head when the
+    cross-entropy is on (the divergence compares its first ``vocab`` classes), else ``vocab``."""
+    kd_weight, ce_weight = weights
+    s_softcap, s_scale = options[4], options[6]
     if isinstance(backend, _VocabParallel):
-        from kdkernels.llm.vocab_parallel import vocab_parallel_positions
+        from kdkernels.llm.vocab_parallel import vocab_parallel_label_cross_entropy, vocab_parallel_positions
 
         # Every rank walks the same blocks: the collectives of this backward happen in lockstep.
-        return _autograd_block(
-            lambda s, t: vocab_parallel_positions(s, t, mask, *options, group=backend.group)[0],
-            zs, zt, grad_scale, student_grad, teacher_grad,
-        )
-    m2 = None if mask is None else mask.unsqueeze(-1)
-    if backend == "torch":  # the reference formula through autograd
-        return _autograd_block(
-            lambda s, t: DIVERGENCES_OP.twin(s.unsqueeze(-1), t.unsqueeze(-1), m2, *options).squeeze(-1),
-            zs, zt, grad_scale, student_grad, teacher_grad,
-        )
+        divergence = lambda s, t: vocab_parallel_positions(s, t, mask, *options, group=backend.group)[0]  # noqa: E731
+        cross_entropy = lambda s: vocab_parallel_label_cross_entropy(  # noqa: E731
+            s, targets, mask, s_softcap, s_scale, offset=backend.offset, group=backend.group)
+    elif backend == "torch":  # the reference formula through autograd
+        m2 = None if mask is None else mask.unsqueeze(-1)
+        divergence = lambda s, t: DIVERGENCES_OP.twin(s.unsqueeze(-1), t.unsqueeze(-1), m2, *options).squeeze(-1)  # noqa: E731
+        cross_entropy = lambda s: _label_cross_entropy(s, targets, mask, s_softcap, s_scale)  # noqa: E731
+    else:
+        return _kernel_block(backend, zs, zt, mask, targets, options, weights, grad_scale, student_grad, teacher_grad, vocab)
+
+    def per_position(s, t):
+        loss = kd_weight * divergence(s[:, :vocab], t)
+        return loss + ce_weight * cross_entropy(s) if ce_weight else loss
+
+    return _autograd_block(per_position, zs, zt, grad_scale, student_grad, teacher_grad)
+
+
+def _label_cross_entropy_and_grad(zs, targets, mask, softcap, logit_scale, grad_scale, want_grad):
+    """:func:`_label_cross_entropy` and, with ``want_grad``, ``grad_scale_i · ∂CE_i/∂z`` in closed
+    form (no autograd inside the op, so that it compiles): ``(softmax(z') − onehot(label)) · dz'/dz``
+    with ``z' = cap · tanh(z · scale / cap)``, ``dz'/dz = scale · (1 − tanh²)`` (the logits of a
+    linear head are finite). float32 (float64 for float64) inside, the gradient in ``zs``' dtype."""
+    z = zs.to(accumulation_dtype(zs))
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap is not None:
+        capped = torch.tanh(z / softcap)
+        z = softcap * capped
+    log_p = torch.log_softmax(z, -1)
+    counted = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask
+    safe = torch.where(counted, targets, torch.zeros_like(targets)).unsqueeze(-1)
+    ce = torch.where(counted, -log_p.gather(-1, safe).squeeze(-1), torch.zeros((), dtype=z.dtype, device=z.device))
+    if not want_grad:
+        return ce, None
+    grad = log_p.exp_()  # the softmax, in log_p's buffer
+    grad.scatter_add_(-1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
+    row_scale = torch.where(counted, grad_scale.to(grad.dtype).reshape(-1), torch.zeros((), dtype=grad.dtype, device=grad.device))
+    grad *= row_scale.unsqueeze(-1)
+    if softcap is not None:
+        grad *= 1 - capped * capped
+    if logit_scale is not None:
+        grad *= logit_scale
+    return ce, grad
+
+
+def _kernel_block(backend, zs, zt, mask, targets, options, weights, grad_scale, student_grad, teacher_grad, vocab):
+    """:func:`_block_losses_and_grads` through the backend's fused divergence kernel (the
+    cross-entropy in closed form on the block)."""
+    kd_weight, ce_weight = weights
     # The kernels take one scale: per-row scales (reduction="none"'s backward) multiply the rows after.
     rowwise = grad_scale.numel() > 1
-    kernel_scale = torch.ones((), dtype=torch.float64) if rowwise else grad_scale.reshape(())
+    kd_scale = grad_scale * kd_weight
+    kernel_scale = torch.ones((), dtype=torch.float64) if rowwise else kd_scale.reshape(())
+    m2 = None if mask is None else mask.unsqueeze(-1)
     loss, gs, gt = DIVERGENCES_OP.kernel_for(backend)(
-        zs.unsqueeze(-1), zt.unsqueeze(-1), m2, *options, kernel_scale, student_grad, teacher_grad
+        zs[:, :vocab].unsqueeze(-1), zt.unsqueeze(-1), m2, *options, kernel_scale, student_grad, teacher_grad
     )
     grads = [g.squeeze(-1) if wanted else None for g, wanted in ((gs, student_grad), (gt, teacher_grad))]
     if rowwise:
-        grads = [None if g is None else g * grad_scale.to(g.dtype).reshape(-1, 1) for g in grads]
-    return loss.squeeze(-1), *grads
+        grads = [None if g is None else g * kd_scale.to(g.dtype).reshape(-1, 1) for g in grads]
+    loss = kd_weight * loss.squeeze(-1)
+    if ce_weight:
+        ce, g_ce = _label_cross_entropy_and_grad(zs, targets, mask, options[4], options[6], grad_scale * ce_weight, student_grad)
+        loss = loss + ce_weight * ce
+        if student_grad:
+            g_ce[:, :vocab] += grads[0]  # the divergence's gradient, over the compared classes
+            grads[0] = g_ce.to(zs.dtype)
+    return loss, *grads
 
 
-def _walk_blocks(heads: _Heads, mask, options, grad_scale, wants, chunk_rows, backend):
+def _walk_blocks(heads: _Heads, mask, targets, options, weights, grad_scale, wants, chunk_rows, backend):
     """One pass over the row blocks: the per-position losses (N,) and the gradients of the
     ``wants`` = (hs, ws, bs, ht, wt, bt) flags, accumulated in float32 (float64 for float64)."""
     n = heads.hs.shape[0]
@@ -158,7 +231,10 @@ def _walk_blocks(heads: _Heads, mask, options, grad_scale, wants, chunk_rows, ba
         zt = _logits(ht, heads.wt, heads.bt)
         scale = grad_scale[rows] if grad_scale.numel() > 1 else grad_scale
         block_mask = None if mask is None else mask[rows]
-        losses[rows], gzs, gzt = _block_losses_and_grads(backend, zs, zt, block_mask, options, scale, student_grad, teacher_grad)
+        block_targets = None if targets is None else targets[rows]
+        losses[rows], gzs, gzt = _block_losses_and_grads(
+            backend, zs, zt, block_mask, block_targets, options, weights, scale, student_grad, teacher_grad, heads.vocab
+        )
         del zs, zt
         for gz, h, w, g_h, g_w, g_b in ((gzs, hs, heads.ws, g_hs, g_ws, g_bs), (gzt, ht, heads.wt, g_ht, g_wt, g_bt)):
             if gz is None:
@@ -178,6 +254,14 @@ def _walk_blocks(heads: _Heads, mask, options, grad_scale, wants, chunk_rows, ba
             if g is not None:
                 dist.all_reduce(g, op=dist.ReduceOp.SUM, group=backend.group)
     return losses, (g_hs, g_ws, g_bs, g_ht, g_wt, g_bt)
+
+
+def _shard_offset(rows: int, group, device) -> tuple[int, int]:
+    """``(first class id of this rank's shard, classes over all ranks)`` from every rank's row count."""
+    counts = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, torch.tensor(rows, dtype=torch.int64, device=device), group=group)
+    counts = [int(c) for c in counts]
+    return sum(counts[: dist.get_rank(group)]), sum(counts)
 
 
 def _padded(grad, like):
@@ -200,16 +284,16 @@ def _shaped(grads, like):
 
 class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, mask, grad_scale, options, vocab, chunk_rows, backend, rowwise):
-        heads = _Heads(hs, ws, bs, ht, wt, bt, vocab)
+    def forward(ctx, hs, ws, bs, ht, wt, bt, mask, targets, grad_scale, options, weights, vocab, chunk_rows, backend, rowwise):
+        heads = _Heads(hs, ws, bs, ht, wt, bt, vocab, student_whole=bool(weights[1]))
         wants = tuple(bool(x is not None and flag) for x, flag in zip((hs, ws, bs, ht, wt, bt), ctx.needs_input_grad[:6]))
-        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, mask)  # references, no copies: for a recomputation
-        ctx.recompute = (options, vocab, chunk_rows, backend, wants, grad_scale, rowwise)
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, mask, targets)  # references, no copies: for a recomputation
+        ctx.recompute = (options, weights, vocab, chunk_rows, backend, wants, grad_scale, rowwise)
         ctx.grads = None
         if rowwise or not any(wants):  # "none" (or no gradient yet): the blocks are recomputed in the backward
-            losses, _ = _walk_blocks(heads, mask, options, grad_scale, (False,) * 6, chunk_rows, backend)
+            losses, _ = _walk_blocks(heads, mask, targets, options, weights, grad_scale, (False,) * 6, chunk_rows, backend)
             return losses if rowwise else losses.sum() * grad_scale
-        losses, grads = _walk_blocks(heads, mask, options, grad_scale, wants, chunk_rows, backend)
+        losses, grads = _walk_blocks(heads, mask, targets, options, weights, grad_scale, wants, chunk_rows, backend)
         ctx.grads = _shaped(grads, (hs, ws, bs, ht, wt, bt))
         return losses.sum() * grad_scale  # the gradients already carry grad_scale
 
@@ -224,12 +308,13 @@ class _FusedLinearDistill(torch.autograd.Function):
         else:
             # reduction="none" (each row scaled by its incoming gradient), or a second backward
             # through the same loss (retain_graph): the blocks are walked again.
-            options, vocab, chunk_rows, backend, wants, grad_scale, rowwise = ctx.recompute
-            hs, ws, bs, ht, wt, bt, mask = ctx.saved_tensors
+            options, weights, vocab, chunk_rows, backend, wants, grad_scale, rowwise = ctx.recompute
+            hs, ws, bs, ht, wt, bt, mask, targets = ctx.saved_tensors
             scale = grad_out.reshape(-1) if rowwise else grad_out.reshape(()).to(grad_scale.dtype) * grad_scale
-            _, grads = _walk_blocks(_Heads(hs, ws, bs, ht, wt, bt, vocab), mask, options, scale, wants, chunk_rows, backend)
+            heads = _Heads(hs, ws, bs, ht, wt, bt, vocab, student_whole=bool(weights[1]))
+            _, grads = _walk_blocks(heads, mask, targets, options, weights, scale, wants, chunk_rows, backend)
             out = _shaped(grads, (hs, ws, bs, ht, wt, bt))
-        return (*out, None, None, None, None, None, None, None)
+        return (*out, *(None,) * 9)
 
 
 def fused_linear_distill_loss(
@@ -254,6 +339,8 @@ def fused_linear_distill_loss(
     logit_scale: float | tuple[float | None, float | None] | None = None,
     chunk_rows: int | None = None,
     process_group=None,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
 ) -> torch.Tensor:
     r""":func:`kdkernels.llm.distill_loss` of ``z_s = student_hidden @ student_weightᵀ + student_bias``
     and ``z_t = teacher_hidden @ teacher_weightᵀ + teacher_bias`` without the (N, V) logits: the
@@ -275,6 +362,13 @@ def fused_linear_distill_loss(
             every rank (:mod:`kdkernels.llm.vocab_parallel`, PyTorch operations per block), the
             weights' gradients are each rank's rows, the hidden states' are summed over the ranks.
             Every rank must call it with the same positions and ``chunk_rows``.
+        kd_weight, ce_weight: the per-position loss is ``kd_weight · divergence + ce_weight · CE``
+            where ``CE = −log softmax(z_s)[label]`` is the cross-entropy of the student's logits
+            (after its ``softcap`` / ``logit_scale``, without the temperature: the logits the model
+            outputs) over its whole vocabulary (``vocab_size`` restricts only the divergence) at
+            the counted positions; ``ce_weight > 0`` needs ``labels`` (ids in [0, V_s) where
+            counted). Its gradient joins the divergence's in each block before the GEMMs, so no
+            logits exist for it either; the reduction applies to the sum.
 
     Returns:
         The loss: a scalar, or the positions' shape for ``reduction="none"``; float32 (float64
@@ -286,6 +380,12 @@ def fused_linear_distill_loss(
     _check_head(teacher_hidden, teacher_weight, teacher_bias, positions, "teacher")
     if teacher_hidden.device != student_hidden.device:
         raise ValueError(f"teacher_hidden: on {teacher_hidden.device}, expected student_hidden's device {student_hidden.device}")
+    kd_weight, ce_weight = (check_finite_real(w, name) for w, name in ((kd_weight, "kd_weight"), (ce_weight, "ce_weight")))
+    for w, name in ((kd_weight, "kd_weight"), (ce_weight, "ce_weight")):
+        if w < 0:
+            raise ValueError(f"{name}: expected ≥ 0, got {w}")
+    if ce_weight and labels is None:
+        raise ValueError("ce_weight: the label cross-entropy needs labels= (the target ids of the positions)")
     if chunk_rows is not None:
         check_int(chunk_rows, "chunk_rows")
         if chunk_rows < 1:
@@ -324,18 +424,31 @@ def fused_linear_distill_loss(
         grad_scale = torch.ones((), dtype=acc, device=student_hidden.device)
     grad_scale = grad_scale.reshape(())
     if chunk_rows is None:
-        chunk_rows = max(1, min(max(n, 1), _DEFAULT_BLOCK_BYTES // (4 * vocab)))
+        chunk_rows = max(1, min(max(n, 1), _DEFAULT_BLOCK_BYTES // (4 * (v_s if ce_weight else vocab))))
     if process_group is not None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("process_group: torch.distributed is not initialised (call init_process_group first)")
         if vocab_size is not None:
             raise ValueError("vocab_size: not supported with process_group (cut the padding off the last rank's rows)")
-        backend = _VocabParallel(process_group)
+        offset, classes = _shard_offset(v_s, process_group, student_weight.device) if ce_weight else (0, v_s)
+        backend = _VocabParallel(process_group, offset)
     else:
+        classes = v_s
         backend = backends.resolve(student_hidden.device, DIVERGENCES_OP.kernel_backends + ("torch",))
+    targets = None
+    if ce_weight:
+        targets = labels.reshape(-1).long()
+        outside = (targets < 0) | (targets >= classes)
+        if mask_rows is not None:
+            outside &= mask_rows
+        if torch.compiler.is_compiling():  # no data-dependent branch in a compiled graph: a device-side assertion
+            torch._assert_async(~outside.any(), "labels: the cross-entropy needs ids in the student's vocabulary")
+        elif bool(outside.any()):
+            raise ValueError(f"labels: the cross-entropy needs ids in [0, {classes}) (the student's vocabulary) where counted, "
+                             f"got {int(targets[outside][0])}")
     options = (kw["divergence"], kw["beta"], kw["temperature"], kw["scale_by_t2"], *kw["softcap"], *kw["logit_scale"])
     losses = _FusedLinearDistill.apply(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-        mask_rows, grad_scale, options, vocab, chunk_rows, backend, rowwise,
+        mask_rows, targets, grad_scale, options, (kd_weight, ce_weight), vocab, chunk_rows, backend, rowwise,
     )
     return losses.reshape(positions) if rowwise else losses

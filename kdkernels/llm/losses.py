@@ -101,24 +101,8 @@ def _check_indices(indices: torch.Tensor, values: torch.Tensor, mask: torch.Tens
 
 
 def _validate(
-    student_logits,
-    teacher_logits,
-    teacher_topk,
-    divergence,
-    beta,
-    temperature,
-    scale_by_t2,
-    tail,
-    teacher_values,
-    stored_temperature,
-    mask,
-    labels,
-    ignore_index,
-    reduction,
-    num_items_in_batch,
-    vocab_size,
-    softcap,
-    logit_scale,
+    student_logits, teacher_logits, teacher_topk, divergence, beta, temperature, scale_by_t2, tail, teacher_values,
+    stored_temperature, mask, labels, ignore_index, reduction, num_items_in_batch, vocab_size, softcap, logit_scale,
     check_indices,
 ) -> dict:
     check_tensor(student_logits, "student_logits")
@@ -333,24 +317,8 @@ def distill_loss(
             reduction=reduction, num_items_in_batch=num_items_in_batch, softcap=softcap, logit_scale=logit_scale,
         )
     kwargs = _validate(
-        student_logits,
-        teacher_logits,
-        teacher_topk,
-        divergence,
-        beta,
-        temperature,
-        scale_by_t2,
-        tail,
-        teacher_values,
-        stored_temperature,
-        mask,
-        labels,
-        ignore_index,
-        reduction,
-        num_items_in_batch,
-        vocab_size,
-        softcap,
-        logit_scale,
+        student_logits, teacher_logits, teacher_topk, divergence, beta, temperature, scale_by_t2, tail, teacher_values,
+        stored_temperature, mask, labels, ignore_index, reduction, num_items_in_batch, vocab_size, softcap, logit_scale,
         check_indices,
     )
     if kwargs["teacher_topk"] is None:

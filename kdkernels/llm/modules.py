@@ -10,7 +10,20 @@ from kdkernels.llm.fused_linear import fused_linear_distill_loss
 from kdkernels.llm.losses import IGNORE_INDEX, distill_loss, generalized_jsd_loss
 
 
-class DistillLoss(nn.Module):
+class _ConfiguredLoss(nn.Module):
+    """A loss module holding its function's keyword options in ``config`` (shown in its repr) and
+    a process group (kept apart: it has no useful repr)."""
+
+    def __init__(self, process_group=None, **config) -> None:
+        super().__init__()
+        self.process_group = process_group
+        self.config = config
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+
+class DistillLoss(_ConfiguredLoss):
     """Holds the configuration of :func:`~kdkernels.llm.distill_loss`; ``forward(student_logits,
     teacher_logits=None, *, teacher_topk=None, mask=None, labels=None, num_items_in_batch=None)``."""
 
@@ -32,22 +45,10 @@ class DistillLoss(nn.Module):
         check_indices: str = "sync",
         process_group=None,
     ) -> None:
-        super().__init__()
-        self.process_group = process_group  # not in config: a process group has no useful repr
-        self.config = dict(
-            divergence=divergence,
-            beta=beta,
-            temperature=temperature,
-            scale_by_t2=scale_by_t2,
-            tail=tail,
-            teacher_values=teacher_values,
-            stored_temperature=stored_temperature,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            vocab_size=vocab_size,
-            softcap=softcap,
-            logit_scale=logit_scale,
-            check_indices=check_indices,
+        super().__init__(
+            process_group, divergence=divergence, beta=beta, temperature=temperature, scale_by_t2=scale_by_t2, tail=tail,
+            teacher_values=teacher_values, stored_temperature=stored_temperature, ignore_index=ignore_index,
+            reduction=reduction, vocab_size=vocab_size, softcap=softcap, logit_scale=logit_scale, check_indices=check_indices,
         )
 
     def forward(self, student_logits, teacher_logits=None, *, teacher_topk=None, mask=None, labels=None, num_items_in_batch=None):
@@ -62,9 +63,6 @@ class DistillLoss(nn.Module):
             **self.config,
         )
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
-
 
 class GeneralizedJSDLoss(nn.Module):
     """TRL's generalized JSD (β = 0 → KL(p_t‖p_s), β = 1 → KL(p_s‖p_t)) as a module."""
@@ -77,11 +75,12 @@ class GeneralizedJSDLoss(nn.Module):
         return generalized_jsd_loss(student_logits, teacher_logits, labels, self.beta, self.temperature, self.reduction, num_items_in_batch)
 
 
-class FusedLinearDistillLoss(nn.Module):
+class FusedLinearDistillLoss(_ConfiguredLoss):
     """Holds the configuration of :func:`~kdkernels.llm.fused_linear_distill_loss`;
     ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None,
     teacher_bias=None, *, mask=None, labels=None, num_items_in_batch=None)`` — e.g. with the models'
-    final hidden states and ``model.lm_head.weight``: no logits are computed."""
+    final hidden states and ``model.lm_head.weight``: no logits are computed. ``ce_weight > 0`` adds
+    the label cross-entropy (``labels`` required)."""
 
     def __init__(
         self,
@@ -97,20 +96,13 @@ class FusedLinearDistillLoss(nn.Module):
         logit_scale=None,
         chunk_rows: int | None = None,
         process_group=None,
+        kd_weight: float = 1.0,
+        ce_weight: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.process_group = process_group  # not in config: a process group has no useful repr
-        self.config = dict(
-            divergence=divergence,
-            beta=beta,
-            temperature=temperature,
-            scale_by_t2=scale_by_t2,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            vocab_size=vocab_size,
-            softcap=softcap,
-            logit_scale=logit_scale,
-            chunk_rows=chunk_rows,
+        super().__init__(
+            process_group, divergence=divergence, beta=beta, temperature=temperature, scale_by_t2=scale_by_t2,
+            ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size, softcap=softcap, logit_scale=logit_scale,
+            chunk_rows=chunk_rows, kd_weight=kd_weight, ce_weight=ce_weight,
         )
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None, teacher_bias=None,
@@ -120,6 +112,3 @@ class FusedLinearDistillLoss(nn.Module):
             mask=mask, labels=labels, num_items_in_batch=num_items_in_batch, process_group=self.process_group,
             **self.config,
         )
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())

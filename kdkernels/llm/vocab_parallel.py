@@ -90,6 +90,25 @@ def vocab_parallel_positions(
     return torch.where(counted, loss, torch.zeros_like(loss)), counted
 
 
+def vocab_parallel_label_cross_entropy(student_logits, targets, mask, softcap, logit_scale, *, offset, group=None) -> torch.Tensor:
+    """Per-position ``−log softmax(z)[label]`` of logits sharded along the vocabulary (this rank's
+    classes start at ``offset``), after the student's soft-cap / scale: the global normaliser as
+    above, the label's log-probability from the rank that holds it (Megatron's vocab-parallel
+    cross-entropy). 0 where ``mask`` is False; identical on every rank."""
+    z = transform_logits(student_logits.to(accumulation_dtype(student_logits)), logit_scale, softcap)
+    log_p = _global_log_softmax(z, group)
+    local = targets - offset
+    here = (local >= 0) & (local < z.shape[-1])
+    if mask is not None:
+        here = here & mask
+    if z.shape[-1] > 0:
+        picked = log_p.gather(-1, torch.where(here, local, torch.zeros_like(local)).unsqueeze(-1)).squeeze(-1)
+        picked = torch.where(here, picked, torch.zeros_like(picked))
+    else:
+        picked = z.new_zeros(z.shape[:-1])
+    return -_SumOverRanks.apply(picked, group, True)
+
+
 def vocab_parallel_distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

@@ -50,6 +50,12 @@ def fused_linear_cases():
     for divergence, beta in [("forward_kl", 0.5), ("jsd", 0.3), ("tvd", 0.5)]:
         for reduction in ("batchmean", "none"):
             yield f"fused-{divergence}-{reduction}", dict(divergence=divergence, beta=beta, temperature=1.5, reduction=reduction)
+    # The label cross-entropy too: each label's log-probability from the rank holding its class.
+    labels = torch.randint(0, 31, (3, 4), generator=torch.Generator().manual_seed(2))
+    labels[0, 0], labels[2, 3] = -100, SPLIT  # an ignored label; the first class of rank 1
+    for reduction in ("mean", "none"):
+        yield f"fused-ce-{reduction}", dict(divergence="jsd", beta=0.3, temperature=1.5, reduction=reduction, labels=labels,
+                                            ce_weight=0.6, softcap=(6.0, None))
 
 
 def main(out: str) -> None:

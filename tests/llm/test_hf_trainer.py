@@ -127,16 +127,9 @@ def test_ddp_two_ranks_equal_one_process(tmp_path):
     """torchrun with 2 CPU ranks (gloo) × 4 examples gives the parameters of 1 process × 8 examples
     (num_items_in_batch gathered over ranks, loss × world size against DDP's gradient average)."""
     pytest.importorskip("accelerate")
-    import os
-    import subprocess
-    import sys
+    from tests.llm._torchrun import run_two_ranks
 
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
-           os.path.join(repo, "tests", "llm", "_ddp_trainer_step.py"), str(tmp_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_ranks("_ddp_trainer_step.py", str(tmp_path))
     ddp = torch.load(tmp_path / "ddp.pt")
     teacher = tiny_llama(2, hidden=48, layers=2)
     loss, params = train_one_step(tmp_path, EXAMPLES, 1, teacher_model=teacher, kd_weight=1.0, ce_weight=0.5,

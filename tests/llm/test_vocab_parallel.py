@@ -3,7 +3,7 @@ equals ``distill_loss`` in one process holding all of it: the same loss on both 
 rank's gradients are the full-vocabulary gradients' slice (every divergence; batchmean, mean and
 per-position losses; masks, a teacher row without mass, a teacher whose mass is all on one rank,
 soft-capping, ``num_items_in_batch``); and ``fused_linear_distill_loss`` with LM heads split by rows
-over the ranks equals it with the whole heads."""
+over the ranks equals it with the whole heads (with the label cross-entropy too)."""
 
 import os
 import subprocess
