@@ -188,6 +188,18 @@ RowResult kl_row(const Setup<acc_t>& su, const RowInputs<acc_t, in_t>& in, out_t
 // is a normal number, else in log space, log(w_x e^{lx} + w_y e^{ly}). The sum underflows (to 0
 // even: half the smallest subnormal rounds to 0) where x and y are tiny but not 0, and there log m
 // would be −inf and a term x·(lx − log m) infinite. `tiny` marks the lanes taken in log space.
+// Whether some lane of m is below the smallest normal number (0 included; NaN is not).
+template <typename acc_t>
+inline bool any_below_normal(const Vec<acc_t>& m) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return _mm512_cmp_ps_mask(m, _mm512_set1_ps(std::numeric_limits<float>::min()), _CMP_LT_OQ) != 0;
+  }
+#endif
+  const Vec<acc_t> tiny = m < Vec<acc_t>(std::numeric_limits<acc_t>::min());
+  return tiny.zero_mask() != (1 << Vec<acc_t>::size()) - 1;
+}
+
 template <typename acc_t>
 struct LogMixture {
   using V = Vec<acc_t>;
@@ -195,9 +207,9 @@ struct LogMixture {
   bool any_tiny;
   LogMixture(const V& m, acc_t wx, const V& lx, acc_t wy, const V& ly) {
     lm = fast_log(m);
+    any_tiny = any_below_normal(m);
+    if (!any_tiny) return;  // the common case: one compare
     tiny = m < V(std::numeric_limits<acc_t>::min());
-    any_tiny = tiny.zero_mask() != (1 << V::size()) - 1;
-    if (!any_tiny) return;  // the common case: no extra work
     const V a = lx + V(std::log(wx)), b = ly + V(std::log(wy));  // log 0 = −inf: that side has no weight
     const V hi = at::vec::maximum(a, b), lo = at::vec::minimum(a, b);
     V in_log_space = hi + fast_log(V(1) + fast_exp(lo - hi));
