@@ -54,21 +54,30 @@ struct Terms {
   double term, g, h;  // the bucket's loss term, ∂D/∂u, ∂D/∂v
 };
 
-// log(w_x e^{lx} + w_y e^{ly}): the log of the sum where it is a normal number, else in log space
-// (the sum of two tiny probabilities underflows, to 0 even, and its log would be −inf).
-inline double log_mixture(double wx, double lx, double wy, double ly) {
-  const double m = wx * std::exp(lx) + wy * std::exp(ly);
+inline double logsumexp(const double* x, int64_t n) {
+  double m = kNegInf;
+  for (int64_t b = 0; b < n; ++b) m = nan_max(m, x[b]);
+  if (m == kNegInf) return kNegInf;
+  if (!std::isfinite(m)) return m == m ? kNaN : m;  // +inf − +inf, or NaN
+  double z = 0;
+  for (int64_t b = 0; b < n; ++b) z += std::exp(x[b] - m);
+  return m + std::log(z);
+}
+
+// log m of the mixture m = w_x·x + w_y·y of x = e^{lx}, y = e^{ly}: log(m) where m is a normal
+// number, else in log space (the sum of two tiny probabilities underflows, to 0 even, and its log
+// would be −inf).
+inline double log_mixture(double wx, double x, double lx, double wy, double y, double ly) {
+  const double m = wx * x + wy * y;
   if (!(m < std::numeric_limits<double>::min())) return std::log(m);  // NaN too
-  const double a = lx + std::log(wx), b = ly + std::log(wy);
-  const double hi = std::max(a, b), lo = std::min(a, b);
-  return hi == kNegInf ? kNegInf : hi + std::log1p(std::exp(lo - hi));
+  const double logs[2] = {lx + std::log(wx), ly + std::log(wy)};
+  return logsumexp(logs, 2);
 }
 
 // KL(x ‖ β x + (1−β) y) per bucket: (term, ∂/∂log x, ∂/∂log y), with x = e^{lx}, y = e^{ly};
 // x/m = e^{lx − log m} (m ≥ β x > 0 where x has mass, but it may underflow).
-inline Terms skew(double lx, double ly, double beta) {
-  const double x = std::exp(lx), y = std::exp(ly);
-  const double lm = log_mixture(beta, lx, 1 - beta, ly);
+inline Terms skew(double x, double lx, double y, double ly, double beta) {
+  const double lm = log_mixture(beta, x, lx, 1 - beta, y, ly);
   const double x_over_m = x != 0 ? std::exp(lx - lm) : 0.0;
   const double term = x != 0 ? x * (lx - lm) : 0.0;
   const double dx = x != 0 ? x * (lx - lm + 1) - beta * x * x_over_m : 0.0;
@@ -85,17 +94,17 @@ inline Terms bucket_terms(double u, double v, double beta, Kind kind) {
     case kReverseKl:
       return {p != 0 ? p * (u - v) : 0.0, p != 0 ? p * (u - v + 1) : 0.0, -p};
     case kJsd: {
-      const double lm = log_mixture(beta, v, 1 - beta, u);
+      const double lm = log_mixture(beta, q, v, 1 - beta, p, u);
       const double g = (1 - beta) * (p != 0 ? p * (u - lm) : 0.0);
       const double h = beta * (q != 0 ? q * (v - lm) : 0.0);
       return {g + h, g, h};  // the mixture terms cancel: D = Σ (g + h)
     }
     case kSkewForwardKl: {
-      const Terms t = skew(v, u, beta);
+      const Terms t = skew(q, v, p, u, beta);
       return {t.term, t.h, t.g};
     }
     case kSkewReverseKl:
-      return skew(u, v, beta);
+      return skew(p, u, q, v, beta);
     case kTvd: {
       double sign = p > q ? 1.0 : p < q ? -1.0 : 0.0;
       if (p != p || q != q) sign = kNaN;
@@ -113,16 +122,6 @@ inline Terms bucket_terms(double u, double v, double beta, Kind kind) {
 inline double log1mexp(double x) {
   if (x >= 0) return kNegInf;
   return x > -M_LN2 ? std::log(-std::expm1(x)) : std::log1p(-std::exp(x));
-}
-
-inline double logsumexp(const double* x, int64_t n) {
-  double m = kNegInf;
-  for (int64_t b = 0; b < n; ++b) m = nan_max(m, x[b]);
-  if (m == kNegInf) return kNegInf;
-  if (!std::isfinite(m)) return m == m ? kNaN : m;  // +inf − +inf, or NaN
-  double z = 0;
-  for (int64_t b = 0; b < n; ++b) z += std::exp(x[b] - m);
-  return m + std::log(z);
 }
 
 // cap·tanh(scale·z / cap), each step only if configured; −inf kept −inf. slope = d/dz from the
