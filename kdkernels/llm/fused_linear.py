@@ -44,7 +44,6 @@ from kdkernels._validation import check_finite_real, check_int, check_tensor
 from kdkernels.llm.losses import IGNORE_INDEX, _validate
 from kdkernels.ops._reduction import counted_positions
 from kdkernels.ops.divergences import DIVERGENCES as DIVERGENCES_OP
-from kdkernels.ops.reference.divergences import transform_logits
 
 
 class _VocabParallel:
@@ -106,15 +105,6 @@ class _Heads:
         self.bt = None if bt is None else bt[:vocab]
 
 
-def _label_cross_entropy(zs, targets, mask, softcap, logit_scale):
-    """Per-row ``−log softmax(z)[label]`` (rows,) of the student's logits after its soft-cap /
-    scale (the logits the model outputs; no temperature), 0 where ``mask`` is False."""
-    z = transform_logits(zs.to(accumulation_dtype(zs)), logit_scale, softcap)
-    safe = targets if mask is None else torch.where(mask, targets, torch.zeros_like(targets))
-    ce = -torch.log_softmax(z, -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return ce if mask is None else torch.where(mask, ce, torch.zeros_like(ce))
-
-
 def _autograd_block(per_position, zs, zt, grad_scale, student_grad, teacher_grad):
     """``per_position(zs, zt)`` (differentiable PyTorch) and the gradients of
     ``Σ grad_scale · loss`` with respect to the wanted logits, by autograd."""
@@ -145,7 +135,8 @@ def _block_losses_and_grads(backend, zs, zt, mask, targets, options, weights, gr
     elif backend == "torch":  # the reference formula through autograd
         m2 = None if mask is None else mask.unsqueeze(-1)
         divergence = lambda s, t: DIVERGENCES_OP.twin(s.unsqueeze(-1), t.unsqueeze(-1), m2, *options).squeeze(-1)  # noqa: E731
-        cross_entropy = lambda s: _label_cross_entropy(s, targets, mask, s_softcap, s_scale)  # noqa: E731
+        # The value alone, differentiable PyTorch: autograd gives its gradient.
+        cross_entropy = lambda s: _label_cross_entropy(s, targets, mask, s_softcap, s_scale)[0]  # noqa: E731
     else:
         return _kernel_block(backend, zs, zt, mask, targets, options, weights, grad_scale, student_grad, teacher_grad, vocab)
 
@@ -156,8 +147,10 @@ def _block_losses_and_grads(backend, zs, zt, mask, targets, options, weights, gr
     return _autograd_block(per_position, zs, zt, grad_scale, student_grad, teacher_grad)
 
 
-def _label_cross_entropy_and_grad(zs, targets, mask, softcap, logit_scale, grad_scale, want_grad):
-    """:func:`_label_cross_entropy` and, with ``want_grad``, ``grad_scale_i · ∂CE_i/∂z`` in closed
+def _label_cross_entropy(zs, targets, mask, softcap, logit_scale, grad_scale=None, want_grad=False):
+    """Per-row label cross-entropy ``−log softmax(z')[label]`` (rows,) of the student's logits after
+    its soft-cap / scale (the logits the model outputs; no temperature), 0 where ``mask`` is False;
+    and, with ``want_grad``, ``grad_scale_i · ∂CE_i/∂z`` in closed
     form (no autograd inside the op, so that it compiles): ``(softmax(z') − onehot(label)) · dz'/dz``
     with ``z' = cap · tanh(z · scale / cap)``, ``dz'/dz = scale · (1 − tanh²)`` (the logits of a
     linear head are finite). float32 (float64 for float64) inside, the gradient in ``zs``' dtype."""
@@ -201,7 +194,7 @@ def _kernel_block(backend, zs, zt, mask, targets, options, weights, grad_scale, 
         grads = [None if g is None else g * kd_scale.to(g.dtype).reshape(-1, 1) for g in grads]
     loss = kd_weight * loss.squeeze(-1)
     if ce_weight:
-        ce, g_ce = _label_cross_entropy_and_grad(zs, targets, mask, options[4], options[6], grad_scale * ce_weight, student_grad)
+        ce, g_ce = _label_cross_entropy(zs, targets, mask, options[4], options[6], grad_scale * ce_weight, student_grad)
         loss = loss + ce_weight * ce
         if student_grad:
             g_ce[:, :vocab] += grads[0]  # the divergence's gradient, over the compared classes
