@@ -355,13 +355,14 @@ def run_seed(data: Data, seed: int, args) -> dict:
         torch.manual_seed(3000 + seed)
         return CNN()
 
+    generation_one = fresh_student if args.born_again_init == "same" else second_init
     for weighting in ("default", "calibrated") if "born_again" in selected else ():
-        student = fresh_student() if args.born_again_init == "same" else second_init()
+        student = generation_one()
         methods = [HintonKD(temperature=1.0, alpha=1.0, name="born_again"), CrossEntropy()]
         results[f"born_again/{weighting}"] = run_distiller(student, ce_student, methods, x, y, data, args.steps, args.lr, weighting == "calibrated")
         results[f"born_again_ensemble/{weighting}"] = {"accuracy": accuracy(BornAgainEnsemble([ce_student, student]), data), "finite": results[f"born_again/{weighting}"]["finite"]}
     if "born_again" in selected:
-        student = fresh_student() if args.born_again_init == "same" else second_init()
+        student = generation_one()
         distiller = Distiller(student, teacher, [CrossEntropy()])
         totals, _ = fit(distiller, lambda: distiller(x, y), args.steps, args.lr)
         distiller.remove_hooks()
