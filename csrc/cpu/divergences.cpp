@@ -85,6 +85,7 @@ template <typename acc_t>
 struct Setup {
   Kind kind;
   acc_t beta, inv_t;
+  acc_t log_beta, log_one_minus_beta;  // the mixtures' weights in log space (their tiny lanes), once per call
   acc_t factor;  // T² with scale_by_t2, else 1
   acc_t scale;   // grad_scale·factor/T: ∂(grad_scale·factor·D)/∂z = scale·T·∂D/∂z
   LogitTransform<acc_t> student, teacher;
@@ -96,6 +97,7 @@ struct Scratch {
   row::ExpCache<acc_t> cache;
   std::vector<acc_t> zs, zt;  // transformed rows (padded to whole vectors)
   std::vector<acc_t> g, h;    // the mixtures' bucket gradients
+  std::vector<acc_t> factors;  // the mixtures' per-block probability factors
 };
 
 // A row's inputs as the passes read them (raw logits, or the scratch's transformed rows) and the
@@ -205,12 +207,14 @@ struct LogMixture {
   using V = Vec<acc_t>;
   V lm, tiny;
   bool any_tiny;
-  LogMixture(const V& m, acc_t wx, const V& lx, acc_t wy, const V& ly) {
-    lm = fast_log(m);
+  // log_wx, log_wy: log w_x, log w_y, precomputed: a call to logf in this loop would make the
+  // compiler keep every vector of the loop on the stack around it.
+  LogMixture(const V& m, acc_t log_wx, const V& lx, acc_t log_wy, const V& ly) {
+    lm = log_of_normal(m);  // wrong only in the tiny lanes, which are replaced below
     any_tiny = any_below_normal(m);
     if (!any_tiny) return;  // the common case: one compare
     tiny = m < V(std::numeric_limits<acc_t>::min());
-    const V a = lx + V(std::log(wx)), b = ly + V(std::log(wy));  // log 0 = −inf: that side has no weight
+    const V a = lx + V(log_wx), b = ly + V(log_wy);  // log 0 = −inf: that side has no weight
     const V hi = at::vec::maximum(a, b), lo = at::vec::minimum(a, b);
     V in_log_space = hi + fast_log(V(1) + fast_exp(lo - hi));
     in_log_space = V::blendv(in_log_space, hi, hi == V(neg_inf<acc_t>()));  // both −inf: −inf, not NaN
@@ -227,13 +231,14 @@ struct LogMixture {
 // Terms of a class where the distribution in front is 0 are selected away (never 0·log 0).
 template <int kKind, typename acc_t>
 inline void bucket_terms(const Vec<acc_t>& u, const Vec<acc_t>& v, const Vec<acc_t>& p, const Vec<acc_t>& q,
-                         acc_t beta, Vec<acc_t>& term, Vec<acc_t>& g, Vec<acc_t>& h) {
+                         const Setup<acc_t>& su, Vec<acc_t>& term, Vec<acc_t>& g, Vec<acc_t>& h) {
   using V = Vec<acc_t>;
+  const acc_t beta = su.beta;
   const V zero(0), vb(beta), vb1(acc_t(1) - beta);
   if constexpr (kKind == kJsd) {
-    const V lm = LogMixture<acc_t>(vb * q + vb1 * p, beta, v, acc_t(1) - beta, u).lm;
-    g = vb1 * V::blendv(zero, p * (u - lm), p != zero);
-    h = vb * V::blendv(zero, q * (v - lm), q != zero);
+    const V lm = LogMixture<acc_t>(vb * q + vb1 * p, su.log_beta, v, su.log_one_minus_beta, u).lm;
+    g = vb1 * where_nonzero(p, p * (u - lm));
+    h = vb * where_nonzero(q, q * (v - lm));
     term = g + h;  // the mixture's own terms cancel: D = Σ (g + h)
   } else if constexpr (kKind == kSkewForwardKl || kKind == kSkewReverseKl) {
     // KL(x ‖ β x + (1−β) y): x = q, y = p for the forward skew, the other way round for the reverse.
@@ -243,14 +248,14 @@ inline void bucket_terms(const Vec<acc_t>& u, const Vec<acc_t>& v, const Vec<acc
     const V& y = fwd ? p : q;
     const V& ly = fwd ? u : v;
     const V m = vb * x + vb1 * y;
-    const LogMixture<acc_t> mix(m, beta, lx, acc_t(1) - beta, ly);
+    const LogMixture<acc_t> mix(m, su.log_beta, lx, su.log_one_minus_beta, ly);
     const V& lm = mix.lm;
-    const V live = x != zero;
     const V x_over_m = mix.ratio(x, m, lx);  // one division for both derivatives
-    term = V::blendv(zero, x * (lx - lm), live);
-    const V d_x = V::blendv(zero, x * (lx - lm + V(1)) - vb * x * x_over_m, live);
+    const V log_ratio = lx - lm;
+    term = where_nonzero(x, x * log_ratio);
+    const V d_x = where_nonzero(x, x * (log_ratio + V(1) - vb * x_over_m));
     // x = 0: x/m = 0 (and m = 0 only there, or where a tiny m was taken in log space).
-    const V d_y = V::blendv(zero, zero - vb1 * y * x_over_m, live);
+    const V d_y = where_nonzero(x, V(beta - acc_t(1)) * y * x_over_m);
     g = fwd ? d_y : d_x;
     h = fwd ? d_x : d_y;
   } else {
@@ -264,68 +269,72 @@ inline void bucket_terms(const Vec<acc_t>& u, const Vec<acc_t>& v, const Vec<acc
   }
 }
 
-// The mixtures: pass 1 caches the exponentials, pass 2 the terms and bucket gradients, pass 3 the
-// logit gradients. p and q come from the cache (finite rows) or from exp(u), exp(v) (the rest:
-// NaN propagates).
-template <int kKind, typename acc_t, typename in_t, typename out_t>
-RowResult mixture_row(const Setup<acc_t>& su, const RowInputs<acc_t, in_t>& in, out_t* gs, out_t* gt, int64_t C,
-                      Scratch<acc_t>& scratch) {
+// What passes 2 and 3 of a mixture row read, by value. Each pass is a function of its own, with a
+// local copy of the Setup (a store into a float gradient row may alias any float the compiler
+// reaches through a pointer), and its loop over whole vectors is separate from the block's tail (no
+// per-vector lane count: no masked loads and stores, no padding selects). Against the passes as
+// capturing lambdas of mixture_row with a lane count per vector, this took the JSD's fwd+bwd at
+// 512 × 32000 fp32 from 1.31–1.34× kd_loss's time to 1.14–1.16× (interleaved runs, AVX-512).
+template <typename acc_t, typename in_t>
+struct MixtureSweep {
+  const in_t* s;
+  const in_t* t;
+  const acc_t* ea;       // pass 1's exponentials (finite rows)
+  const acc_t* eb;
+  const acc_t* factors;  // per block of row::kRowBlock classes: the factors that make ea, eb p and q
+  int64_t C;
+  acc_t inv_t, shift_a, shift_b, log_za, log_zb;
+};
+
+// (u, v, p, q) of the n classes at c of a block whose factors are fa, fb: u = log p, v = log q;
+// n = L, or n < L at a block's tail (the rest of the lanes −inf logits). p, q from the cached
+// exponentials (kFromCache: finite rows) or as exp(u), exp(v) (NaN propagates).
+template <bool kFromCache, bool kFull, typename acc_t, typename in_t>
+inline void sweep_point(const MixtureSweep<acc_t, in_t>& row, int64_t c, int64_t n, const Vec<acc_t>& fa,
+                        const Vec<acc_t>& fb, Vec<acc_t>& u, Vec<acc_t>& v, Vec<acc_t>& p, Vec<acc_t>& q) {
   using V = Vec<acc_t>;
   constexpr int64_t L = V::size();
   constexpr acc_t ninf = neg_inf<acc_t>();
-  const auto st = row::walk_row(SoftmaxPolicy<acc_t>{}, in.s, in.t, C, su.inv_t, &scratch.cache);
-  if (st.max_b == ninf) return {false, 0.0};
-  const bool finite = st.finite();
-  const bool grads = gs != nullptr || gt != nullptr;
-  const V vinv(su.inv_t), vsa(st.shift_a), vsb(st.shift_b), vlza(st.log_za), vlzb(st.log_zb);
-  const acc_t* ea = scratch.cache.ea.data();
-  const acc_t* eb = scratch.cache.eb.data();
-  // The bucket gradients wait for pass 3 in the gradient rows themselves when those hold acc_t
-  // (pass 3 then updates them in place: a smaller working set), else in the scratch.
-  acc_t* G = scratch.g.data();
-  acc_t* H = scratch.h.data();
-  if constexpr (std::is_same_v<out_t, acc_t>) {
-    if (gs != nullptr) G = gs;
-    if (gt != nullptr) H = gt;
+  const V sv = kFull ? load_vec<acc_t>(row.s + c) : load_vec_n<acc_t>(row.s + c, n, ninf);
+  const V tv = kFull ? load_vec<acc_t>(row.t + c) : load_vec_n<acc_t>(row.t + c, n, ninf);
+  u = (sv - V(row.shift_a)) * V(row.inv_t) - V(row.log_za);
+  v = (tv - V(row.shift_b)) * V(row.inv_t) - V(row.log_zb);
+  if constexpr (kFromCache) {
+    p = V::loadu(row.ea + c, kFull ? L : n) * fa;
+    q = V::loadu(row.eb + c, kFull ? L : n) * fb;
+  } else {
+    p = u.exp();
+    q = v.exp();
   }
+}
 
-  // Visits the row vector by vector with (c, lanes, u, v, p, q); tail lanes are −inf logits.
-  // kFromCache: p, q from pass 1's exponentials (finite rows), else exp(u), exp(v) (NaN propagates).
-  // What a visitor does not use (u and v in pass 3, say) the compiler drops, loads included.
-  auto sweep = [&](auto from_cache, auto&& visit) {
-    constexpr bool kFromCache = decltype(from_cache)::value;
-    for (int64_t c0 = 0, k = 0; c0 < C; c0 += row::kRowBlock, ++k) {
-      const int64_t c1 = std::min(C, c0 + row::kRowBlock);
-      std::array<acc_t, 2> f{0, 0};
-      if constexpr (kFromCache) f = row::probability_factors(scratch.cache, k, st, su.inv_t);
-      const V vfa(f[0]), vfb(f[1]);
-      for (int64_t c = c0; c < c1; c += L) {
-        const int64_t n = std::min(L, c1 - c);
-        const V sv = n == L ? load_vec<acc_t>(in.s + c) : load_vec_n<acc_t>(in.s + c, n, ninf);
-        const V tv = n == L ? load_vec<acc_t>(in.t + c) : load_vec_n<acc_t>(in.t + c, n, ninf);
-        const V u = (sv - vsa) * vinv - vlza;
-        const V v = (tv - vsb) * vinv - vlzb;
-        if constexpr (kFromCache) {
-          visit(c, n, u, v, V::loadu(ea + c, n) * vfa, V::loadu(eb + c, n) * vfb);
-        } else {
-          visit(c, n, u, v, u.exp(), v.exp());
-        }
-      }
-    }
-  };
-  auto sweep_row = [&](auto&& visit) {
-    if (finite) {
-      sweep(std::true_type{}, visit);
-    } else {
-      sweep(std::false_type{}, visit);
-    }
-  };
+// Calls step(c, n, fa, fb, full) for the vectors of a row, block by block: `full` std::true_type for
+// whole vectors (n = L), std::false_type for a block's tail; fa, fb the block's probability factors.
+template <bool kFromCache, typename acc_t, typename in_t, typename Step>
+inline void for_each_vector(const MixtureSweep<acc_t, in_t>& row, Step&& step) {
+  using V = Vec<acc_t>;
+  constexpr int64_t L = V::size();
+  for (int64_t c0 = 0, k = 0; c0 < row.C; c0 += row::kRowBlock, ++k) {
+    const int64_t c1 = std::min(row.C, c0 + row::kRowBlock);
+    const V fa(kFromCache ? row.factors[2 * k] : acc_t(0)), fb(kFromCache ? row.factors[2 * k + 1] : acc_t(0));
+    int64_t c = c0;
+    for (; c + L <= c1; c += L) step(c, L, fa, fb, std::true_type{});
+    if (c < c1) step(c, c1 - c, fa, fb, std::false_type{});
+  }
+}
 
+// Pass 2: the terms and bucket gradients g, h (into G, H where not null); returns Σ term, Σ g, Σ h.
+template <int kKind, bool kFromCache, typename acc_t, typename in_t>
+std::array<acc_t, 3> mixture_pass2(const Setup<acc_t>& setup, const MixtureSweep<acc_t, in_t>& row, acc_t* G, acc_t* H) {
+  using V = Vec<acc_t>;
+  const Setup<acc_t> su = setup;  // a copy no store can alias
   V sum_term(0), sum_g(0), sum_h(0);
-  sweep_row([&](int64_t c, int64_t n, const V& u, const V& v, const V& p, const V& q) {
-    V term, g, h;
-    bucket_terms<kKind>(u, v, p, q, su.beta, term, g, h);
-    if (n < L) {  // padding lanes: never summed
+  for_each_vector<kFromCache>(row, [&](int64_t c, int64_t n, const V& fa, const V& fb, auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    V u, v, p, q, term, g, h;
+    sweep_point<kFromCache, kFull>(row, c, n, fa, fb, u, v, p, q);
+    bucket_terms<kKind>(u, v, p, q, su, term, g, h);
+    if constexpr (!kFull) {  // padding lanes: never summed
       term = V::set(V(0), term, n);
       g = V::set(V(0), g, n);
       h = V::set(V(0), h, n);
@@ -333,34 +342,81 @@ RowResult mixture_row(const Setup<acc_t>& su, const RowInputs<acc_t, in_t>& in, 
     sum_term = sum_term + term;
     sum_g = sum_g + g;
     sum_h = sum_h + h;
-    if (gs != nullptr) g.store(G + c, n);
-    if (gt != nullptr) h.store(H + c, n);
+    if (G != nullptr) kFull ? g.store(G + c) : g.store(G + c, n);
+    if (H != nullptr) kFull ? h.store(H + c) : h.store(H + c, n);
   });
-  const acc_t divergence = hsum(sum_term);
-  if (grads) {
-    const V vscale(su.scale), total_g(hsum(sum_g)), total_h(hsum(sum_h));
-    auto pass3 = [&](auto sloped) {
-      constexpr bool kSloped = decltype(sloped)::value;  // a transform on either side
-      sweep_row([&](int64_t c, int64_t n, const V&, const V&, const V& p, const V& q) {
-        if (gs != nullptr) {
-          V d = (V::loadu(G + c, n) - p * total_g) * vscale;
-          if constexpr (kSloped) d = d * slope_at(su.student, in.zs, c);
-          n == L ? store_vec(d, gs + c) : store_vec_n(d, gs + c, n);
-        }
-        if (gt != nullptr) {
-          V d = (V::loadu(H + c, n) - q * total_h) * vscale;
-          if constexpr (kSloped) d = d * slope_at(su.teacher, in.zt, c);
-          n == L ? store_vec(d, gt + c) : store_vec_n(d, gt + c, n);
-        }
-      });
-    };
-    if (in.zs != nullptr || in.zt != nullptr) {
-      pass3(std::true_type{});
-    } else {
-      pass3(std::false_type{});
+  return {hsum(sum_term), hsum(sum_g), hsum(sum_h)};
+}
+
+// Pass 3: ∂D/∂z_s = (g − p Σg)·scale (times the transform's slope: kSloped) into gs, and the teacher's
+// likewise into gt (either may be null). G, H: pass 2's bucket gradients (they may be gs, gt).
+template <bool kFromCache, bool kSloped, typename acc_t, typename in_t, typename out_t>
+void mixture_pass3(const Setup<acc_t>& setup, const MixtureSweep<acc_t, in_t>& row, const acc_t* zs, const acc_t* zt,
+                   const acc_t* G, const acc_t* H, acc_t total_g, acc_t total_h, out_t* gs, out_t* gt) {
+  using V = Vec<acc_t>;
+  constexpr int64_t L = V::size();
+  const Setup<acc_t> su = setup;
+  const V vscale(su.scale), vg(total_g), vh(total_h);
+  for_each_vector<kFromCache>(row, [&](int64_t c, int64_t n, const V& fa, const V& fb, auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    V u, v, p, q;  // u and v unused here: the compiler drops them, loads included
+    sweep_point<kFromCache, kFull>(row, c, n, fa, fb, u, v, p, q);
+    if (gs != nullptr) {
+      V d = (V::loadu(G + c, kFull ? L : n) - p * vg) * vscale;
+      if constexpr (kSloped) d = d * slope_at(su.student, zs, c);
+      kFull ? store_vec(d, gs + c) : store_vec_n(d, gs + c, n);
+    }
+    if (gt != nullptr) {
+      V d = (V::loadu(H + c, kFull ? L : n) - q * vh) * vscale;
+      if constexpr (kSloped) d = d * slope_at(su.teacher, zt, c);
+      kFull ? store_vec(d, gt + c) : store_vec_n(d, gt + c, n);
+    }
+  });
+}
+
+// The mixtures: pass 1 caches the exponentials, pass 2 the terms and bucket gradients, pass 3 the
+// logit gradients. p and q come from the cache (finite rows) or from exp(u), exp(v) (the rest:
+// NaN propagates).
+template <int kKind, typename acc_t, typename in_t, typename out_t>
+RowResult mixture_row(const Setup<acc_t>& su, const RowInputs<acc_t, in_t>& in, out_t* gs, out_t* gt, int64_t C,
+                      Scratch<acc_t>& scratch) {
+  const auto st = row::walk_row(SoftmaxPolicy<acc_t>{}, in.s, in.t, C, su.inv_t, &scratch.cache);
+  if (st.max_b == neg_inf<acc_t>()) return {false, 0.0};
+  const bool finite = st.finite();
+  if (finite) {
+    const int64_t blocks = (C + row::kRowBlock - 1) / row::kRowBlock;
+    scratch.factors.resize(2 * blocks);
+    for (int64_t k = 0; k < blocks; ++k) {
+      const auto f = row::probability_factors(scratch.cache, k, st, su.inv_t);
+      scratch.factors[2 * k] = f[0];
+      scratch.factors[2 * k + 1] = f[1];
     }
   }
-  return {true, static_cast<double>(su.factor * divergence)};
+  const MixtureSweep<acc_t, in_t> row{in.s, in.t, scratch.cache.ea.data(), scratch.cache.eb.data(),
+                                      scratch.factors.data(), C, su.inv_t, st.shift_a, st.shift_b, st.log_za, st.log_zb};
+  // The bucket gradients wait for pass 3 in the gradient rows themselves when those hold acc_t
+  // (pass 3 then updates them in place: a smaller working set), else in the scratch.
+  acc_t* G = gs == nullptr ? nullptr : scratch.g.data();
+  acc_t* H = gt == nullptr ? nullptr : scratch.h.data();
+  if constexpr (std::is_same_v<out_t, acc_t>) {
+    if (gs != nullptr) G = gs;
+    if (gt != nullptr) H = gt;
+  }
+  const std::array<acc_t, 3> sums = finite ? mixture_pass2<kKind, true>(su, row, G, H)
+                                           : mixture_pass2<kKind, false>(su, row, G, H);
+  if (gs != nullptr || gt != nullptr) {
+    const bool sloped = in.zs != nullptr || in.zt != nullptr;  // a transform on either side
+    auto pass3 = [&](auto from_cache, auto with_slope) {
+      mixture_pass3<decltype(from_cache)::value, decltype(with_slope)::value>(su, row, in.zs, in.zt, G, H, sums[1],
+                                                                              sums[2], gs, gt);
+    };
+    if (finite) {
+      sloped ? pass3(std::true_type{}, std::true_type{}) : pass3(std::true_type{}, std::false_type{});
+    } else {
+      sloped ? pass3(std::false_type{}, std::true_type{}) : pass3(std::false_type{}, std::false_type{});
+    }
+  }
+  return {true, static_cast<double>(su.factor * sums[0])};
 }
 
 // KL(x ‖ x) of the skews at β = 1: 0, NaN where the reference side's row is NaN (a NaN or +inf
@@ -480,6 +536,8 @@ Setup<acc_t> setup_of(Kind kind, double beta, double temperature, bool scale_by_
   Setup<acc_t> su;
   su.kind = kind;
   su.beta = static_cast<acc_t>(beta);
+  su.log_beta = std::log(su.beta);  // −inf at β = 0: that side of the mixture has no weight
+  su.log_one_minus_beta = std::log(acc_t(1) - su.beta);
   su.inv_t = static_cast<acc_t>(1.0 / temperature);
   const double factor = scale_by_t2 ? temperature * temperature : 1.0;
   su.factor = static_cast<acc_t>(factor);
