@@ -203,6 +203,24 @@ def _kernel_block(backend, zs, zt, mask, targets, options, weights, grad_scale, 
 
 
 def _walk_blocks(heads: _Heads, mask, targets, options, weights, grad_scale, wants, chunk_rows, backend):
+    """The per-position losses (N,) and the gradients of the ``wants`` = (hs, ws, bs, ht, wt, bt)
+    flags, accumulated in float32 (float64 for float64): by the Triton tiles
+    (:func:`kdkernels.ops.triton.fused_linear.fused_linear_rows`) on the ``triton`` backend when
+    the teacher wants no gradient, else by :func:`_walk_row_blocks`."""
+    if backend == "triton" and not any(wants[3:]):
+        from kdkernels.ops.triton.fused_linear import fused_linear_rows
+
+        losses, student_grads = fused_linear_rows(
+            heads.hs, heads.ws, heads.bs, heads.ht, heads.wt, heads.bt, mask, targets, options, weights,
+            heads.vocab, grad_scale, wants[:3],
+        )
+        g_hs, g_ws, g_bs = student_grads
+        g_hs = None if g_hs is None else g_hs.to(heads.hs.dtype)  # as the block walk's (weights: by _shaped)
+        return losses, (g_hs, g_ws, g_bs, None, None, None)
+    return _walk_row_blocks(heads, mask, targets, options, weights, grad_scale, wants, chunk_rows, backend)
+
+
+def _walk_row_blocks(heads: _Heads, mask, targets, options, weights, grad_scale, wants, chunk_rows, backend):
     """One pass over the row blocks: the per-position losses (N,) and the gradients of the
     ``wants`` = (hs, ws, bs, ht, wt, bt) flags, accumulated in float32 (float64 for float64)."""
     n = heads.hs.shape[0]

@@ -1,0 +1,514 @@
+r"""Triton ``tl.dot`` kernels of :func:`kdkernels.llm.fused_linear_distill_loss`: the divergence of
+two LM heads (and the student's label cross-entropy) from hidden states and weights, by tiles.
+
+With ``z_s = h_s W_sᵀ + b_s``, ``z_t = h_t W_tᵀ + b_t`` (each head its own hidden size), the
+logit transforms of the divergence kernel (``z·logit_scale``, then ``cap·tanh(z / cap)``) and
+``u = log p``, ``v = log q`` the log-softmaxes at temperature T of the first ``vocab`` classes,
+the per-position loss is ``kd_weight · D(p, q) · T²`` (if ``scale_by_t2``) plus, with
+``ce_weight``, ``ce_weight · (log Σ_{V_s} e^{z'_s} − z'_s[label])`` at T = 1 over the student's
+whole head. The formulas, directions and edge cases are those of
+:mod:`kdkernels.ops.triton.divergences` (whose ``@triton.jit`` helpers run here unchanged): the
+same per-class terms and bucket gradients ``g = ∂D/∂u`` (:func:`_bucket_terms`), the same
+``∂D/∂z_s = (g − p Σg) / T`` times T², the reduction's scale and the transform's slope.
+
+No program holds more than a ``(BLOCK_M, BLOCK_V)`` tile of logits (and its gradient); a tile
+is ``Σ_k h[rows, k] W[tile, k]ᵀ`` over ``BLOCK_K`` chunks of the hidden size with ``tl.dot``
+(float32 accumulation; float64 for float64 heads). Four kernels, each recomputing the tiles it
+needs rather than storing them:
+
+1. :func:`_stats_kernel`, a program per ``BLOCK_M`` rows walking the vocabulary tiles: the online
+   max and sum-exp of both heads (the divergence walker's :func:`softmax_block_update`), for the
+   KL divergences also their cross term (so their loss and ``Σg`` are closed forms, as in the
+   divergence kernel), with cross-entropy the student's log-sum-exp at T = 1 over its whole
+   vocabulary and the label's logit. Output: 8 floats per row.
+2. :func:`_terms_kernel` (mixture divergences and TVD only): the tiles again; per element the
+   terms and ``g`` of :func:`_bucket_terms` summed per row → the divergence and ``Σg``.
+3. :func:`_hidden_grad_kernel`, a program per row block: for each vocabulary tile the
+   ``(BLOCK_M, BLOCK_V)`` student-logit gradient ``dz`` in registers, and
+   ``dh[rows] += dz W[tile]`` over the hidden size in ``BLOCK_K`` chunks, read-modify-write of
+   the program's own rows of a float32 buffer.
+4. :func:`_weight_grad_kernel`, a program per vocabulary tile: for each row block ``dz`` again,
+   ``dW[tile] += dzᵀ h[rows]`` (``BLOCK_K`` chunks) and ``db[tile] += Σ_rows dz``, the program's
+   own rows of ``dW``.
+
+Every output element is written by one program, in a fixed order: the result is deterministic
+(no atomics). The work is 2 logit GEMMs per head and pass (stats, terms for the mixture
+divergences, each gradient kernel) plus one GEMM per gradient: 8 GEMM-sized products for a KL
+with ``dh`` and ``dW`` (10 for JSD / skew KL / TVD) against the eager composite's 4; the
+read-modify-writes of ``dh`` / ``dW`` add ``8·H`` bytes per row (per column) and tile.
+
+Only the student's gradients: the caller (``kdkernels.llm.fused_linear``) walks row blocks with
+GEMMs instead when the teacher's tensors want gradients or the heads are vocabulary-parallel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from kdkernels.ops.triton import two_distribution_row as walker
+from kdkernels.ops.triton.divergences import (
+    FORWARD_KL,
+    REVERSE_KL,
+    ZERO_STUDENT_REFERENCE,
+    ZERO_TEACHER_REFERENCE,
+    _bucket_terms,
+    _divergence_block_update,
+    _transform_slope,
+    _transformed,
+    divergence_kind,
+)
+from kdkernels.ops.triton.nan import joined_float, split_float
+
+# Columns of the per-row statistics (one (N, 8) tensor in the accumulation dtype).
+_M_S, _LZ_S, _M_T, _LZ_T, _DIV, _SUM_G, _LSE_CE, _CE = range(8)
+_N_STATS = 8
+
+# ---------------------------------------------------------------------------------------------
+# Device side
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logit_tile(
+    X, W, B, rows, row_ok, cols, col_ok, n_hidden, x_s0, x_s1, w_s0, w_s1, b_s0,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``X[rows] W[cols]ᵀ (+ B[cols])`` as a ``(BLOCK_M, BLOCK_V)`` tile in ``ACC``: ``tl.dot``
+    over the hidden size in ``BLOCK_K`` chunks (masked loads read 0 past every edge)."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_V], DOT_ACC)
+    for k0 in range(0, n_hidden, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < n_hidden
+        x = tl.load(X + rows[:, None] * x_s0 + k[None, :] * x_s1, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W + cols[None, :] * w_s0 + k[:, None] * w_s1, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    z = acc.to(ACC)
+    if HAS_BIAS:
+        z += tl.load(B + cols * b_s0, mask=col_ok, other=0.0).to(ACC)[None, :]
+    return z
+
+
+@triton.jit
+def _tile_pair(
+    HS, WS, BS, HT, WT, BT, rows, row_ok, cols, n_student_cols, vocab, h_s, h_t,
+    hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0,
+    s_scale, s_cap, t_scale, t_cap,
+    S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
+    T_SCALE: tl.constexpr, T_CAP: tl.constexpr, ACC: tl.constexpr,
+    S_DOT_ACC: tl.constexpr, T_DOT_ACC: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The transformed logits of both heads on one tile: the student's over its
+    ``n_student_cols`` columns, the teacher's over ``vocab`` (columns past them hold finite junk:
+    the callers mask them)."""
+    a = _logit_tile(
+        HS, WS, BS, rows, row_ok, cols, cols < n_student_cols, h_s, hs_s0, hs_s1, ws_s0, ws_s1, bs_s0,
+        S_BIAS, ACC, S_DOT_ACC, S_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+    )
+    b = _logit_tile(
+        HT, WT, BT, rows, row_ok, cols, cols < vocab, h_t, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0,
+        T_BIAS, ACC, T_DOT_ACC, T_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+    )
+    return _transformed(a, s_scale, s_cap, S_SCALE, S_CAP), _transformed(b, t_scale, t_cap, T_SCALE, T_CAP)
+
+
+@triton.jit
+def _compared(x, cols, vocab):
+    """``x`` on the compared classes, −inf past them (no mass in either softmax)."""
+    return tl.where(cols[None, :] < vocab, x, float("-inf"))
+
+
+@triton.jit
+def _stats_kernel(
+    HS, WS, BS, HT, WT, BT, LABELS, STATS,
+    n_rows, n_student_cols, vocab, h_s, h_t,
+    hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0,
+    temperature_hi, temperature_lo, s_scale_hi, s_scale_lo, s_cap_hi, s_cap_lo, t_scale_hi, t_scale_lo, t_cap_hi, t_cap_lo,
+    KIND: tl.constexpr, CE: tl.constexpr,
+    S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
+    T_SCALE: tl.constexpr, T_CAP: tl.constexpr, ACC: tl.constexpr,
+    S_DOT_ACC: tl.constexpr, T_DOT_ACC: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
+    s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
+    s_cap = joined_float(s_cap_hi, s_cap_lo, ACC)
+    t_scale = joined_float(t_scale_hi, t_scale_lo, ACC)
+    t_cap = joined_float(t_cap_hi, t_cap_lo, ACC)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    m_a, z_a = walker.empty_softmax(BLOCK_M, ACC)
+    m_b, z_b = walker.empty_softmax(BLOCK_M, ACC)
+    w = tl.zeros([BLOCK_M], ACC)
+    m_c, z_c = walker.empty_softmax(BLOCK_M, ACC)
+    label_logit = tl.zeros([BLOCK_M], ACC)
+    if CE:
+        labels = tl.load(LABELS + rows, mask=row_ok, other=-1)
+    # n_student_cols ≥ vocab: the cross-entropy's columns past the compared ones add −inf (no
+    # mass) to the divergence's softmaxes.
+    for v0 in range(0, n_student_cols, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        a, b = _tile_pair(
+            HS, WS, BS, HT, WT, BT, rows, row_ok, cols, n_student_cols, vocab, h_s, h_t,
+            hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0, s_scale, s_cap, t_scale, t_cap,
+            S_BIAS, T_BIAS, S_SCALE, S_CAP, T_SCALE, T_CAP, ACC, S_DOT_ACC, T_DOT_ACC, S_PRECISION, T_PRECISION,
+            BLOCK_M, BLOCK_V, BLOCK_K,
+        )
+        if CE:
+            m_c, z_c, _d, _x, _e = walker.softmax_block_update(m_c, z_c, _compared(a, cols, n_student_cols), 1.0)
+            label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], a, 0.0), axis=1)
+        m_a, z_a, m_b, z_b, w = _divergence_block_update(
+            m_a, z_a, m_b, z_b, w, _compared(a, cols, vocab), _compared(b, cols, vocab), inv_temperature, KIND
+        )
+    log_z_a = tl.log(z_a)
+    log_z_b = tl.log(z_b)
+    # The closed forms of the divergence kernel; the other kinds' come from _terms_kernel.
+    if KIND == FORWARD_KL:
+        divergence = w / z_b - log_z_b + log_z_a
+        sum_g = tl.full([BLOCK_M], -1.0, ACC)
+    elif KIND == REVERSE_KL:
+        divergence = w / z_a - log_z_a + log_z_b
+        sum_g = divergence + 1.0
+    elif KIND == ZERO_TEACHER_REFERENCE:
+        divergence = 0.0 * log_z_b
+        sum_g = tl.zeros([BLOCK_M], ACC)
+    elif KIND == ZERO_STUDENT_REFERENCE:
+        divergence = 0.0 * log_z_a
+        sum_g = divergence
+    else:
+        divergence = tl.zeros([BLOCK_M], ACC)
+        sum_g = tl.zeros([BLOCK_M], ACC)
+    out = STATS + rows * 8
+    tl.store(out + 0, m_a, mask=row_ok)
+    tl.store(out + 1, log_z_a, mask=row_ok)
+    tl.store(out + 2, m_b, mask=row_ok)
+    tl.store(out + 3, log_z_b, mask=row_ok)
+    tl.store(out + 4, divergence, mask=row_ok)
+    tl.store(out + 5, sum_g, mask=row_ok)
+    if CE:
+        lse = walker.row_shift(m_c) + tl.log(z_c)
+        tl.store(out + 6, lse, mask=row_ok)
+        tl.store(out + 7, lse - label_logit, mask=row_ok)
+
+
+@triton.jit
+def _row_stats(STATS, rows, row_ok):
+    """``(m_s, log z_s, m_t, log z_t, Σg, lse_ce)`` of the rows (0 past the last row)."""
+    at = STATS + rows * 8
+    return (
+        tl.load(at + 0, mask=row_ok, other=0.0), tl.load(at + 1, mask=row_ok, other=0.0),
+        tl.load(at + 2, mask=row_ok, other=0.0), tl.load(at + 3, mask=row_ok, other=0.0),
+        tl.load(at + 5, mask=row_ok, other=0.0), tl.load(at + 6, mask=row_ok, other=0.0),
+    )
+
+
+@triton.jit
+def _terms_kernel(
+    HS, WS, BS, HT, WT, BT, LABELS, STATS,
+    n_rows, n_student_cols, vocab, h_s, h_t,
+    hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0,
+    temperature_hi, temperature_lo, s_scale_hi, s_scale_lo, s_cap_hi, s_cap_lo, t_scale_hi, t_scale_lo, t_cap_hi, t_cap_lo,
+    beta_hi, beta_lo,
+    KIND: tl.constexpr, CE: tl.constexpr,
+    S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
+    T_SCALE: tl.constexpr, T_CAP: tl.constexpr, ACC: tl.constexpr,
+    S_DOT_ACC: tl.constexpr, T_DOT_ACC: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
+    s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
+    s_cap = joined_float(s_cap_hi, s_cap_lo, ACC)
+    t_scale = joined_float(t_scale_hi, t_scale_lo, ACC)
+    t_cap = joined_float(t_cap_hi, t_cap_lo, ACC)
+    beta = joined_float(beta_hi, beta_lo, ACC)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    m_a, log_z_a, m_b, log_z_b, _sum_g, _lse = _row_stats(STATS, rows, row_ok)
+    divergence = tl.zeros([BLOCK_M], ACC)
+    sum_g = tl.zeros([BLOCK_M], ACC)
+    for v0 in range(0, vocab, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        a, b = _tile_pair(
+            HS, WS, BS, HT, WT, BT, rows, row_ok, cols, n_student_cols, vocab, h_s, h_t,
+            hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0, s_scale, s_cap, t_scale, t_cap,
+            S_BIAS, T_BIAS, S_SCALE, S_CAP, T_SCALE, T_CAP, ACC, S_DOT_ACC, T_DOT_ACC, S_PRECISION, T_PRECISION,
+            BLOCK_M, BLOCK_V, BLOCK_K,
+        )
+        u = walker.block_log_probs(_compared(a, cols, vocab), m_a, log_z_a, inv_temperature)
+        v = walker.block_log_probs(_compared(b, cols, vocab), m_b, log_z_b, inv_temperature)
+        term, g, _h = _bucket_terms(u, v, beta, KIND)
+        divergence += tl.sum(term, axis=1)
+        sum_g += tl.sum(g, axis=1)
+    out = STATS + rows * 8
+    tl.store(out + 4, divergence, mask=row_ok)
+    tl.store(out + 5, sum_g, mask=row_ok)
+
+
+@triton.jit
+def _student_logit_grad(
+    a, b, cols, row_ok, labels, m_a, log_z_a, m_b, log_z_b, sum_g, lse, coef, ce_coef,
+    n_student_cols, vocab, inv_temperature, beta, s_scale, s_cap,
+    KIND: tl.constexpr, CE: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
+):
+    """``∂loss/∂z_s`` on a tile (raw logits, before the transforms): the divergence kernel's
+    ``coef · (g − p Σg)`` on the compared classes (``coef`` = reduction scale · kd_weight · T²
+    / T, 0 for rows that do not count), plus ``ce_coef · (softmax(z') − onehot(label))`` over the
+    student's columns, times the transform's slope; exactly 0 outside the rows and columns."""
+    u = walker.block_log_probs(_compared(a, cols, vocab), m_a, log_z_a, inv_temperature)
+    v = walker.block_log_probs(_compared(b, cols, vocab), m_b, log_z_b, inv_temperature)
+    _term, g, _h = _bucket_terms(u, v, beta, KIND)
+    dz = coef[:, None] * (g - tl.exp(u) * sum_g[:, None])
+    if CE:
+        softmax = tl.exp(_compared(a, cols, n_student_cols) - lse[:, None])
+        dz += ce_coef[:, None] * (softmax - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0))
+    dz = dz * _transform_slope(a, s_scale, s_cap, S_SCALE, S_CAP)
+    live = row_ok & ((coef != 0.0) | (ce_coef != 0.0))
+    return tl.where(live[:, None] & (cols[None, :] < n_student_cols), dz, 0.0)
+
+
+@triton.jit
+def _hidden_grad_kernel(
+    HS, WS, BS, HT, WT, BT, LABELS, STATS, COEF, GH,
+    n_rows, n_student_cols, vocab, h_s, h_t,
+    hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0,
+    temperature_hi, temperature_lo, s_scale_hi, s_scale_lo, s_cap_hi, s_cap_lo, t_scale_hi, t_scale_lo, t_cap_hi, t_cap_lo,
+    beta_hi, beta_lo,
+    KIND: tl.constexpr, CE: tl.constexpr,
+    S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
+    T_SCALE: tl.constexpr, T_CAP: tl.constexpr, ACC: tl.constexpr,
+    S_DOT_ACC: tl.constexpr, T_DOT_ACC: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
+    s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
+    s_cap = joined_float(s_cap_hi, s_cap_lo, ACC)
+    t_scale = joined_float(t_scale_hi, t_scale_lo, ACC)
+    t_cap = joined_float(t_cap_hi, t_cap_lo, ACC)
+    beta = joined_float(beta_hi, beta_lo, ACC)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    m_a, log_z_a, m_b, log_z_b, sum_g, lse = _row_stats(STATS, rows, row_ok)
+    coef = tl.load(COEF + rows * 2, mask=row_ok, other=0.0)
+    ce_coef = tl.load(COEF + rows * 2 + 1, mask=row_ok, other=0.0)
+    labels = rows  # unused without cross-entropy
+    if CE:
+        labels = tl.load(LABELS + rows, mask=row_ok, other=-1)
+    ks = tl.arange(0, BLOCK_K)
+    for v0 in range(0, n_student_cols, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        a, b = _tile_pair(
+            HS, WS, BS, HT, WT, BT, rows, row_ok, cols, n_student_cols, vocab, h_s, h_t,
+            hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0, s_scale, s_cap, t_scale, t_cap,
+            S_BIAS, T_BIAS, S_SCALE, S_CAP, T_SCALE, T_CAP, ACC, S_DOT_ACC, T_DOT_ACC, S_PRECISION, T_PRECISION,
+            BLOCK_M, BLOCK_V, BLOCK_K,
+        )
+        dz = _student_logit_grad(
+            a, b, cols, row_ok, labels, m_a, log_z_a, m_b, log_z_b, sum_g, lse, coef, ce_coef,
+            n_student_cols, vocab, inv_temperature, beta, s_scale, s_cap, KIND, CE, S_SCALE, S_CAP,
+        )
+        dz = dz.to(WS.dtype.element_ty)
+        col_ok = cols < n_student_cols
+        for k0 in range(0, h_s, BLOCK_K):
+            k = k0 + ks
+            k_ok = k < h_s
+            w = tl.load(WS + cols[:, None] * ws_s0 + k[None, :] * ws_s1, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            part = tl.dot(dz, w, input_precision=S_PRECISION, out_dtype=S_DOT_ACC)
+            at = GH + rows[:, None] * h_s + k[None, :]
+            here = row_ok[:, None] & k_ok[None, :]
+            tl.store(at, tl.load(at, mask=here, other=0.0) + part.to(GH.dtype.element_ty), mask=here)
+
+
+@triton.jit
+def _weight_grad_kernel(
+    HS, WS, BS, HT, WT, BT, LABELS, STATS, COEF, GW, GB,
+    n_rows, n_student_cols, vocab, h_s, h_t,
+    hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0,
+    temperature_hi, temperature_lo, s_scale_hi, s_scale_lo, s_cap_hi, s_cap_lo, t_scale_hi, t_scale_lo, t_cap_hi, t_cap_lo,
+    beta_hi, beta_lo,
+    KIND: tl.constexpr, CE: tl.constexpr, WANT_W: tl.constexpr, WANT_B: tl.constexpr,
+    S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
+    T_SCALE: tl.constexpr, T_CAP: tl.constexpr, ACC: tl.constexpr,
+    S_DOT_ACC: tl.constexpr, T_DOT_ACC: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
+    s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
+    s_cap = joined_float(s_cap_hi, s_cap_lo, ACC)
+    t_scale = joined_float(t_scale_hi, t_scale_lo, ACC)
+    t_cap = joined_float(t_cap_hi, t_cap_lo, ACC)
+    beta = joined_float(beta_hi, beta_lo, ACC)
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < n_student_cols
+    ks = tl.arange(0, BLOCK_K)
+    bias_grad = tl.zeros([BLOCK_V], ACC)
+    for r0 in range(0, n_rows, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows < n_rows
+        m_a, log_z_a, m_b, log_z_b, sum_g, lse = _row_stats(STATS, rows, row_ok)
+        coef = tl.load(COEF + rows * 2, mask=row_ok, other=0.0)
+        ce_coef = tl.load(COEF + rows * 2 + 1, mask=row_ok, other=0.0)
+        labels = rows
+        if CE:
+            labels = tl.load(LABELS + rows, mask=row_ok, other=-1)
+        a, b = _tile_pair(
+            HS, WS, BS, HT, WT, BT, rows, row_ok, cols, n_student_cols, vocab, h_s, h_t,
+            hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0, s_scale, s_cap, t_scale, t_cap,
+            S_BIAS, T_BIAS, S_SCALE, S_CAP, T_SCALE, T_CAP, ACC, S_DOT_ACC, T_DOT_ACC, S_PRECISION, T_PRECISION,
+            BLOCK_M, BLOCK_V, BLOCK_K,
+        )
+        dz = _student_logit_grad(
+            a, b, cols, row_ok, labels, m_a, log_z_a, m_b, log_z_b, sum_g, lse, coef, ce_coef,
+            n_student_cols, vocab, inv_temperature, beta, s_scale, s_cap, KIND, CE, S_SCALE, S_CAP,
+        )
+        if WANT_B:
+            bias_grad += tl.sum(dz, axis=0)
+        if WANT_W:
+            dz_t = tl.trans(dz.to(HS.dtype.element_ty))
+            for k0 in range(0, h_s, BLOCK_K):
+                k = k0 + ks
+                k_ok = k < h_s
+                h = tl.load(HS + rows[:, None] * hs_s0 + k[None, :] * hs_s1, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                part = tl.dot(dz_t, h, input_precision=S_PRECISION, out_dtype=S_DOT_ACC)
+                at = GW + cols[:, None] * h_s + k[None, :]
+                here = col_ok[:, None] & k_ok[None, :]
+                tl.store(at, tl.load(at, mask=here, other=0.0) + part.to(GW.dtype.element_ty), mask=here)
+    if WANT_B:
+        tl.store(GB + cols, bias_grad.to(GB.dtype.element_ty), mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+
+_TILE_OVERRIDE: tuple[int, int, int] | None = None
+
+
+@contextlib.contextmanager
+def tile_sizes(block_m: int, block_v: int, block_k: int) -> Iterator[None]:
+    """Use these ``(BLOCK_M, BLOCK_V, BLOCK_K)`` (powers of two, ≥ 16: ``tl.dot``'s minimum) in
+    this block instead of :func:`default_tile_sizes` (the tests walk several small tiles)."""
+    global _TILE_OVERRIDE
+    for name, x in (("block_m", block_m), ("block_v", block_v), ("block_k", block_k)):
+        if x < 16 or x & (x - 1):
+            raise ValueError(f"{name}: expected a power of two ≥ 16, got {x}")
+    enclosing, _TILE_OVERRIDE = _TILE_OVERRIDE, (block_m, block_v, block_k)
+    try:
+        yield
+    finally:
+        _TILE_OVERRIDE = enclosing
+
+
+def default_tile_sizes(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_V, BLOCK_K, num_warps)`` for heads of ``dtype`` (the wider of the two).
+    Not tuned on a GPU yet: 16-bit operands take the tensor cores' usual 64 × 128 × 64 tiles;
+    float32 and float64 tiles shrink so the several live (BLOCK_M, BLOCK_V) tiles of the
+    divergence's per-class terms stay in registers."""
+    if _TILE_OVERRIDE is not None:
+        return (*_TILE_OVERRIDE, 4)
+    if dtype in (torch.float16, torch.bfloat16):
+        return 64, 128, 64, 8
+    if dtype == torch.float32:
+        return 64, 64, 32, 4
+    return 32, 32, 16, 4
+
+
+def _dot_settings(x: torch.Tensor) -> tuple[tl.dtype, str]:
+    """``tl.dot``'s accumulator dtype and input precision for a head of ``x``'s dtype: float64
+    stays float64; float32 operands use TF32 only where torch's own matmuls would
+    (``torch.backends.cuda.matmul.allow_tf32``), so the loss matches the eager composite."""
+    if x.dtype == torch.float64:
+        return tl.float64, "ieee"
+    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        return tl.float32, "tf32"
+    return tl.float32, "ieee"
+
+
+def fused_linear_rows(hs, ws, bs, ht, wt, bt, mask, targets, options, weights, vocab, grad_scale, wants):
+    """Per-position losses (N,) and the student's gradients of ``Σ grad_scale_i · loss_i``.
+
+    ``hs`` (N, H_s), ``ws`` (C_s, H_s) with C_s = ``vocab`` or, with cross-entropy, the student's
+    whole head; ``ht`` (N, H_t), ``wt`` (``vocab``, H_t); biases or None; ``mask`` (N,) bool or
+    None; ``targets`` (N,) int64 (with ``ce_weight``); ``options`` = (divergence, β, T,
+    scale_by_t2, student / teacher soft-cap, student / teacher logit scale); ``weights`` =
+    (kd_weight, ce_weight); ``grad_scale`` a 0-d or (N,) tensor; ``wants`` = whether the
+    gradients of (hs, ws, bs) are wanted. Returns ``(losses, (g_hs, g_ws, g_bs))`` in the
+    accumulation dtype (float32, float64 for float64 heads), None for unwanted ones.
+    """
+    divergence, beta, temperature, scale_by_t2, s_cap, t_cap, s_scale, t_scale = options
+    kd_weight, ce_weight = weights
+    device = hs.device
+    acc = torch.float64 if torch.float64 in (hs.dtype, ht.dtype) else torch.float32
+    n, h_s = hs.shape
+    h_t = ht.shape[1]
+    n_student_cols = ws.shape[0]
+    kind = divergence_kind(divergence, beta)
+    has_ce = bool(ce_weight)
+    want_hs, want_ws, want_bs = wants
+    wide = max((hs, ht), key=lambda x: x.element_size()).dtype
+    block_m, block_v, block_k, num_warps = default_tile_sizes(wide)
+
+    stats = torch.zeros(n, _N_STATS, dtype=acc, device=device)
+    losses = torch.zeros(n, dtype=acc, device=device)
+    grads = (
+        torch.zeros(n, h_s, dtype=acc, device=device) if want_hs else None,
+        torch.zeros(ws.shape, dtype=acc, device=device) if want_ws else None,
+        torch.zeros(n_student_cols, dtype=acc, device=device) if want_bs else None,
+    )
+    if n == 0 or vocab == 0:
+        return losses, grads
+
+    s_dot, s_precision = _dot_settings(hs)
+    t_dot, t_precision = _dot_settings(ht)
+    labels = targets.contiguous() if has_ce else stats
+    tensors = (hs, ws, hs if bs is None else bs, ht, wt, ht if bt is None else bt)
+    sizes = (n, n_student_cols, vocab, h_s, h_t)
+    strides = (*hs.stride(), *ws.stride(), 0 if bs is None else bs.stride(0), *ht.stride(), *wt.stride(),
+               0 if bt is None else bt.stride(0))
+    scalars = [half for x in (temperature, s_scale, s_cap, t_scale, t_cap) for half in split_float(1.0 if x is None else float(x))]
+    beta_halves = split_float(float(beta))
+    constexprs = dict(
+        KIND=kind, CE=has_ce, S_BIAS=bs is not None, T_BIAS=bt is not None,
+        S_SCALE=s_scale is not None, S_CAP=s_cap is not None, T_SCALE=t_scale is not None, T_CAP=t_cap is not None,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        S_DOT_ACC=s_dot, T_DOT_ACC=t_dot, S_PRECISION=s_precision, T_PRECISION=t_precision,
+        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    row_grid = (triton.cdiv(n, block_m),)
+    wrap_triton(_stats_kernel)[row_grid](*tensors, labels, stats, *sizes, *strides, *scalars, **constexprs)
+    if kind not in (FORWARD_KL.value, REVERSE_KL.value, ZERO_TEACHER_REFERENCE.value, ZERO_STUDENT_REFERENCE.value):
+        wrap_triton(_terms_kernel)[row_grid](*tensors, labels, stats, *sizes, *strides, *scalars, *beta_halves, **constexprs)
+
+    counted = torch.ones(n, dtype=torch.bool, device=device) if mask is None else mask
+    zero = torch.zeros((), dtype=acc, device=device)
+    factor = float(temperature) ** 2 if scale_by_t2 else 1.0
+    losses = kd_weight * torch.where(counted, stats[:, _DIV] * factor, zero)
+    if has_ce:
+        losses = losses + ce_weight * torch.where(counted, stats[:, _CE], zero)
+    if not any(wants):
+        return losses, grads
+
+    # Per row: the divergence gradient's coefficient (the reduction's scale · kd_weight · T² / T,
+    # as the divergence kernel's `scale`) and the cross-entropy's; 0 where the row does not count.
+    row_scale = grad_scale.to(device=device, dtype=acc).expand(n)
+    coef = torch.stack((torch.where(counted, row_scale * (kd_weight * factor / float(temperature)), zero),
+                        torch.where(counted, row_scale * ce_weight, zero)), dim=1).contiguous()
+    if want_hs:
+        wrap_triton(_hidden_grad_kernel)[row_grid](
+            *tensors, labels, stats, coef, grads[0], *sizes, *strides, *scalars, *beta_halves, **constexprs
+        )
+    if want_ws or want_bs:
+        g_w = grads[1] if want_ws else stats
+        g_b = grads[2] if want_bs else stats
+        wrap_triton(_weight_grad_kernel)[(triton.cdiv(n_student_cols, block_v),)](
+            *tensors, labels, stats, coef, g_w, g_b, *sizes, *strides, *scalars, *beta_halves,
+            WANT_W=want_ws, WANT_B=want_bs, **constexprs,
+        )
+    return losses, grads
