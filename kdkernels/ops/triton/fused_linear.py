@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from kdkernels.backends import triton_interpreted
 from kdkernels.ops.triton import two_distribution_row as walker
 from kdkernels.ops.triton.divergences import (
     FORWARD_KL,
@@ -77,7 +78,7 @@ _N_STATS = 8
 @triton.jit
 def _logit_tile(
     X, W, B, rows, row_ok, cols, col_ok, n_hidden, x_s0, x_s1, w_s0, w_s1, b_s0,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_ACC: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_ACC: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``X[rows] W[cols]ᵀ (+ B[cols])`` as a ``(BLOCK_M, BLOCK_V)`` tile in ``ACC``: ``tl.dot``
@@ -89,7 +90,7 @@ def _logit_tile(
         k_ok = k < n_hidden
         x = tl.load(X + rows[:, None] * x_s0 + k[None, :] * x_s1, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(W + cols[None, :] * w_s0 + k[:, None] * w_s1, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        acc = tl.dot(x.to(OPERAND), w.to(OPERAND), acc, input_precision=PRECISION)
     z = acc.to(ACC)
     if HAS_BIAS:
         z += tl.load(B + cols * b_s0, mask=col_ok, other=0.0).to(ACC)[None, :]
@@ -104,18 +105,18 @@ def _tile_pair(
     S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
     T_SCALE: tl.constexpr, T_CAP: tl.constexpr, ACC: tl.constexpr,
     S_DOT_ACC: tl.constexpr, T_DOT_ACC: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    S_OPERAND: tl.constexpr, T_OPERAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The transformed logits of both heads on one tile: the student's over its
     ``n_student_cols`` columns, the teacher's over ``vocab`` (columns past them hold finite junk:
     the callers mask them)."""
     a = _logit_tile(
         HS, WS, BS, rows, row_ok, cols, cols < n_student_cols, h_s, hs_s0, hs_s1, ws_s0, ws_s1, bs_s0,
-        S_BIAS, ACC, S_DOT_ACC, S_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+        S_BIAS, ACC, S_DOT_ACC, S_PRECISION, S_OPERAND, BLOCK_M, BLOCK_V, BLOCK_K,
     )
     b = _logit_tile(
         HT, WT, BT, rows, row_ok, cols, cols < vocab, h_t, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0,
-        T_BIAS, ACC, T_DOT_ACC, T_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+        T_BIAS, ACC, T_DOT_ACC, T_PRECISION, T_OPERAND, BLOCK_M, BLOCK_V, BLOCK_K,
     )
     return _transformed(a, s_scale, s_cap, S_SCALE, S_CAP), _transformed(b, t_scale, t_cap, T_SCALE, T_CAP)
 
@@ -136,7 +137,7 @@ def _stats_kernel(
     S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
     T_SCALE: tl.constexpr, T_CAP: tl.constexpr, ACC: tl.constexpr,
     S_DOT_ACC: tl.constexpr, T_DOT_ACC: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    S_OPERAND: tl.constexpr, T_OPERAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
     s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
@@ -160,7 +161,7 @@ def _stats_kernel(
             HS, WS, BS, HT, WT, BT, rows, row_ok, cols, n_student_cols, vocab, h_s, h_t,
             hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0, s_scale, s_cap, t_scale, t_cap,
             S_BIAS, T_BIAS, S_SCALE, S_CAP, T_SCALE, T_CAP, ACC, S_DOT_ACC, T_DOT_ACC, S_PRECISION, T_PRECISION,
-            BLOCK_M, BLOCK_V, BLOCK_K,
+            S_OPERAND, T_OPERAND, BLOCK_M, BLOCK_V, BLOCK_K,
         )
         if CE:
             m_c, z_c, _d, _x, _e = walker.softmax_block_update(m_c, z_c, _compared(a, cols, n_student_cols), 1.0)
@@ -221,7 +222,7 @@ def _terms_kernel(
     S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
     T_SCALE: tl.constexpr, T_CAP: tl.constexpr, ACC: tl.constexpr,
     S_DOT_ACC: tl.constexpr, T_DOT_ACC: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    S_OPERAND: tl.constexpr, T_OPERAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
     s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
@@ -240,7 +241,7 @@ def _terms_kernel(
             HS, WS, BS, HT, WT, BT, rows, row_ok, cols, n_student_cols, vocab, h_s, h_t,
             hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0, s_scale, s_cap, t_scale, t_cap,
             S_BIAS, T_BIAS, S_SCALE, S_CAP, T_SCALE, T_CAP, ACC, S_DOT_ACC, T_DOT_ACC, S_PRECISION, T_PRECISION,
-            BLOCK_M, BLOCK_V, BLOCK_K,
+            S_OPERAND, T_OPERAND, BLOCK_M, BLOCK_V, BLOCK_K,
         )
         u = walker.block_log_probs(_compared(a, cols, vocab), m_a, log_z_a, inv_temperature)
         v = walker.block_log_probs(_compared(b, cols, vocab), m_b, log_z_b, inv_temperature)
@@ -285,7 +286,7 @@ def _hidden_grad_kernel(
     S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
     T_SCALE: tl.constexpr, T_CAP: tl.constexpr, ACC: tl.constexpr,
     S_DOT_ACC: tl.constexpr, T_DOT_ACC: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    S_OPERAND: tl.constexpr, T_OPERAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
     s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
@@ -308,19 +309,19 @@ def _hidden_grad_kernel(
             HS, WS, BS, HT, WT, BT, rows, row_ok, cols, n_student_cols, vocab, h_s, h_t,
             hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0, s_scale, s_cap, t_scale, t_cap,
             S_BIAS, T_BIAS, S_SCALE, S_CAP, T_SCALE, T_CAP, ACC, S_DOT_ACC, T_DOT_ACC, S_PRECISION, T_PRECISION,
-            BLOCK_M, BLOCK_V, BLOCK_K,
+            S_OPERAND, T_OPERAND, BLOCK_M, BLOCK_V, BLOCK_K,
         )
         dz = _student_logit_grad(
             a, b, cols, row_ok, labels, m_a, log_z_a, m_b, log_z_b, sum_g, lse, coef, ce_coef,
             n_student_cols, vocab, inv_temperature, beta, s_scale, s_cap, KIND, CE, S_SCALE, S_CAP,
         )
-        dz = dz.to(WS.dtype.element_ty)
+        dz = dz.to(WS.dtype.element_ty).to(S_OPERAND)  # rounded as the weight's dtype first
         col_ok = cols < n_student_cols
         for k0 in range(0, h_s, BLOCK_K):
             k = k0 + ks
             k_ok = k < h_s
             w = tl.load(WS + cols[:, None] * ws_s0 + k[None, :] * ws_s1, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            part = tl.dot(dz, w, input_precision=S_PRECISION, out_dtype=S_DOT_ACC)
+            part = tl.dot(dz, w.to(S_OPERAND), input_precision=S_PRECISION, out_dtype=S_DOT_ACC)
             at = GH + rows[:, None] * h_s + k[None, :]
             here = row_ok[:, None] & k_ok[None, :]
             tl.store(at, tl.load(at, mask=here, other=0.0) + part.to(GH.dtype.element_ty), mask=here)
@@ -337,7 +338,7 @@ def _weight_grad_kernel(
     S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
     T_SCALE: tl.constexpr, T_CAP: tl.constexpr, ACC: tl.constexpr,
     S_DOT_ACC: tl.constexpr, T_DOT_ACC: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    S_OPERAND: tl.constexpr, T_OPERAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
     s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
@@ -362,7 +363,7 @@ def _weight_grad_kernel(
             HS, WS, BS, HT, WT, BT, rows, row_ok, cols, n_student_cols, vocab, h_s, h_t,
             hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0, s_scale, s_cap, t_scale, t_cap,
             S_BIAS, T_BIAS, S_SCALE, S_CAP, T_SCALE, T_CAP, ACC, S_DOT_ACC, T_DOT_ACC, S_PRECISION, T_PRECISION,
-            BLOCK_M, BLOCK_V, BLOCK_K,
+            S_OPERAND, T_OPERAND, BLOCK_M, BLOCK_V, BLOCK_K,
         )
         dz = _student_logit_grad(
             a, b, cols, row_ok, labels, m_a, log_z_a, m_b, log_z_b, sum_g, lse, coef, ce_coef,
@@ -371,12 +372,12 @@ def _weight_grad_kernel(
         if WANT_B:
             bias_grad += tl.sum(dz, axis=0)
         if WANT_W:
-            dz_t = tl.trans(dz.to(HS.dtype.element_ty))
+            dz_t = tl.trans(dz.to(HS.dtype.element_ty).to(S_OPERAND))
             for k0 in range(0, h_s, BLOCK_K):
                 k = k0 + ks
                 k_ok = k < h_s
                 h = tl.load(HS + rows[:, None] * hs_s0 + k[None, :] * hs_s1, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                part = tl.dot(dz_t, h, input_precision=S_PRECISION, out_dtype=S_DOT_ACC)
+                part = tl.dot(dz_t, h.to(S_OPERAND), input_precision=S_PRECISION, out_dtype=S_DOT_ACC)
                 at = GW + cols[:, None] * h_s + k[None, :]
                 here = col_ok[:, None] & k_ok[None, :]
                 tl.store(at, tl.load(at, mask=here, other=0.0) + part.to(GW.dtype.element_ty), mask=here)
@@ -420,15 +421,24 @@ def default_tile_sizes(dtype: torch.dtype) -> tuple[int, int, int, int]:
     return 32, 32, 16, 4
 
 
-def _dot_settings(x: torch.Tensor) -> tuple[tl.dtype, str]:
-    """``tl.dot``'s accumulator dtype and input precision for a head of ``x``'s dtype: float64
-    stays float64; float32 operands use TF32 only where torch's own matmuls would
-    (``torch.backends.cuda.matmul.allow_tf32``), so the loss matches the eager composite."""
+_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _dot_settings(x: torch.Tensor) -> tuple[tl.dtype, str, tl.dtype]:
+    """``tl.dot``'s accumulator dtype, input precision and operand dtype for a head of ``x``'s
+    dtype: float64 stays float64; float32 operands use TF32 only where torch's own matmuls would
+    (``torch.backends.cuda.matmul.allow_tf32``), so the loss matches the eager composite.
+    bfloat16 operands are widened to float32 under ``TRITON_INTERPRET=1``, whose ``tl.dot`` of
+    bfloat16 returns garbage (Triton 3.9; float16 is fine): the products of bfloat16 values are
+    exact in float32, so this is what the tensor cores compute."""
+    operand = _TL_DTYPES[x.dtype]
+    if x.dtype == torch.bfloat16 and triton_interpreted():
+        operand = tl.float32
     if x.dtype == torch.float64:
-        return tl.float64, "ieee"
+        return tl.float64, "ieee", operand
     if x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        return tl.float32, "tf32"
-    return tl.float32, "ieee"
+        return tl.float32, "tf32", operand
+    return tl.float32, "ieee", operand
 
 
 def fused_linear_rows(hs, ws, bs, ht, wt, bt, mask, targets, options, weights, vocab, grad_scale, wants):
@@ -465,8 +475,8 @@ def fused_linear_rows(hs, ws, bs, ht, wt, bt, mask, targets, options, weights, v
     if n == 0 or vocab == 0:
         return losses, grads
 
-    s_dot, s_precision = _dot_settings(hs)
-    t_dot, t_precision = _dot_settings(ht)
+    s_dot, s_precision, s_operand = _dot_settings(hs)
+    t_dot, t_precision, t_operand = _dot_settings(ht)
     labels = targets.contiguous() if has_ce else stats
     tensors = (hs, ws, hs if bs is None else bs, ht, wt, ht if bt is None else bt)
     sizes = (n, n_student_cols, vocab, h_s, h_t)
@@ -479,6 +489,7 @@ def fused_linear_rows(hs, ws, bs, ht, wt, bt, mask, targets, options, weights, v
         S_SCALE=s_scale is not None, S_CAP=s_cap is not None, T_SCALE=t_scale is not None, T_CAP=t_cap is not None,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         S_DOT_ACC=s_dot, T_DOT_ACC=t_dot, S_PRECISION=s_precision, T_PRECISION=t_precision,
+        S_OPERAND=s_operand, T_OPERAND=t_operand,
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
     )
     row_grid = (triton.cdiv(n, block_m),)

@@ -1,0 +1,250 @@
+"""The Triton ``tl.dot`` tiles of ``fused_linear_distill_loss`` (``kdkernels/ops/triton/fused_linear.py``).
+
+With 16 × 16 × 16 tiles and N = 20 positions, V = 80 (student) / 88 (teacher) classes compared
+over ``vocab_size = 75``, hidden sizes 40 / 24, every kernel walks several row blocks, vocabulary
+tiles and hidden-size chunks with masked edges. Against the float64 materialised formula (logits
+``h Wᵀ + b`` then the reference ``distill_loss``, plus a direct cross-entropy): values and the
+student's hidden / weight / bias gradients for every divergence and reduction, masks, soft-cap /
+scale, the label cross-entropy, float32 / bfloat16 heads; gradcheck; that the tiles (not the
+row-block walk) ran; the fallbacks to the row-block walk (teacher gradients, process_group);
+determinism. Runs on CPU under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py`` without a GPU),
+or on a GPU."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import kdkernels
+import kdkernels.ops.triton.fused_linear as tiles
+from kdkernels.functional import distill_loss, fused_linear_distill_loss
+from kdkernels.llm import fused_linear
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_WHY_NOT = kdkernels.backends.why_unavailable("triton", DEVICE)
+pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=f"triton backend on {DEVICE}: {_WHY_NOT}")
+
+DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("skew_forward_kl", 0.2),
+               ("skew_reverse_kl", 0.1), ("tvd", 0.5)]
+SMALL_TILES = (16, 16, 16)
+
+
+def _heads(seed, n=(2, 10), hs=40, ht=24, vs=80, vt=88, dtype=torch.float64, teacher_grad=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0, grad=False):
+        x = (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(device=DEVICE, dtype=dtype)
+        return x.requires_grad_(grad)
+
+    # Weights ~ N(0, 4/H): logits of std ~2, so the softmaxes are far from uniform.
+    student = [randn(*n, hs, grad=True), randn(vs, hs, scale=2 / hs**0.5, grad=True), randn(vs, grad=True)]
+    teacher = [randn(*n, ht, grad=teacher_grad), randn(vt, ht, scale=2 / ht**0.5, grad=teacher_grad),
+               randn(vt, grad=teacher_grad)]
+    return student, teacher
+
+
+def _transformed(z, softcap, logit_scale):
+    if logit_scale is not None:
+        z = z * logit_scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def _materialised(student, teacher, *, labels=None, kd_weight=1.0, ce_weight=0.0, mask=None, reduction="batchmean",
+                  num_items_in_batch=None, softcap=None, logit_scale=None, **kw):
+    """float64 logits ``h Wᵀ + b``, the reference divergence per position, a direct label
+    cross-entropy over the student's whole vocabulary, then the reduction."""
+    z_s, z_t = (torch.nn.functional.linear(*(None if x is None else x.double() for x in head)) for head in (student, teacher))
+    with kdkernels.use_backend("torch"):
+        per_position = kd_weight * distill_loss(z_s, z_t, labels=labels, mask=mask, reduction="none", softcap=softcap,
+                                                logit_scale=logit_scale, **kw)
+    counted = torch.ones(z_s.shape[:-1], dtype=torch.bool, device=z_s.device)
+    if mask is not None:
+        counted &= mask
+    if labels is not None:
+        counted &= labels != -100
+    if ce_weight:
+        z = _transformed(z_s, *(x[0] if isinstance(x, tuple) else x for x in (softcap, logit_scale)))
+        ce = torch.logsumexp(z, -1) - z.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        per_position = per_position + ce_weight * torch.where(counted, ce, torch.zeros_like(ce))
+    if num_items_in_batch is not None:
+        return per_position.sum() / num_items_in_batch
+    if reduction == "none":
+        return per_position
+    if reduction == "sum":
+        return per_position.sum()
+    if reduction == "mean":
+        return per_position.sum() / counted.sum()
+    return per_position.sum() / per_position.shape[0]
+
+
+@pytest.fixture(autouse=True)
+def small_tiles():
+    """Every test (its backward too: ``reduction="none"`` recomputes there) on 16³ tiles."""
+    with tiles.tile_sizes(*SMALL_TILES):
+        yield
+
+
+def _tiled(student, teacher, **kw):
+    with kdkernels.use_backend("triton"):
+        return fused_linear_distill_loss(*student[:2], *teacher[:2], student[2], teacher[2], **kw)
+
+
+def _compare(student, teacher, rtol=1e-9, atol=1e-12, **kw):
+    """The tiled loss and the gradients of every leaf that requires grad against the
+    materialised formula; a random weighting of ``reduction="none"``'s rows."""
+    leaves = [x for x in (*student, *teacher) if x is not None and x.requires_grad]
+    ours = _tiled(student, teacher, **kw)
+    weights = torch.randn(ours.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64).to(ours)
+    ours_grads = torch.autograd.grad((ours * weights).sum(), leaves)
+    # + 0·Σx: a constant reference (skew KL at β = 1) still has a graph, its gradients 0.
+    expected = _materialised(student, teacher, **kw) + sum(0.0 * x.double().sum() for x in leaves)
+    expected_grads = torch.autograd.grad((expected * weights.double()).sum(), leaves)
+    torch.testing.assert_close(ours.double(), expected, rtol=rtol, atol=atol)
+    for leaf, a, e in zip(leaves, ours_grads, expected_grads):
+        name = f"gradient of a {tuple(leaf.shape)} leaf"
+        assert a.dtype == leaf.dtype, name
+        torch.testing.assert_close(a.double(), e.double(), rtol=rtol, atol=atol * max(1.0, e.abs().max().item()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    return ours
+
+
+@pytest.fixture
+def block_walk_forbidden(monkeypatch):
+    """Proves the tiles ran: the row-block walk raises if called."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the row-block walk ran instead of the Triton tiles")
+
+    monkeypatch.setattr(fused_linear, "_walk_row_blocks", refuse)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none", "items"])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_every_divergence_and_reduction_matches_the_materialised_logits(divergence, beta, reduction, block_walk_forbidden):
+    student, teacher = _heads(1)
+    mask = torch.rand(2, 10, generator=torch.Generator().manual_seed(2)).to(DEVICE) > 0.3
+    kw = dict(divergence=divergence, beta=beta, temperature=1.7, mask=mask, vocab_size=75,
+              softcap=(6.0, None), logit_scale=(0.9, 1.2))
+    if reduction == "items":
+        kw.update(reduction="sum", num_items_in_batch=11)
+    else:
+        kw.update(reduction=reduction)
+    _compare(student, teacher, **kw)
+
+
+@pytest.mark.parametrize("divergence,beta", [("jsd", 0.0), ("jsd", 1.0), ("skew_forward_kl", 1.0), ("skew_reverse_kl", 1.0)])
+def test_beta_endpoints_without_t2_scaling(divergence, beta, block_walk_forbidden):
+    student, teacher = _heads(3, vs=40, vt=40)
+    _compare(student, teacher, divergence=divergence, beta=beta, temperature=0.8, scale_by_t2=False, softcap=(None, 5.0))
+
+
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("jsd", 0.4)])
+def test_label_cross_entropy_over_the_whole_student_head(divergence, beta, block_walk_forbidden):
+    """The divergence over the first 75 classes, the cross-entropy over all 80 of the student's,
+    with ignored labels, a label past vocab_size and a mask."""
+    student, teacher = _heads(4)
+    labels = torch.randint(0, 80, (2, 10), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    labels[0, :3] = -100
+    labels[1, 4] = 78
+    mask = torch.ones(2, 10, dtype=torch.bool, device=DEVICE)
+    mask[1, 7] = False
+    _compare(student, teacher, divergence=divergence, beta=beta, temperature=2.0, labels=labels, mask=mask,
+             vocab_size=75, kd_weight=0.7, ce_weight=0.4, reduction="mean", softcap=(5.0, None))
+
+
+def test_cross_entropy_alone(block_walk_forbidden):
+    student, teacher = _heads(6, vs=48, vt=48)
+    labels = torch.randint(0, 48, (2, 10), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    _compare(student, teacher, labels=labels, kd_weight=0.0, ce_weight=1.0, logit_scale=(1.5, None))
+
+
+def test_only_some_student_gradients(block_walk_forbidden):
+    """No bias, a frozen weight: the hidden-state gradient alone; then the weight's alone."""
+    student, teacher = _heads(8)
+    student[1].requires_grad_(False)
+    _compare([student[0], student[1], None], [teacher[0], teacher[1], None], divergence="tvd", vocab_size=80)
+    student[0].requires_grad_(False)
+    student[1].requires_grad_(True)
+    _compare([student[0], student[1], None], [teacher[0], teacher[1], None], divergence="reverse_kl", vocab_size=80)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_float32_heads(divergence, block_walk_forbidden):
+    student, teacher = _heads(9, dtype=torch.float32)
+    loss = _compare(student, teacher, rtol=2e-5, atol=2e-6, divergence=divergence, vocab_size=75, temperature=1.5)
+    assert loss.dtype == torch.float32
+
+
+def test_bfloat16_heads(block_walk_forbidden):
+    """bf16 operands, fp32 accumulation: close to float64 on the same (rounded) values; each
+    gradient in its tensor's dtype."""
+    student, teacher = _heads(10, dtype=torch.bfloat16)
+    loss = _tiled(student, teacher, divergence="jsd", vocab_size=75)
+    grads = torch.autograd.grad(loss, student)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
+    student64 = [x.detach().double().requires_grad_() for x in student]
+    expected = _materialised(student64, [x.detach().double() for x in teacher], divergence="jsd", vocab_size=75)
+    expected_grads = torch.autograd.grad(expected, student64)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-2, atol=1e-3)
+    for a, e in zip(grads, expected_grads):
+        torch.testing.assert_close(a.double(), e, rtol=5e-2, atol=2e-2 * e.abs().max().item())
+
+
+def test_gradcheck_at_a_tiny_size(block_walk_forbidden):
+    """Two vocabulary tiles and two hidden chunks; the divergence and the cross-entropy."""
+    student, teacher = _heads(11, n=(3,), hs=17, ht=5, vs=20, vt=20)
+    labels = torch.tensor([3, -100, 19], device=DEVICE)
+
+    def loss(h, w, b):
+        return _tiled([h, w, b], teacher, divergence="skew_reverse_kl", beta=0.3, temperature=1.3,
+                      labels=labels, ce_weight=0.5, softcap=(3.0, None))
+
+    assert torch.autograd.gradcheck(loss, tuple(student), fast_mode=True)
+
+
+def test_deterministic(block_walk_forbidden):
+    student, teacher = _heads(12, dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        loss = _tiled(student, teacher, divergence="jsd", vocab_size=75)
+        runs.append([loss, *torch.autograd.grad(loss, student)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_teacher_gradients_fall_back_to_the_row_block_walk(monkeypatch):
+    """The tiles compute the student's gradients only: a teacher that learns takes the row
+    blocks (documented), with the same results as the materialised formula."""
+    calls = []
+    monkeypatch.setattr(tiles, "fused_linear_rows", lambda *a, **k: calls.append(1) or pytest.fail("tiles ran"))
+    student, teacher = _heads(13, vs=40, vt=40, teacher_grad=True)
+    _compare(student, teacher, divergence="jsd", beta=0.4, temperature=2.0)
+    assert not calls
+
+
+def test_process_group_falls_back_to_the_vocab_parallel_row_blocks(monkeypatch, tmp_path):
+    """With a process group (one gloo rank: the whole vocabulary) the vocabulary-parallel row
+    blocks run, not the tiles."""
+    if DEVICE != "cpu" or not dist.is_available():
+        pytest.skip("a one-rank gloo group on CPU")
+    monkeypatch.setattr(tiles, "fused_linear_rows", lambda *a, **k: pytest.fail("tiles ran"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        student, teacher = _heads(14, vs=40, vt=40)
+        with kdkernels.use_backend("triton"):
+            ours = fused_linear_distill_loss(*student[:2], *teacher[:2], student[2], teacher[2], divergence="tvd",
+                                             process_group=dist.group.WORLD)
+        grads = torch.autograd.grad(ours, student)
+    finally:
+        dist.destroy_process_group()
+    expected = _materialised(student, teacher, divergence="tvd")
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-12)
+    for a, e in zip(grads, torch.autograd.grad(expected, student)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+
+
+def test_tile_sizes_must_suit_tl_dot():
+    with pytest.raises(ValueError, match="block_k"):
+        with tiles.tile_sizes(16, 16, 8):
+            pass
+    with pytest.raises(ValueError, match="block_v"):
+        with tiles.tile_sizes(16, 48, 16):
+            pass
