@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 import kdkernels
+import kdkernels.nn
 import kdkernels.ops.triton.fused_linear as tiles
 from kdkernels.functional import distill_loss, fused_linear_distill_loss
 from kdkernels.llm import fused_linear
@@ -248,3 +249,28 @@ def test_tile_sizes_must_suit_tl_dot():
     with pytest.raises(ValueError, match="block_v"):
         with tiles.tile_sizes(16, 48, 16):
             pass
+
+
+def test_opcheck_of_the_tiles_op():
+    """``kdkernels::fused_linear_tiles``: schema, fake (meta) outputs, and no aliasing."""
+    student, teacher = _heads(15, n=(12,), vs=40, vt=40)
+    hs, ws, bs, ht, wt, bt = (x.detach() for x in (*student, *teacher))
+    labels = torch.randint(0, 40, (12,), generator=torch.Generator().manual_seed(16)).to(DEVICE)
+    mask = labels % 3 != 0
+    args = (hs, ws, bs, ht, wt, None, mask, labels, "jsd", 0.3, 1.5, True, 5.0, None, None, 1.1, 1.0, 0.5, 33,
+            torch.tensor(0.25, dtype=torch.float64, device=DEVICE), True, True, False)
+    torch.library.opcheck(tiles.fused_linear_tiles, args)
+
+
+def test_compile_fullgraph(block_walk_forbidden):
+    student, teacher = _heads(17, dtype=torch.float32)
+    module = kdkernels.nn.FusedLinearDistillLoss("jsd", beta=0.3, temperature=2.0, vocab_size=75)
+    args = (student[0], student[1], teacher[0], teacher[1], student[2], teacher[2])
+    with kdkernels.use_backend("triton"):
+        eager = module(*args)
+        eager_grads = torch.autograd.grad(eager, student)
+        compiled = torch.compile(module, fullgraph=True)(*args)
+        compiled_grads = torch.autograd.grad(compiled, student)
+    torch.testing.assert_close(compiled, eager)
+    for a, e in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, e)

@@ -44,7 +44,7 @@ GEMMs instead when the teacher's tensors want gradients or the heads are vocabul
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -450,19 +450,43 @@ def fused_linear_rows(hs, ws, bs, ht, wt, bt, mask, targets, options, weights, v
     scale_by_t2, student / teacher soft-cap, student / teacher logit scale); ``weights`` =
     (kd_weight, ce_weight); ``grad_scale`` a 0-d or (N,) tensor; ``wants`` = whether the
     gradients of (hs, ws, bs) are wanted. Returns ``(losses, (g_hs, g_ws, g_bs))`` in the
-    accumulation dtype (float32, float64 for float64 heads), None for unwanted ones.
+    accumulation dtype (float32, float64 for float64 heads), None for unwanted ones. Runs the
+    custom op ``kdkernels::fused_linear_tiles`` (opaque to ``torch.compile``).
     """
     divergence, beta, temperature, scale_by_t2, s_cap, t_cap, s_scale, t_scale = options
-    kd_weight, ce_weight = weights
+    optional = [None if x is None else float(x) for x in (s_cap, t_cap, s_scale, t_scale)]
+    losses, *grads = fused_linear_tiles(
+        hs, ws, bs, ht, wt, bt, mask, targets, divergence, float(beta), float(temperature), bool(scale_by_t2),
+        *optional, float(weights[0]), float(weights[1]), int(vocab), grad_scale, *(bool(w) for w in wants),
+    )
+    return losses, tuple(g if w else None for g, w in zip(grads, wants))
+
+
+def _accumulation(hs: torch.Tensor, ht: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (hs.dtype, ht.dtype) else torch.float32
+
+
+@torch.library.custom_op("kdkernels::fused_linear_tiles", mutates_args=())
+def fused_linear_tiles(
+    hs: torch.Tensor, ws: torch.Tensor, bs: Optional[torch.Tensor],
+    ht: torch.Tensor, wt: torch.Tensor, bt: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor], targets: Optional[torch.Tensor],
+    divergence: str, beta: float, temperature: float, scale_by_t2: bool,
+    s_cap: Optional[float], t_cap: Optional[float], s_scale: Optional[float], t_scale: Optional[float],
+    kd_weight: float, ce_weight: float, vocab: int, grad_scale: torch.Tensor,
+    want_hs: bool, want_ws: bool, want_bs: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fused_linear_rows` as an op: ``(losses, g_hs, g_ws, g_bs)``, an unwanted gradient
+    an empty tensor."""
     device = hs.device
-    acc = torch.float64 if torch.float64 in (hs.dtype, ht.dtype) else torch.float32
+    acc = _accumulation(hs, ht)
     n, h_s = hs.shape
     h_t = ht.shape[1]
     n_student_cols = ws.shape[0]
     kind = divergence_kind(divergence, beta)
     has_ce = bool(ce_weight)
-    want_hs, want_ws, want_bs = wants
-    wide = max((hs, ht), key=lambda x: x.element_size()).dtype
+    wants = (want_hs, want_ws, want_bs)
+    wide = hs.dtype if hs.element_size() >= ht.element_size() else ht.dtype
     block_m, block_v, block_k, num_warps = default_tile_sizes(wide)
 
     stats = torch.zeros(n, _N_STATS, dtype=acc, device=device)
@@ -473,7 +497,7 @@ def fused_linear_rows(hs, ws, bs, ht, wt, bt, mask, targets, options, weights, v
         torch.zeros(n_student_cols, dtype=acc, device=device) if want_bs else None,
     )
     if n == 0 or vocab == 0:
-        return losses, grads
+        return (losses, *(torch.empty(0, dtype=acc, device=device) if g is None else g for g in grads))
 
     s_dot, s_precision, s_operand = _dot_settings(hs)
     t_dot, t_precision, t_operand = _dot_settings(ht)
@@ -504,7 +528,7 @@ def fused_linear_rows(hs, ws, bs, ht, wt, bt, mask, targets, options, weights, v
     if has_ce:
         losses = losses + ce_weight * torch.where(counted, stats[:, _CE], zero)
     if not any(wants):
-        return losses, grads
+        return (losses, *(torch.empty(0, dtype=acc, device=device) if g is None else g for g in grads))
 
     # Per row: the divergence gradient's coefficient (the reduction's scale · kd_weight · T² / T,
     # as the divergence kernel's `scale`) and the cross-entropy's; 0 where the row does not count.
@@ -522,4 +546,16 @@ def fused_linear_rows(hs, ws, bs, ht, wt, bt, mask, targets, options, weights, v
             *tensors, labels, stats, coef, g_w, g_b, *sizes, *strides, *scalars, *beta_halves,
             WANT_W=want_ws, WANT_B=want_bs, **constexprs,
         )
-    return losses, grads
+    return (losses, *(torch.empty(0, dtype=acc, device=device) if g is None else g for g in grads))
+
+
+@fused_linear_tiles.register_fake
+def _(hs, ws, bs, ht, wt, bt, mask, targets, divergence, beta, temperature, scale_by_t2, s_cap, t_cap, s_scale, t_scale,
+      kd_weight, ce_weight, vocab, grad_scale, want_hs, want_ws, want_bs):
+    acc = _accumulation(hs, ht)
+
+    def buffer(wanted, *shape):
+        return hs.new_empty(shape if wanted else (0,), dtype=acc)
+
+    n = hs.shape[0]
+    return buffer(True, n), buffer(want_hs, n, hs.shape[1]), buffer(want_ws, *ws.shape), buffer(want_bs, ws.shape[0])
