@@ -3,8 +3,25 @@ r"""Distillation from hidden states and LM heads without the (N, V) logits.
 :func:`fused_linear_distill_loss` computes :func:`kdkernels.llm.distill_loss` of
 ``z_s = h_s W_sᵀ + b_s`` and ``z_t = h_t W_tᵀ + b_t`` — the same divergences, temperature, T²,
 masks / labels, reductions, ``num_items_in_batch``, ``vocab_size``, soft-capping and logit scaling —
-but never holds the logits of all positions: it walks the positions in row blocks of ``chunk_rows``
-(Liger-Kernel's fused-linear losses chunk the same way). Per block:
+but never holds the logits of all positions. Two implementations, by the resolved backend:
+
+**Triton tiles** (backend ``triton``: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
+:mod:`kdkernels.ops.triton.fused_linear`, the op ``kdkernels::fused_linear_tiles``). Nothing larger
+than a ``(BLOCK_M, BLOCK_V)`` tile of logits exists: each tile is ``tl.dot``-accumulated over the
+hidden size in ``BLOCK_K`` chunks and recomputed by each of four kernels — the per-row softmax
+statistics of both heads (online max / sum-exp over the vocabulary tiles), the per-row divergence
+and ``Σ ∂D/∂log p`` (mixture divergences and TVD; the KLs get them from the statistics), the
+hidden-state gradient (a program per row block) and the weight / bias gradient (a program per
+vocabulary tile). Extra memory: the fp32 gradient buffers plus 10 floats per row; deterministic.
+``chunk_rows`` is ignored there (the kernels tile instead). The label cross-entropy
+(``ce_weight``) runs in the same kernels. Two cases take the row blocks below instead: a teacher
+whose hidden states, weight or bias require grad (the tiles compute the student's gradients
+only), and ``process_group`` (the softmax statistics of a vocabulary-parallel head need
+collectives between the passes, done by :mod:`kdkernels.llm.vocab_parallel`).
+
+**Row blocks** (backends ``cpu``, ``cuda``, ``torch``, and the two cases above): the positions are
+walked in blocks of ``chunk_rows`` (Liger-Kernel's fused-linear losses chunk the same way). Per
+block:
 
 1. ``z_s = h_s[block] W_sᵀ (+ b_s)`` and ``z_t`` likewise: two GEMMs, (rows, V) each;
 2. the fused divergence kernel of the backend (:data:`kdkernels.ops.divergences.DIVERGENCES`; the
@@ -16,20 +33,20 @@ but never holds the logits of all positions: it walks the positions in row block
 
 So the extra memory is the gradients of the hidden states and weights plus O(chunk_rows · V),
 and the work is that of the eager composite: the same four GEMMs (two forward, two backward per
-head that learns), with the softmax passes fused. The gradients are computed in the forward (as
-every kdkernels loss); ``reduction="none"`` recomputes the blocks in the backward instead, with
-each position's incoming gradient.
+head that learns), with the softmax passes fused. (The Triton tiles trade memory for work: the
+logits are recomputed by every kernel, 8 to 10 GEMM-sized products instead of 4.)
+
+In both, the gradients are computed in the forward (as every kdkernels loss);
+``reduction="none"`` recomputes them in the backward instead, with each position's incoming
+gradient.
 
 With ``labels`` and ``ce_weight`` the label cross-entropy of the student's logits joins the
-divergence in each block (its gradient added to the block's student-logit gradient before the
-GEMMs), so a causal LM's ``kd_weight · KD + ce_weight · CE`` needs no logits at all
+divergence (its gradient added to the student-logit gradient before the GEMMs), so a causal LM's
+``kd_weight · KD + ce_weight · CE`` needs no logits at all
 (:func:`kdkernels.llm.hf.causal_lm_fused_linear_distill_loss`).
 
 With ``process_group`` the heads are sharded along the vocabulary over the ranks (a tensor-parallel
 LM head): each block's softmaxes are global through :mod:`kdkernels.llm.vocab_parallel`.
-
-Not (yet) what issue 17 asks beyond this: the vocabulary is not tiled (each block holds full rows
-of V), and there is no Triton ``tl.dot`` kernel.
 """
 
 from __future__ import annotations
@@ -354,8 +371,9 @@ def fused_linear_distill_loss(
     ce_weight: float = 0.0,
 ) -> torch.Tensor:
     r""":func:`kdkernels.llm.distill_loss` of ``z_s = student_hidden @ student_weightᵀ + student_bias``
-    and ``z_t = teacher_hidden @ teacher_weightᵀ + teacher_bias`` without the (N, V) logits: the
-    positions are walked in blocks of ``chunk_rows`` rows (module docstring).
+    and ``z_t = teacher_hidden @ teacher_weightᵀ + teacher_bias`` without the (N, V) logits: by
+    Triton ``tl.dot`` tiles on the ``triton`` backend, else in blocks of ``chunk_rows`` positions
+    (module docstring).
 
     Args:
         student_hidden / teacher_hidden: (…, H_s) / (…, H_t) final hidden states, same leading
@@ -366,7 +384,10 @@ def fused_linear_distill_loss(
         num_items_in_batch, vocab_size, softcap, logit_scale: as :func:`distill_loss` (the logits of
             a linear head are finite, so every counted position has a teacher distribution:
             ``mean`` divides by the counted positions).
-        chunk_rows: positions per block (default: about 8 MiB of fp32 logits per head and block).
+        chunk_rows: positions per block of the row-block walk (default: about 8 MiB of fp32
+            logits per head and block); not used by the ``triton`` backend's tiles (module
+            docstring), except where it falls back to the row blocks (teacher gradients,
+            ``process_group``).
         process_group: LM heads sharded along the vocabulary over this ``torch.distributed`` group
             (a tensor-parallel head): each rank passes its rows of both weights (and biases) and
             the full, replicated hidden states; the loss is the whole vocabulary's, the same on
