@@ -189,6 +189,14 @@ def test_bfloat16_heads(block_walk_forbidden):
         torch.testing.assert_close(a.double(), e, rtol=5e-2, atol=2e-2 * e.abs().max().item())
 
 
+def test_heads_of_different_dtypes(block_walk_forbidden):
+    """A float32 student and a float64 teacher: float64 loss, float32 gradients."""
+    student, _ = _heads(18, dtype=torch.float32)
+    _, teacher = _heads(19)
+    loss = _compare(student, teacher, rtol=2e-5, atol=2e-6, divergence="reverse_kl", vocab_size=75)
+    assert loss.dtype == torch.float64
+
+
 def test_gradcheck_at_a_tiny_size(block_walk_forbidden):
     """Two vocabulary tiles and two hidden chunks; the divergence and the cross-entropy."""
     student, teacher = _heads(11, n=(3,), hs=17, ht=5, vs=20, vt=20)
@@ -274,3 +282,61 @@ def test_compile_fullgraph(block_walk_forbidden):
     torch.testing.assert_close(compiled, eager)
     for a, e in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, e)
+
+
+def test_default_tiles(monkeypatch, block_walk_forbidden):
+    """The dtype's default tile sizes (not the tests' 16³): float32 64 × 64 × 32, bfloat16
+    64 × 128 × 64, each over several row blocks and vocabulary tiles."""
+    monkeypatch.setattr(tiles, "_TILE_OVERRIDE", None)
+    assert tiles.default_tile_sizes(torch.float32)[:3] == (64, 64, 32)
+    student, teacher = _heads(20, n=(70,), hs=80, ht=48, vs=300, vt=300, dtype=torch.float32)
+    _compare(student, teacher, rtol=2e-5, atol=2e-6, divergence="skew_forward_kl", beta=0.3, temperature=1.5)
+    student, teacher = _heads(21, n=(70,), hs=80, ht=48, vs=300, vt=300, dtype=torch.bfloat16)
+    loss = _tiled(student, teacher, divergence="forward_kl")
+    grads = torch.autograd.grad(loss, student)
+    student64 = [x.detach().double().requires_grad_() for x in student]
+    expected = _materialised(student64, [x.detach().double() for x in teacher], divergence="forward_kl")
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-2, atol=1e-3)
+    for a, e in zip(grads, torch.autograd.grad(expected, student64)):
+        torch.testing.assert_close(a.double(), e, rtol=5e-2, atol=2e-2 * e.abs().max().item())
+
+
+def test_host_side_allocates_nothing_of_n_by_v(monkeypatch, block_walk_forbidden):
+    """N = 128, V = 2048, default tiles: one (N, V) fp32 tensor is 1 MiB; the tiles' torch
+    allocations are the gradient buffers (0.14 MiB) plus O(N) statistics. (The kernels' own
+    tiles are registers on a GPU, a tile's numpy arrays under the interpreter.)"""
+    from tests.helpers import peak_extra_bytes
+
+    monkeypatch.setattr(tiles, "_TILE_OVERRIDE", None)
+    n, h, v = 128, 16, 2048
+    student, teacher = _heads(22, n=(n,), hs=h, ht=h, vs=v, vt=v, dtype=torch.float32)
+
+    def run():
+        torch.autograd.grad(_tiled(student, teacher, divergence="jsd"), student)
+
+    run()
+    peak = peak_extra_bytes(run)
+    gradients = (n * h + v * h + v) * 4
+    assert peak < 2 * gradients + 64 * n + (64 << 10), f"peak {peak / 2**20:.2f} MiB"
+    assert peak < n * v * 4 / 2
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_is_the_gradients():
+    """bf16, N = 4096, H = 512, V = 32000 on CUDA: a (N, V) fp32 tensor is 500 MiB; the extra
+    memory is the fp32 gradient buffers and the bf16 gradients plus O(N)."""
+    if DEVICE != "cuda":
+        pytest.skip("needs CUDA")
+    n, h, v = 4096, 512, 32000
+    student, teacher = _heads(23, n=(n,), hs=h, ht=h, vs=v, vt=v, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with kdkernels.use_backend("triton"), tiles.tile_sizes(*tiles.default_tile_sizes(torch.bfloat16)[:3]):
+        loss = fused_linear_distill_loss(*student[:2], *teacher[:2], student[2], teacher[2], divergence="jsd")
+        grads = torch.autograd.grad(loss, student)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    gradients = (n * h + v * h + v) * (4 + 2)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert peak < gradients + (16 << 20), f"peak {peak / 2**20:.1f} MiB"
