@@ -12,14 +12,14 @@ hidden size in ``BLOCK_K`` chunks and recomputed by each of four kernels — the
 statistics of both heads (online max / sum-exp over the vocabulary tiles), the per-row divergence
 and ``Σ ∂D/∂log p`` (mixture divergences and TVD; the KLs get them from the statistics), the
 hidden-state gradient (a program per row block) and the weight / bias gradient (a program per
-vocabulary tile). Extra memory: the fp32 gradient buffers plus 10 floats per row; deterministic.
-``chunk_rows`` is ignored there (the kernels tile instead). The label cross-entropy
-(``ce_weight``) runs in the same kernels. Two cases take the row blocks below instead: a teacher
-whose hidden states, weight or bias require grad (the tiles compute the student's gradients
-only), and ``process_group`` (the softmax statistics of a vocabulary-parallel head need
-collectives between the passes, done by :mod:`kdkernels.llm.vocab_parallel`).
+vocabulary tile), for the student and for a teacher whose tensors require grad. Extra memory:
+the fp32 gradient buffers plus 10 floats per row; deterministic. ``chunk_rows`` is ignored there
+(the kernels tile instead). The label cross-entropy (``ce_weight``) runs in the same kernels.
+``process_group`` takes the row blocks below instead (the softmax statistics of a
+vocabulary-parallel head need collectives between the passes, done by
+:mod:`kdkernels.llm.vocab_parallel`).
 
-**Row blocks** (backends ``cpu``, ``cuda``, ``torch``, and the two cases above): the positions are
+**Row blocks** (backends ``cpu``, ``cuda``, ``torch``, and ``process_group``): the positions are
 walked in blocks of ``chunk_rows`` (Liger-Kernel's fused-linear losses chunk the same way). Per
 block:
 
@@ -222,18 +222,18 @@ def _kernel_block(backend, zs, zt, mask, targets, options, weights, grad_scale, 
 def _walk_blocks(heads: _Heads, mask, targets, options, weights, grad_scale, wants, chunk_rows, backend):
     """The per-position losses (N,) and the gradients of the ``wants`` = (hs, ws, bs, ht, wt, bt)
     flags, accumulated in float32 (float64 for float64): by the Triton tiles
-    (:func:`kdkernels.ops.triton.fused_linear.fused_linear_rows`) on the ``triton`` backend when
-    the teacher wants no gradient, else by :func:`_walk_row_blocks`."""
-    if backend == "triton" and not any(wants[3:]):
+    (:func:`kdkernels.ops.triton.fused_linear.fused_linear_rows`) on the ``triton`` backend, else
+    (other backends, vocabulary-parallel heads) by :func:`_walk_row_blocks`."""
+    if backend == "triton":
         from kdkernels.ops.triton.fused_linear import fused_linear_rows
 
-        losses, student_grads = fused_linear_rows(
+        losses, grads = fused_linear_rows(
             heads.hs, heads.ws, heads.bs, heads.ht, heads.wt, heads.bt, mask, targets, options, weights,
-            heads.vocab, grad_scale, wants[:3],
+            heads.vocab, grad_scale, wants,
         )
-        g_hs, g_ws, g_bs = student_grads
-        g_hs = None if g_hs is None else g_hs.to(heads.hs.dtype)  # as the block walk's (weights: by _shaped)
-        return losses, (g_hs, g_ws, g_bs, None, None, None)
+        # The hidden states' gradients in their dtypes, as the block walk's (weights': by _shaped).
+        g_hs, g_ht = (None if g is None else g.to(h.dtype) for g, h in ((grads[0], heads.hs), (grads[3], heads.ht)))
+        return losses, (g_hs, grads[1], grads[2], g_ht, grads[4], grads[5])
     return _walk_row_blocks(heads, mask, targets, options, weights, grad_scale, wants, chunk_rows, backend)
 
 
@@ -386,8 +386,7 @@ def fused_linear_distill_loss(
             ``mean`` divides by the counted positions).
         chunk_rows: positions per block of the row-block walk (default: about 8 MiB of fp32
             logits per head and block); not used by the ``triton`` backend's tiles (module
-            docstring), except where it falls back to the row blocks (teacher gradients,
-            ``process_group``).
+            docstring), except with ``process_group`` (row blocks there too).
         process_group: LM heads sharded along the vocabulary over this ``torch.distributed`` group
             (a tensor-parallel head): each rank passes its rows of both weights (and biases) and
             the full, replicated hidden states; the loss is the whole vocabulary's, the same on

@@ -4,11 +4,12 @@ With 16 × 16 × 16 tiles and N = 20 positions, V = 80 (student) / 88 (teacher) 
 over ``vocab_size = 75``, hidden sizes 40 / 24, every kernel walks several row blocks, vocabulary
 tiles and hidden-size chunks with masked edges. Against the float64 materialised formula (logits
 ``h Wᵀ + b`` then the reference ``distill_loss``, plus a direct cross-entropy): values and the
-student's hidden / weight / bias gradients for every divergence and reduction, masks, soft-cap /
-scale, the label cross-entropy, float32 / bfloat16 heads; gradcheck; that the tiles (not the
-row-block walk) ran; the fallbacks to the row-block walk (teacher gradients, process_group);
-determinism. Runs on CPU under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py`` without a GPU),
-or on a GPU."""
+hidden / weight / bias gradients of the student (and of a teacher that learns) for every
+divergence and reduction, masks, soft-cap / scale, the label cross-entropy, float32 / bfloat16 /
+mixed heads, the default tile sizes; gradcheck; opcheck and compile; that the tiles (not the
+row-block walk) ran; the fallback to the row-block walk (process_group); determinism; no (N, V)
+torch allocation. Runs on CPU under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py`` without a
+GPU), or on a GPU."""
 
 import pytest
 import torch
@@ -219,14 +220,15 @@ def test_deterministic(block_walk_forbidden):
         assert torch.equal(a, b)
 
 
-def test_teacher_gradients_fall_back_to_the_row_block_walk(monkeypatch):
-    """The tiles compute the student's gradients only: a teacher that learns takes the row
-    blocks (documented), with the same results as the materialised formula."""
-    calls = []
-    monkeypatch.setattr(tiles, "fused_linear_rows", lambda *a, **k: calls.append(1) or pytest.fail("tiles ran"))
-    student, teacher = _heads(13, vs=40, vt=40, teacher_grad=True)
-    _compare(student, teacher, divergence="jsd", beta=0.4, temperature=2.0)
-    assert not calls
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES + [("skew_forward_kl", 1.0)])
+def test_teacher_gradients(divergence, beta, block_walk_forbidden):
+    """A teacher that learns: its hidden-state, weight and bias gradients by the same kernels
+    (the teacher's padded rows past vocab_size get 0), with the student's cross-entropy on."""
+    student, teacher = _heads(13, teacher_grad=True)
+    labels = torch.randint(0, 80, (2, 10), generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    labels[1, :2] = -100
+    _compare(student, teacher, divergence=divergence, beta=beta, temperature=2.0, vocab_size=75, labels=labels,
+             ce_weight=0.3, reduction="mean", softcap=(None, 4.0), logit_scale=(1.1, 0.8))
 
 
 def test_process_group_falls_back_to_the_vocab_parallel_row_blocks(monkeypatch, tmp_path):
@@ -266,7 +268,7 @@ def test_opcheck_of_the_tiles_op():
     labels = torch.randint(0, 40, (12,), generator=torch.Generator().manual_seed(16)).to(DEVICE)
     mask = labels % 3 != 0
     args = (hs, ws, bs, ht, wt, None, mask, labels, "jsd", 0.3, 1.5, True, 5.0, None, None, 1.1, 1.0, 0.5, 33,
-            torch.tensor(0.25, dtype=torch.float64, device=DEVICE), True, True, False)
+            torch.tensor(0.25, dtype=torch.float64, device=DEVICE), [True, True, False, True, False, False])
     torch.library.opcheck(tiles.fused_linear_tiles, args)
 
 

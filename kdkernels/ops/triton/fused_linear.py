@@ -24,21 +24,27 @@ needs rather than storing them:
 2. :func:`_terms_kernel` (mixture divergences and TVD only): the tiles again; per element the
    terms and ``g`` of :func:`_bucket_terms` summed per row → the divergence and ``Σg``.
 3. :func:`_hidden_grad_kernel`, a program per row block: for each vocabulary tile the
-   ``(BLOCK_M, BLOCK_V)`` student-logit gradient ``dz`` in registers, and
+   ``(BLOCK_M, BLOCK_V)`` logit gradient ``dz`` of one head in registers, and
    ``dh[rows] += dz W[tile]`` over the hidden size in ``BLOCK_K`` chunks, read-modify-write of
    the program's own rows of a float32 buffer.
 4. :func:`_weight_grad_kernel`, a program per vocabulary tile: for each row block ``dz`` again,
    ``dW[tile] += dzᵀ h[rows]`` (``BLOCK_K`` chunks) and ``db[tile] += Σ_rows dz``, the program's
    own rows of ``dW``.
 
+Kernels 3 and 4 run for the student and, when its tensors require grad, for the teacher
+(``∂D/∂z_t = (h − q Σh) / T``, ``h = ∂D/∂v``, as the divergence kernel; the stats and terms
+kernels keep ``Σh`` too).
+
 Every output element is written by one program, in a fixed order: the result is deterministic
 (no atomics). The work is 2 logit GEMMs per head and pass (stats, terms for the mixture
 divergences, each gradient kernel) plus one GEMM per gradient: 8 GEMM-sized products for a KL
-with ``dh`` and ``dW`` (10 for JSD / skew KL / TVD) against the eager composite's 4; the
-read-modify-writes of ``dh`` / ``dW`` add ``8·H`` bytes per row (per column) and tile.
+with the student's ``dh`` and ``dW`` (10 for JSD / skew KL / TVD; 6 more for a teacher that
+learns) against the eager composite's 4; the read-modify-writes of ``dh`` / ``dW`` add ``8·H``
+bytes per row (per column) and tile. The tile sizes are not tuned on a GPU yet.
 
-Only the student's gradients: the caller (``kdkernels.llm.fused_linear``) walks row blocks with
-GEMMs instead when the teacher's tensors want gradients or the heads are vocabulary-parallel.
+Vocabulary-parallel heads (``process_group``) do not come here: the caller
+(``kdkernels.llm.fused_linear``) walks row blocks for them, whose softmax statistics are reduced
+over the ranks between passes.
 """
 
 from __future__ import annotations
@@ -67,8 +73,9 @@ from kdkernels.ops.triton.divergences import (
 from kdkernels.ops.triton.nan import joined_float, split_float
 
 # Columns of the per-row statistics (one (N, 8) tensor in the accumulation dtype).
-_M_S, _LZ_S, _M_T, _LZ_T, _DIV, _SUM_G, _LSE_CE, _CE = range(8)
-_N_STATS = 8
+_M_S, _LZ_S, _M_T, _LZ_T, _DIV, _SUM_G, _LSE_CE, _CE, _SUM_H = range(9)
+_N_STATS = 9
+STATS_WIDTH = tl.constexpr(9)  # for the kernels (globals they read must be constexpr)
 
 # ---------------------------------------------------------------------------------------------
 # Device side
@@ -175,25 +182,31 @@ def _stats_kernel(
     if KIND == FORWARD_KL:
         divergence = w / z_b - log_z_b + log_z_a
         sum_g = tl.full([BLOCK_M], -1.0, ACC)
+        sum_h = divergence + 1.0
     elif KIND == REVERSE_KL:
         divergence = w / z_a - log_z_a + log_z_b
         sum_g = divergence + 1.0
+        sum_h = tl.full([BLOCK_M], -1.0, ACC)
     elif KIND == ZERO_TEACHER_REFERENCE:
         divergence = 0.0 * log_z_b
         sum_g = tl.zeros([BLOCK_M], ACC)
+        sum_h = divergence
     elif KIND == ZERO_STUDENT_REFERENCE:
         divergence = 0.0 * log_z_a
         sum_g = divergence
+        sum_h = tl.zeros([BLOCK_M], ACC)
     else:
         divergence = tl.zeros([BLOCK_M], ACC)
         sum_g = tl.zeros([BLOCK_M], ACC)
-    out = STATS + rows * 8
+        sum_h = tl.zeros([BLOCK_M], ACC)
+    out = STATS + rows * STATS_WIDTH
     tl.store(out + 0, m_a, mask=row_ok)
     tl.store(out + 1, log_z_a, mask=row_ok)
     tl.store(out + 2, m_b, mask=row_ok)
     tl.store(out + 3, log_z_b, mask=row_ok)
     tl.store(out + 4, divergence, mask=row_ok)
     tl.store(out + 5, sum_g, mask=row_ok)
+    tl.store(out + 8, sum_h, mask=row_ok)
     if CE:
         lse = walker.row_shift(m_c) + tl.log(z_c)
         tl.store(out + 6, lse, mask=row_ok)
@@ -202,12 +215,13 @@ def _stats_kernel(
 
 @triton.jit
 def _row_stats(STATS, rows, row_ok):
-    """``(m_s, log z_s, m_t, log z_t, Σg, lse_ce)`` of the rows (0 past the last row)."""
-    at = STATS + rows * 8
+    """``(m_s, log z_s, m_t, log z_t, Σg, Σh, lse_ce)`` of the rows (0 past the last row)."""
+    at = STATS + rows * STATS_WIDTH
     return (
         tl.load(at + 0, mask=row_ok, other=0.0), tl.load(at + 1, mask=row_ok, other=0.0),
         tl.load(at + 2, mask=row_ok, other=0.0), tl.load(at + 3, mask=row_ok, other=0.0),
-        tl.load(at + 5, mask=row_ok, other=0.0), tl.load(at + 6, mask=row_ok, other=0.0),
+        tl.load(at + 5, mask=row_ok, other=0.0), tl.load(at + 8, mask=row_ok, other=0.0),
+        tl.load(at + 6, mask=row_ok, other=0.0),
     )
 
 
@@ -232,9 +246,10 @@ def _terms_kernel(
     beta = joined_float(beta_hi, beta_lo, ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
-    m_a, log_z_a, m_b, log_z_b, _sum_g, _lse = _row_stats(STATS, rows, row_ok)
+    m_a, log_z_a, m_b, log_z_b, _sum_g, _sum_h, _lse = _row_stats(STATS, rows, row_ok)
     divergence = tl.zeros([BLOCK_M], ACC)
     sum_g = tl.zeros([BLOCK_M], ACC)
+    sum_h = tl.zeros([BLOCK_M], ACC)
     for v0 in range(0, vocab, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         a, b = _tile_pair(
@@ -245,49 +260,63 @@ def _terms_kernel(
         )
         u = walker.block_log_probs(_compared(a, cols, vocab), m_a, log_z_a, inv_temperature)
         v = walker.block_log_probs(_compared(b, cols, vocab), m_b, log_z_b, inv_temperature)
-        term, g, _h = _bucket_terms(u, v, beta, KIND)
+        term, g, h = _bucket_terms(u, v, beta, KIND)
         divergence += tl.sum(term, axis=1)
         sum_g += tl.sum(g, axis=1)
-    out = STATS + rows * 8
+        sum_h += tl.sum(h, axis=1)
+    out = STATS + rows * STATS_WIDTH
     tl.store(out + 4, divergence, mask=row_ok)
     tl.store(out + 5, sum_g, mask=row_ok)
+    tl.store(out + 8, sum_h, mask=row_ok)
 
 
 @triton.jit
-def _student_logit_grad(
-    a, b, cols, row_ok, labels, m_a, log_z_a, m_b, log_z_b, sum_g, lse, coef, ce_coef,
-    n_student_cols, vocab, inv_temperature, beta, s_scale, s_cap,
+def _logit_grad(
+    a, b, cols, row_ok, labels, m_a, log_z_a, m_b, log_z_b, sum_g, sum_h, lse, coef, ce_coef,
+    n_student_cols, vocab, inv_temperature, beta, s_scale, s_cap, t_scale, t_cap,
     KIND: tl.constexpr, CE: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
+    T_SCALE: tl.constexpr, T_CAP: tl.constexpr, TEACHER: tl.constexpr,
 ):
-    """``∂loss/∂z_s`` on a tile (raw logits, before the transforms): the divergence kernel's
-    ``coef · (g − p Σg)`` on the compared classes (``coef`` = reduction scale · kd_weight · T²
-    / T, 0 for rows that do not count), plus ``ce_coef · (softmax(z') − onehot(label))`` over the
-    student's columns, times the transform's slope; exactly 0 outside the rows and columns."""
+    """``∂loss/∂z`` of one head on a tile (raw logits, before the transforms), exactly 0 outside
+    its rows and columns. The student's (``TEACHER`` False): the divergence kernel's
+    ``coef · (g − p Σg)`` on the compared classes (``coef`` = reduction scale · kd_weight · T² / T,
+    0 for rows that do not count), plus ``ce_coef · (softmax(z') − onehot(label))`` over the
+    student's columns, times the transform's slope. The teacher's: ``coef · (h − q Σh)`` times
+    its slope (h = ∂D/∂v)."""
     u = walker.block_log_probs(_compared(a, cols, vocab), m_a, log_z_a, inv_temperature)
     v = walker.block_log_probs(_compared(b, cols, vocab), m_b, log_z_b, inv_temperature)
-    _term, g, _h = _bucket_terms(u, v, beta, KIND)
-    dz = coef[:, None] * (g - tl.exp(u) * sum_g[:, None])
-    if CE:
-        softmax = tl.exp(_compared(a, cols, n_student_cols) - lse[:, None])
-        dz += ce_coef[:, None] * (softmax - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0))
-    dz = dz * _transform_slope(a, s_scale, s_cap, S_SCALE, S_CAP)
+    _term, g, h = _bucket_terms(u, v, beta, KIND)
     live = row_ok & ((coef != 0.0) | (ce_coef != 0.0))
-    return tl.where(live[:, None] & (cols[None, :] < n_student_cols), dz, 0.0)
+    if TEACHER:
+        dz = coef[:, None] * (h - tl.exp(v) * sum_h[:, None]) * _transform_slope(b, t_scale, t_cap, T_SCALE, T_CAP)
+        n_cols = vocab
+    else:
+        dz = coef[:, None] * (g - tl.exp(u) * sum_g[:, None])
+        if CE:
+            softmax = tl.exp(_compared(a, cols, n_student_cols) - lse[:, None])
+            dz += ce_coef[:, None] * (softmax - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0))
+        dz = dz * _transform_slope(a, s_scale, s_cap, S_SCALE, S_CAP)
+        n_cols = n_student_cols
+    return tl.where(live[:, None] & (cols[None, :] < n_cols), dz, 0.0)
 
 
 @triton.jit
 def _hidden_grad_kernel(
-    HS, WS, BS, HT, WT, BT, LABELS, STATS, COEF, GH,
-    n_rows, n_student_cols, vocab, h_s, h_t,
-    hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0,
+    HS, WS, BS, HT, WT, BT, LABELS, STATS, COEF, GH, WG,
+    n_rows, n_student_cols, vocab, h_s, h_t, n_grad_cols, h_g,
+    hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0, wg_s0, wg_s1,
     temperature_hi, temperature_lo, s_scale_hi, s_scale_lo, s_cap_hi, s_cap_lo, t_scale_hi, t_scale_lo, t_cap_hi, t_cap_lo,
     beta_hi, beta_lo,
-    KIND: tl.constexpr, CE: tl.constexpr,
+    KIND: tl.constexpr, CE: tl.constexpr, TEACHER: tl.constexpr,
     S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
     T_SCALE: tl.constexpr, T_CAP: tl.constexpr, ACC: tl.constexpr,
     S_DOT_ACC: tl.constexpr, T_DOT_ACC: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-    S_OPERAND: tl.constexpr, T_OPERAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    S_OPERAND: tl.constexpr, T_OPERAND: tl.constexpr,
+    G_DOT_ACC: tl.constexpr, G_PRECISION: tl.constexpr, G_OPERAND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """``GH[rows] = Σ_tiles dz W_g[tile]`` for one head ``g`` (``WG`` its weight, ``h_g`` its
+    hidden size, ``n_grad_cols`` its columns)."""
     inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
     s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
     s_cap = joined_float(s_cap_hi, s_cap_lo, ACC)
@@ -296,14 +325,14 @@ def _hidden_grad_kernel(
     beta = joined_float(beta_hi, beta_lo, ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
-    m_a, log_z_a, m_b, log_z_b, sum_g, lse = _row_stats(STATS, rows, row_ok)
+    m_a, log_z_a, m_b, log_z_b, sum_g, sum_h, lse = _row_stats(STATS, rows, row_ok)
     coef = tl.load(COEF + rows * 2, mask=row_ok, other=0.0)
     ce_coef = tl.load(COEF + rows * 2 + 1, mask=row_ok, other=0.0)
     labels = rows  # unused without cross-entropy
     if CE:
         labels = tl.load(LABELS + rows, mask=row_ok, other=-1)
     ks = tl.arange(0, BLOCK_K)
-    for v0 in range(0, n_student_cols, BLOCK_V):
+    for v0 in range(0, n_grad_cols, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         a, b = _tile_pair(
             HS, WS, BS, HT, WT, BT, rows, row_ok, cols, n_student_cols, vocab, h_s, h_t,
@@ -311,35 +340,40 @@ def _hidden_grad_kernel(
             S_BIAS, T_BIAS, S_SCALE, S_CAP, T_SCALE, T_CAP, ACC, S_DOT_ACC, T_DOT_ACC, S_PRECISION, T_PRECISION,
             S_OPERAND, T_OPERAND, BLOCK_M, BLOCK_V, BLOCK_K,
         )
-        dz = _student_logit_grad(
-            a, b, cols, row_ok, labels, m_a, log_z_a, m_b, log_z_b, sum_g, lse, coef, ce_coef,
-            n_student_cols, vocab, inv_temperature, beta, s_scale, s_cap, KIND, CE, S_SCALE, S_CAP,
+        dz = _logit_grad(
+            a, b, cols, row_ok, labels, m_a, log_z_a, m_b, log_z_b, sum_g, sum_h, lse, coef, ce_coef,
+            n_student_cols, vocab, inv_temperature, beta, s_scale, s_cap, t_scale, t_cap,
+            KIND, CE, S_SCALE, S_CAP, T_SCALE, T_CAP, TEACHER,
         )
-        dz = dz.to(WS.dtype.element_ty).to(S_OPERAND)  # rounded as the weight's dtype first
-        col_ok = cols < n_student_cols
-        for k0 in range(0, h_s, BLOCK_K):
+        dz = dz.to(WG.dtype.element_ty).to(G_OPERAND)  # rounded as the weight's dtype first
+        col_ok = cols < n_grad_cols
+        for k0 in range(0, h_g, BLOCK_K):
             k = k0 + ks
-            k_ok = k < h_s
-            w = tl.load(WS + cols[:, None] * ws_s0 + k[None, :] * ws_s1, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            part = tl.dot(dz, w.to(S_OPERAND), input_precision=S_PRECISION, out_dtype=S_DOT_ACC)
-            at = GH + rows[:, None] * h_s + k[None, :]
+            k_ok = k < h_g
+            w = tl.load(WG + cols[:, None] * wg_s0 + k[None, :] * wg_s1, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            part = tl.dot(dz, w.to(G_OPERAND), input_precision=G_PRECISION, out_dtype=G_DOT_ACC)
+            at = GH + rows[:, None] * h_g + k[None, :]
             here = row_ok[:, None] & k_ok[None, :]
             tl.store(at, tl.load(at, mask=here, other=0.0) + part.to(GH.dtype.element_ty), mask=here)
 
 
 @triton.jit
 def _weight_grad_kernel(
-    HS, WS, BS, HT, WT, BT, LABELS, STATS, COEF, GW, GB,
-    n_rows, n_student_cols, vocab, h_s, h_t,
-    hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0,
+    HS, WS, BS, HT, WT, BT, LABELS, STATS, COEF, GW, GB, XG,
+    n_rows, n_student_cols, vocab, h_s, h_t, n_grad_cols, h_g,
+    hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0, xg_s0, xg_s1,
     temperature_hi, temperature_lo, s_scale_hi, s_scale_lo, s_cap_hi, s_cap_lo, t_scale_hi, t_scale_lo, t_cap_hi, t_cap_lo,
     beta_hi, beta_lo,
-    KIND: tl.constexpr, CE: tl.constexpr, WANT_W: tl.constexpr, WANT_B: tl.constexpr,
+    KIND: tl.constexpr, CE: tl.constexpr, TEACHER: tl.constexpr, WANT_W: tl.constexpr, WANT_B: tl.constexpr,
     S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
     T_SCALE: tl.constexpr, T_CAP: tl.constexpr, ACC: tl.constexpr,
     S_DOT_ACC: tl.constexpr, T_DOT_ACC: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-    S_OPERAND: tl.constexpr, T_OPERAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    S_OPERAND: tl.constexpr, T_OPERAND: tl.constexpr,
+    G_DOT_ACC: tl.constexpr, G_PRECISION: tl.constexpr, G_OPERAND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """``GW[tile] = Σ_row blocks dzᵀ X_g[rows]`` and ``GB[tile] = Σ_rows dz`` for one head ``g``
+    (``XG`` its hidden states)."""
     inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
     s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
     s_cap = joined_float(s_cap_hi, s_cap_lo, ACC)
@@ -347,13 +381,13 @@ def _weight_grad_kernel(
     t_cap = joined_float(t_cap_hi, t_cap_lo, ACC)
     beta = joined_float(beta_hi, beta_lo, ACC)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < n_student_cols
+    col_ok = cols < n_grad_cols
     ks = tl.arange(0, BLOCK_K)
     bias_grad = tl.zeros([BLOCK_V], ACC)
     for r0 in range(0, n_rows, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < n_rows
-        m_a, log_z_a, m_b, log_z_b, sum_g, lse = _row_stats(STATS, rows, row_ok)
+        m_a, log_z_a, m_b, log_z_b, sum_g, sum_h, lse = _row_stats(STATS, rows, row_ok)
         coef = tl.load(COEF + rows * 2, mask=row_ok, other=0.0)
         ce_coef = tl.load(COEF + rows * 2 + 1, mask=row_ok, other=0.0)
         labels = rows
@@ -365,20 +399,21 @@ def _weight_grad_kernel(
             S_BIAS, T_BIAS, S_SCALE, S_CAP, T_SCALE, T_CAP, ACC, S_DOT_ACC, T_DOT_ACC, S_PRECISION, T_PRECISION,
             S_OPERAND, T_OPERAND, BLOCK_M, BLOCK_V, BLOCK_K,
         )
-        dz = _student_logit_grad(
-            a, b, cols, row_ok, labels, m_a, log_z_a, m_b, log_z_b, sum_g, lse, coef, ce_coef,
-            n_student_cols, vocab, inv_temperature, beta, s_scale, s_cap, KIND, CE, S_SCALE, S_CAP,
+        dz = _logit_grad(
+            a, b, cols, row_ok, labels, m_a, log_z_a, m_b, log_z_b, sum_g, sum_h, lse, coef, ce_coef,
+            n_student_cols, vocab, inv_temperature, beta, s_scale, s_cap, t_scale, t_cap,
+            KIND, CE, S_SCALE, S_CAP, T_SCALE, T_CAP, TEACHER,
         )
         if WANT_B:
             bias_grad += tl.sum(dz, axis=0)
         if WANT_W:
-            dz_t = tl.trans(dz.to(HS.dtype.element_ty).to(S_OPERAND))
-            for k0 in range(0, h_s, BLOCK_K):
+            dz_t = tl.trans(dz.to(XG.dtype.element_ty).to(G_OPERAND))
+            for k0 in range(0, h_g, BLOCK_K):
                 k = k0 + ks
-                k_ok = k < h_s
-                h = tl.load(HS + rows[:, None] * hs_s0 + k[None, :] * hs_s1, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                part = tl.dot(dz_t, h.to(S_OPERAND), input_precision=S_PRECISION, out_dtype=S_DOT_ACC)
-                at = GW + cols[:, None] * h_s + k[None, :]
+                k_ok = k < h_g
+                x = tl.load(XG + rows[:, None] * xg_s0 + k[None, :] * xg_s1, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                part = tl.dot(dz_t, x.to(G_OPERAND), input_precision=G_PRECISION, out_dtype=G_DOT_ACC)
+                at = GW + cols[:, None] * h_g + k[None, :]
                 here = col_ok[:, None] & k_ok[None, :]
                 tl.store(at, tl.load(at, mask=here, other=0.0) + part.to(GW.dtype.element_ty), mask=here)
     if WANT_B:
@@ -442,22 +477,23 @@ def _dot_settings(x: torch.Tensor) -> tuple[tl.dtype, str, tl.dtype]:
 
 
 def fused_linear_rows(hs, ws, bs, ht, wt, bt, mask, targets, options, weights, vocab, grad_scale, wants):
-    """Per-position losses (N,) and the student's gradients of ``Σ grad_scale_i · loss_i``.
+    """Per-position losses (N,) and the gradients of ``Σ grad_scale_i · loss_i``.
 
     ``hs`` (N, H_s), ``ws`` (C_s, H_s) with C_s = ``vocab`` or, with cross-entropy, the student's
     whole head; ``ht`` (N, H_t), ``wt`` (``vocab``, H_t); biases or None; ``mask`` (N,) bool or
     None; ``targets`` (N,) int64 (with ``ce_weight``); ``options`` = (divergence, β, T,
     scale_by_t2, student / teacher soft-cap, student / teacher logit scale); ``weights`` =
     (kd_weight, ce_weight); ``grad_scale`` a 0-d or (N,) tensor; ``wants`` = whether the
-    gradients of (hs, ws, bs) are wanted. Returns ``(losses, (g_hs, g_ws, g_bs))`` in the
-    accumulation dtype (float32, float64 for float64 heads), None for unwanted ones. Runs the
-    custom op ``kdkernels::fused_linear_tiles`` (opaque to ``torch.compile``).
+    gradients of (hs, ws, bs, ht, wt, bt) are wanted. Returns ``(losses, (g_hs, g_ws, g_bs,
+    g_ht, g_wt, g_bt))`` in the accumulation dtype (float32, float64 for float64 heads), None for
+    unwanted ones. Runs the custom op ``kdkernels::fused_linear_tiles`` (opaque to
+    ``torch.compile``).
     """
     divergence, beta, temperature, scale_by_t2, s_cap, t_cap, s_scale, t_scale = options
     optional = [None if x is None else float(x) for x in (s_cap, t_cap, s_scale, t_scale)]
     losses, *grads = fused_linear_tiles(
         hs, ws, bs, ht, wt, bt, mask, targets, divergence, float(beta), float(temperature), bool(scale_by_t2),
-        *optional, float(weights[0]), float(weights[1]), int(vocab), grad_scale, *(bool(w) for w in wants),
+        *optional, float(weights[0]), float(weights[1]), int(vocab), grad_scale, [bool(w) for w in wants],
     )
     return losses, tuple(g if w else None for g, w in zip(grads, wants))
 
@@ -473,11 +509,10 @@ def fused_linear_tiles(
     mask: Optional[torch.Tensor], targets: Optional[torch.Tensor],
     divergence: str, beta: float, temperature: float, scale_by_t2: bool,
     s_cap: Optional[float], t_cap: Optional[float], s_scale: Optional[float], t_scale: Optional[float],
-    kd_weight: float, ce_weight: float, vocab: int, grad_scale: torch.Tensor,
-    want_hs: bool, want_ws: bool, want_bs: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`fused_linear_rows` as an op: ``(losses, g_hs, g_ws, g_bs)``, an unwanted gradient
-    an empty tensor."""
+    kd_weight: float, ce_weight: float, vocab: int, grad_scale: torch.Tensor, wants: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fused_linear_rows` as an op: ``(losses, g_hs, g_ws, g_bs, g_ht, g_wt, g_bt)``, an
+    unwanted gradient an empty tensor."""
     device = hs.device
     acc = _accumulation(hs, ht)
     n, h_s = hs.shape
@@ -485,19 +520,16 @@ def fused_linear_tiles(
     n_student_cols = ws.shape[0]
     kind = divergence_kind(divergence, beta)
     has_ce = bool(ce_weight)
-    wants = (want_hs, want_ws, want_bs)
     wide = hs.dtype if hs.element_size() >= ht.element_size() else ht.dtype
     block_m, block_v, block_k, num_warps = default_tile_sizes(wide)
 
+    def buffer(wanted, *shape):
+        return torch.zeros(shape if wanted else (0,), dtype=acc, device=device)
+
     stats = torch.zeros(n, _N_STATS, dtype=acc, device=device)
-    losses = torch.zeros(n, dtype=acc, device=device)
-    grads = (
-        torch.zeros(n, h_s, dtype=acc, device=device) if want_hs else None,
-        torch.zeros(ws.shape, dtype=acc, device=device) if want_ws else None,
-        torch.zeros(n_student_cols, dtype=acc, device=device) if want_bs else None,
-    )
+    grads = [buffer(w, *shape) for w, shape in zip(wants, ((n, h_s), ws.shape, (ws.shape[0],), (n, h_t), wt.shape, (wt.shape[0],)))]
     if n == 0 or vocab == 0:
-        return (losses, *(torch.empty(0, dtype=acc, device=device) if g is None else g for g in grads))
+        return (torch.zeros(n, dtype=acc, device=device), *grads)
 
     s_dot, s_precision, s_operand = _dot_settings(hs)
     t_dot, t_precision, t_operand = _dot_settings(ht)
@@ -528,34 +560,42 @@ def fused_linear_tiles(
     if has_ce:
         losses = losses + ce_weight * torch.where(counted, stats[:, _CE], zero)
     if not any(wants):
-        return (losses, *(torch.empty(0, dtype=acc, device=device) if g is None else g for g in grads))
+        return (losses, *grads)
 
     # Per row: the divergence gradient's coefficient (the reduction's scale · kd_weight · T² / T,
     # as the divergence kernel's `scale`) and the cross-entropy's; 0 where the row does not count.
     row_scale = grad_scale.to(device=device, dtype=acc).expand(n)
     coef = torch.stack((torch.where(counted, row_scale * (kd_weight * factor / float(temperature)), zero),
                         torch.where(counted, row_scale * ce_weight, zero)), dim=1).contiguous()
-    if want_hs:
-        wrap_triton(_hidden_grad_kernel)[row_grid](
-            *tensors, labels, stats, coef, grads[0], *sizes, *strides, *scalars, *beta_halves, **constexprs
-        )
-    if want_ws or want_bs:
-        g_w = grads[1] if want_ws else stats
-        g_b = grads[2] if want_bs else stats
-        wrap_triton(_weight_grad_kernel)[(triton.cdiv(n_student_cols, block_v),)](
-            *tensors, labels, stats, coef, g_w, g_b, *sizes, *strides, *scalars, *beta_halves,
-            WANT_W=want_ws, WANT_B=want_bs, **constexprs,
-        )
-    return (losses, *(torch.empty(0, dtype=acc, device=device) if g is None else g for g in grads))
+    common = (*tensors, labels, stats, coef)
+    # One head at a time: the student (its columns: the whole head with cross-entropy), then the teacher.
+    for teacher, (x, w), (g_x, g_w, g_b), (want_x, want_w, want_b), n_cols, settings in (
+        (False, (hs, ws), grads[:3], wants[:3], n_student_cols, (s_dot, s_precision, s_operand)),
+        (True, (ht, wt), grads[3:], wants[3:], vocab, (t_dot, t_precision, t_operand)),
+    ):
+        side = dict(TEACHER=teacher, G_DOT_ACC=settings[0], G_PRECISION=settings[1], G_OPERAND=settings[2])
+        if want_x:
+            wrap_triton(_hidden_grad_kernel)[row_grid](
+                *common, g_x, w, *sizes, n_cols, x.shape[1], *strides, *w.stride(), *scalars, *beta_halves,
+                **side, **constexprs,
+            )
+        if want_w or want_b:
+            wrap_triton(_weight_grad_kernel)[(triton.cdiv(n_cols, block_v),)](
+                *common, g_w if want_w else stats, g_b if want_b else stats, x,
+                *sizes, n_cols, x.shape[1], *strides, *x.stride(), *scalars, *beta_halves,
+                WANT_W=want_w, WANT_B=want_b, **side, **constexprs,
+            )
+    return (losses, *grads)
 
 
 @fused_linear_tiles.register_fake
 def _(hs, ws, bs, ht, wt, bt, mask, targets, divergence, beta, temperature, scale_by_t2, s_cap, t_cap, s_scale, t_scale,
-      kd_weight, ce_weight, vocab, grad_scale, want_hs, want_ws, want_bs):
+      kd_weight, ce_weight, vocab, grad_scale, wants):
     acc = _accumulation(hs, ht)
 
     def buffer(wanted, *shape):
         return hs.new_empty(shape if wanted else (0,), dtype=acc)
 
     n = hs.shape[0]
-    return buffer(True, n), buffer(want_hs, n, hs.shape[1]), buffer(want_ws, *ws.shape), buffer(want_bs, ws.shape[0])
+    shapes = ((n, hs.shape[1]), ws.shape, (ws.shape[0],), (n, ht.shape[1]), wt.shape, (wt.shape[0],))
+    return (buffer(True, n), *(buffer(w, *shape) for w, shape in zip(wants, shapes)))
