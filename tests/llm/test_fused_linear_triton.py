@@ -287,10 +287,11 @@ def test_compile_fullgraph(block_walk_forbidden):
 
 
 def test_default_tiles(monkeypatch, block_walk_forbidden):
-    """The dtype's default tile sizes (not the tests' 16³): float32 64 × 64 × 32, bfloat16
-    64 × 128 × 64, each over several row blocks and vocabulary tiles."""
+    """The dtype's default tile sizes (not the tests' 16³): float32 32 × 64 × 32, bfloat16
+    64 × 64 × 64, each over several row blocks, vocabulary tiles and hidden chunks."""
     monkeypatch.setattr(tiles, "_TILE_OVERRIDE", None)
-    assert tiles.default_tile_sizes(torch.float32)[:3] == (64, 64, 32)
+    assert tiles.default_tile_sizes(torch.float32)[:3] == (32, 64, 32)
+    assert tiles.default_tile_sizes(torch.bfloat16)[:3] == (64, 64, 64)
     student, teacher = _heads(20, n=(70,), hs=80, ht=48, vs=300, vt=300, dtype=torch.float32)
     _compare(student, teacher, rtol=2e-5, atol=2e-6, divergence="skew_forward_kl", beta=0.3, temperature=1.5)
     student, teacher = _heads(21, n=(70,), hs=80, ht=48, vs=300, vt=300, dtype=torch.bfloat16)
@@ -342,3 +343,16 @@ def test_gpu_peak_memory_is_the_gradients():
     gradients = (n * h + v * h + v) * (4 + 2)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     assert peak < gradients + (16 << 20), f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_kernels_compile_for_a_gpu():
+    """The interpreter accepts code compiled Triton rejects: every kernel (both heads' gradient
+    kernels, the closed-form and the per-class statistics) compiled for sm_90 down to the cubin,
+    no GPU needed."""
+    from tests.test_triton_row_walker import compile_for_sm90, nvidia_backend_installed
+
+    if not nvidia_backend_installed():
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    result = compile_for_sm90("fused_linear")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok   ") == 7

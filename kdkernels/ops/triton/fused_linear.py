@@ -355,6 +355,9 @@ def _hidden_grad_kernel(
             at = GH + rows[:, None] * h_g + k[None, :]
             here = row_ok[:, None] & k_ok[None, :]
             tl.store(at, tl.load(at, mask=here, other=0.0) + part.to(GH.dtype.element_ty), mask=here)
+        # The next tile reads back what this one stored, maybe in other threads of the program
+        # (another layout, or a pipelined load): a block-wide barrier orders the two.
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -416,6 +419,7 @@ def _weight_grad_kernel(
                 at = GW + cols[:, None] * h_g + k[None, :]
                 here = col_ok[:, None] & k_ok[None, :]
                 tl.store(at, tl.load(at, mask=here, other=0.0) + part.to(GW.dtype.element_ty), mask=here)
+            tl.debug_barrier()  # as in _hidden_grad_kernel: the next row block reads these stores back
     if WANT_B:
         tl.store(GB + cols, bias_grad.to(GB.dtype.element_ty), mask=col_ok)
 
@@ -444,16 +448,16 @@ def tile_sizes(block_m: int, block_v: int, block_k: int) -> Iterator[None]:
 
 def default_tile_sizes(dtype: torch.dtype) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_V, BLOCK_K, num_warps)`` for heads of ``dtype`` (the wider of the two).
-    Not tuned on a GPU yet: 16-bit operands take the tensor cores' usual 64 × 128 × 64 tiles;
-    float32 and float64 tiles shrink so the several live (BLOCK_M, BLOCK_V) tiles of the
-    divergence's per-class terms stay in registers."""
+    Not timed on a GPU yet: the largest tiles whose heaviest variant (JSD with cross-entropy and
+    soft-cap) compiles for sm_90 without register spills (ptxas -v through
+    :mod:`kdkernels.ops.triton.ahead_of_time`; 64 × 128 × 64 bf16 tiles spilled on 8 warps)."""
     if _TILE_OVERRIDE is not None:
         return (*_TILE_OVERRIDE, 4)
     if dtype in (torch.float16, torch.bfloat16):
-        return 64, 128, 64, 8
+        return 64, 64, 64, 8
     if dtype == torch.float32:
-        return 64, 64, 32, 4
-    return 32, 32, 16, 4
+        return 32, 64, 32, 8
+    return 32, 32, 16, 8
 
 
 _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -462,7 +466,8 @@ _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float1
 def _dot_settings(x: torch.Tensor) -> tuple[tl.dtype, str, tl.dtype]:
     """``tl.dot``'s accumulator dtype, input precision and operand dtype for a head of ``x``'s
     dtype: float64 stays float64; float32 operands use TF32 only where torch's own matmuls would
-    (``torch.backends.cuda.matmul.allow_tf32``), so the loss matches the eager composite.
+    (``torch.backends.cuda.matmul.allow_tf32``), so the loss matches the eager composite;
+    16-bit operands accumulate in float32.
     bfloat16 operands are widened to float32 under ``TRITON_INTERPRET=1``, whose ``tl.dot`` of
     bfloat16 returns garbage (Triton 3.9; float16 is fine): the products of bfloat16 values are
     exact in float32, so this is what the tensor cores compute."""
@@ -471,9 +476,9 @@ def _dot_settings(x: torch.Tensor) -> tuple[tl.dtype, str, tl.dtype]:
         operand = tl.float32
     if x.dtype == torch.float64:
         return tl.float64, "ieee", operand
-    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        return tl.float32, "tf32", operand
-    return tl.float32, "ieee", operand
+    if x.dtype == torch.float32 or operand == tl.float32:
+        return tl.float32, "tf32" if x.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee", operand
+    return tl.float32, None, operand  # 16-bit operands: the precision setting does not apply
 
 
 def fused_linear_rows(hs, ws, bs, ht, wt, bt, mask, targets, options, weights, vocab, grad_scale, wants):
