@@ -20,9 +20,10 @@ needs rather than storing them:
    max and sum-exp of both heads (the divergence walker's :func:`softmax_block_update`), for the
    KL divergences also their cross term (so their loss and ``Σg`` are closed forms, as in the
    divergence kernel), with cross-entropy the student's log-sum-exp at T = 1 over its whole
-   vocabulary and the label's logit. Output: 8 floats per row.
+   vocabulary and the label's logit. Output: 9 floats per row.
 2. :func:`_terms_kernel` (mixture divergences and TVD only): the tiles again; per element the
-   terms and ``g`` of :func:`_bucket_terms` summed per row → the divergence and ``Σg``.
+   terms, ``g`` and ``h`` of :func:`_bucket_terms` summed per row → the divergence, ``Σg``
+   and ``Σh``.
 3. :func:`_hidden_grad_kernel`, a program per row block: for each vocabulary tile the
    ``(BLOCK_M, BLOCK_V)`` logit gradient ``dz`` of one head in registers, and
    ``dh[rows] += dz W[tile]`` over the hidden size in ``BLOCK_K`` chunks, read-modify-write of
@@ -33,14 +34,19 @@ needs rather than storing them:
 
 Kernels 3 and 4 run for the student and, when its tensors require grad, for the teacher
 (``∂D/∂z_t = (h − q Σh) / T``, ``h = ∂D/∂v``, as the divergence kernel; the stats and terms
-kernels keep ``Σh`` too).
+kernels keep ``Σh`` too). The read-modify-writes of kernels 3 and 4 are separated by a
+block-wide barrier per tile (the next tile may read an element in another thread than the one
+that stored it).
 
 Every output element is written by one program, in a fixed order: the result is deterministic
 (no atomics). The work is 2 logit GEMMs per head and pass (stats, terms for the mixture
 divergences, each gradient kernel) plus one GEMM per gradient: 8 GEMM-sized products for a KL
 with the student's ``dh`` and ``dW`` (10 for JSD / skew KL / TVD; 6 more for a teacher that
 learns) against the eager composite's 4; the read-modify-writes of ``dh`` / ``dW`` add ``8·H``
-bytes per row (per column) and tile. The tile sizes are not tuned on a GPU yet.
+bytes per row (per column) and tile. The default tile sizes (:func:`default_tile_sizes`) are
+the largest that compile for sm_90 without register spills; none of this has been timed on a GPU
+yet. Under ``TRITON_INTERPRET=1`` bfloat16 operands are widened to float32 before ``tl.dot``
+(the interpreter's bfloat16 ``tl.dot`` is wrong; :func:`_dot_settings`).
 
 Vocabulary-parallel heads (``process_group``) do not come here: the caller
 (``kdkernels.llm.fused_linear``) walks row blocks for them, whose softmax statistics are reduced
@@ -163,7 +169,7 @@ def _stats_kernel(
     # n_student_cols ≥ vocab: the cross-entropy's columns past the compared ones add −inf (no
     # mass) to the divergence's softmaxes.
     for v0 in range(0, n_student_cols, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64 offsets: V·H may pass 2³¹
         a, b = _tile_pair(
             HS, WS, BS, HT, WT, BT, rows, row_ok, cols, n_student_cols, vocab, h_s, h_t,
             hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0, s_scale, s_cap, t_scale, t_cap,
@@ -251,7 +257,7 @@ def _terms_kernel(
     sum_g = tl.zeros([BLOCK_M], ACC)
     sum_h = tl.zeros([BLOCK_M], ACC)
     for v0 in range(0, vocab, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64 offsets: V·H may pass 2³¹
         a, b = _tile_pair(
             HS, WS, BS, HT, WT, BT, rows, row_ok, cols, n_student_cols, vocab, h_s, h_t,
             hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0, s_scale, s_cap, t_scale, t_cap,
@@ -333,7 +339,7 @@ def _hidden_grad_kernel(
         labels = tl.load(LABELS + rows, mask=row_ok, other=-1)
     ks = tl.arange(0, BLOCK_K)
     for v0 in range(0, n_grad_cols, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64 offsets: V·H may pass 2³¹
         a, b = _tile_pair(
             HS, WS, BS, HT, WT, BT, rows, row_ok, cols, n_student_cols, vocab, h_s, h_t,
             hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0, s_scale, s_cap, t_scale, t_cap,
