@@ -15,11 +15,11 @@ hidden-state gradient (a program per row block) and the weight / bias gradient (
 vocabulary tile), for the student and for a teacher whose tensors require grad. Extra memory:
 the fp32 gradient buffers plus 10 floats per row; deterministic. ``chunk_rows`` is ignored there
 (the kernels tile instead). The label cross-entropy (``ce_weight``) runs in the same kernels.
-``process_group`` takes the row blocks below instead (the softmax statistics of a
-vocabulary-parallel head need collectives between the passes, done by
-:mod:`kdkernels.llm.vocab_parallel`).
+With ``process_group`` each rank runs the same kernels on its shard with all-reduces of a few
+floats per row between them (not traceable by ``torch.compile`` then: the collectives sit
+between kernels).
 
-**Row blocks** (backends ``cpu``, ``cuda``, ``torch``, and ``process_group``): the positions are
+**Row blocks** (backends ``cpu``, ``cuda``, ``torch``): the positions are
 walked in blocks of ``chunk_rows`` (Liger-Kernel's fused-linear losses chunk the same way). Per
 block:
 
@@ -46,7 +46,8 @@ divergence (its gradient added to the student-logit gradient before the GEMMs), 
 (:func:`kdkernels.llm.hf.causal_lm_fused_linear_distill_loss`).
 
 With ``process_group`` the heads are sharded along the vocabulary over the ranks (a tensor-parallel
-LM head): each block's softmaxes are global through :mod:`kdkernels.llm.vocab_parallel`.
+LM head): on the row-block backends each block's softmaxes are global through
+:mod:`kdkernels.llm.vocab_parallel`; on ``triton`` the tiles' per-row statistics are all-reduced.
 """
 
 from __future__ import annotations
@@ -66,11 +67,13 @@ from kdkernels.ops.divergences import DIVERGENCES as DIVERGENCES_OP
 class _VocabParallel:
     """The "backend" of weights sharded along the vocabulary over ``group``: each block's loss by
     :func:`kdkernels.llm.vocab_parallel.vocab_parallel_positions` (PyTorch operations and three
-    all-reduces per block), its gradients through autograd. ``offset``: the first class id of
-    this rank's rows (for the label cross-entropy)."""
+    all-reduces per block), its gradients through autograd; or, with ``tiles`` (the device's
+    backend is ``triton``), the Triton tiles with all-reduces between the kernels
+    (:func:`kdkernels.ops.triton.fused_linear.fused_linear_rows_vocab_parallel`). ``offset``: the
+    first class id of this rank's rows (for the label cross-entropy)."""
 
-    def __init__(self, group, offset: int = 0):
-        self.group, self.offset = group, offset
+    def __init__(self, group, offset: int = 0, tiles: bool = False):
+        self.group, self.offset, self.tiles = group, offset, tiles
 
 # fp32 logit bytes of one head per block at the default chunk size (N = 2048, V = 32000: 65 rows):
 # the two heads' logit blocks and the student's gradient block are the O(tile) part of the extra
@@ -222,15 +225,17 @@ def _kernel_block(backend, zs, zt, mask, targets, options, weights, grad_scale, 
 def _walk_blocks(heads: _Heads, mask, targets, options, weights, grad_scale, wants, chunk_rows, backend):
     """The per-position losses (N,) and the gradients of the ``wants`` = (hs, ws, bs, ht, wt, bt)
     flags, accumulated in float32 (float64 for float64): by the Triton tiles
-    (:func:`kdkernels.ops.triton.fused_linear.fused_linear_rows`) on the ``triton`` backend, else
-    (other backends, vocabulary-parallel heads) by :func:`_walk_row_blocks`."""
-    if backend == "triton":
-        from kdkernels.ops.triton.fused_linear import fused_linear_rows
+    (:func:`kdkernels.ops.triton.fused_linear.fused_linear_rows`, or its vocabulary-parallel
+    version) on the ``triton`` backend, else by :func:`_walk_row_blocks`."""
+    vocab_parallel_tiles = isinstance(backend, _VocabParallel) and backend.tiles
+    if backend == "triton" or vocab_parallel_tiles:
+        from kdkernels.ops.triton import fused_linear as tiles
 
-        losses, grads = fused_linear_rows(
-            heads.hs, heads.ws, heads.bs, heads.ht, heads.wt, heads.bt, mask, targets, options, weights,
-            heads.vocab, grad_scale, wants,
-        )
+        arguments = (heads.hs, heads.ws, heads.bs, heads.ht, heads.wt, heads.bt, mask, targets, options, weights)
+        if vocab_parallel_tiles:
+            losses, grads = tiles.fused_linear_rows_vocab_parallel(*arguments, grad_scale, wants, backend.group, backend.offset)
+        else:
+            losses, grads = tiles.fused_linear_rows(*arguments, heads.vocab, grad_scale, wants)
         # The hidden states' gradients in their dtypes, as the block walk's (weights': by _shaped).
         g_hs, g_ht = (None if g is None else g.to(h.dtype) for g, h in ((grads[0], heads.hs), (grads[3], heads.ht)))
         return losses, (g_hs, grads[1], grads[2], g_ht, grads[4], grads[5])
@@ -386,13 +391,14 @@ def fused_linear_distill_loss(
             ``mean`` divides by the counted positions).
         chunk_rows: positions per block of the row-block walk (default: about 8 MiB of fp32
             logits per head and block); not used by the ``triton`` backend's tiles (module
-            docstring), except with ``process_group`` (row blocks there too).
+            docstring).
         process_group: LM heads sharded along the vocabulary over this ``torch.distributed`` group
             (a tensor-parallel head): each rank passes its rows of both weights (and biases) and
             the full, replicated hidden states; the loss is the whole vocabulary's, the same on
-            every rank (:mod:`kdkernels.llm.vocab_parallel`, PyTorch operations per block), the
-            weights' gradients are each rank's rows, the hidden states' are summed over the ranks.
-            Every rank must call it with the same positions and ``chunk_rows``.
+            every rank (row blocks: :mod:`kdkernels.llm.vocab_parallel`, PyTorch operations per
+            block; ``triton``: the tiles with all-reduced per-row statistics), the weights'
+            gradients are each rank's rows, the hidden states' are summed over the ranks. Every
+            rank must call it with the same positions, ``chunk_rows`` and backend.
         kd_weight, ce_weight: the per-position loss is ``kd_weight · divergence + ce_weight · CE``
             where ``CE = −log softmax(z_s)[label]`` is the cross-entropy of the student's logits
             (after its ``softcap`` / ``logit_scale``, without the temperature: the logits the model
@@ -462,7 +468,8 @@ def fused_linear_distill_loss(
         if vocab_size is not None:
             raise ValueError("vocab_size: not supported with process_group (cut the padding off the last rank's rows)")
         offset, classes = _shard_offset(v_s, process_group, student_weight.device) if ce_weight else (0, v_s)
-        backend = _VocabParallel(process_group, offset)
+        device_backend = backends.resolve(student_hidden.device, DIVERGENCES_OP.kernel_backends + ("torch",))
+        backend = _VocabParallel(process_group, offset, tiles=device_backend == "triton")
     else:
         classes = v_s
         backend = backends.resolve(student_hidden.device, DIVERGENCES_OP.kernel_backends + ("torch",))

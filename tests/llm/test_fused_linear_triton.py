@@ -7,8 +7,8 @@ tiles and hidden-size chunks with masked edges. Against the float64 materialised
 hidden / weight / bias gradients of the student (and of a teacher that learns) for every
 divergence and reduction, masks, soft-cap / scale, the label cross-entropy, float32 / bfloat16 /
 mixed heads, the default tile sizes; gradcheck; opcheck and compile; that the tiles (not the
-row-block walk) ran; the fallback to the row-block walk (process_group); determinism; no (N, V)
-torch allocation. Runs on CPU under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py`` without a
+row-block walk) ran; vocabulary-parallel heads (one rank in process, two gloo ranks in
+subprocesses); determinism; no (N, V) torch allocation; compilation for sm_90. Runs on CPU under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py`` without a
 GPU), or on a GPU."""
 
 import pytest
@@ -51,7 +51,7 @@ def _transformed(z, softcap, logit_scale):
 
 
 def _materialised(student, teacher, *, labels=None, kd_weight=1.0, ce_weight=0.0, mask=None, reduction="batchmean",
-                  num_items_in_batch=None, softcap=None, logit_scale=None, **kw):
+                  num_items_in_batch=None, softcap=None, logit_scale=None, process_group=None, **kw):
     """float64 logits ``h Wᵀ + b``, the reference divergence per position, a direct label
     cross-entropy over the student's whole vocabulary, then the reduction."""
     z_s, z_t = (torch.nn.functional.linear(*(None if x is None else x.double() for x in head)) for head in (student, teacher))
@@ -231,25 +231,20 @@ def test_teacher_gradients(divergence, beta, block_walk_forbidden):
              ce_weight=0.3, reduction="mean", softcap=(None, 4.0), logit_scale=(1.1, 0.8))
 
 
-def test_process_group_falls_back_to_the_vocab_parallel_row_blocks(monkeypatch, tmp_path):
-    """With a process group (one gloo rank: the whole vocabulary) the vocabulary-parallel row
-    blocks run, not the tiles."""
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("tvd", 0.5)])
+def test_process_group_of_one_rank(divergence, beta, block_walk_forbidden, tmp_path):
+    """With a process group (one gloo rank: the whole vocabulary) the tiles run with their
+    all-reduces (two ranks: tests/llm/_fused_linear_triton_ranks.py)."""
     if DEVICE != "cpu" or not dist.is_available():
         pytest.skip("a one-rank gloo group on CPU")
-    monkeypatch.setattr(tiles, "fused_linear_rows", lambda *a, **k: pytest.fail("tiles ran"))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        student, teacher = _heads(14, vs=40, vt=40)
-        with kdkernels.use_backend("triton"):
-            ours = fused_linear_distill_loss(*student[:2], *teacher[:2], student[2], teacher[2], divergence="tvd",
-                                             process_group=dist.group.WORLD)
-        grads = torch.autograd.grad(ours, student)
+        student, teacher = _heads(14, vs=40, vt=40, teacher_grad=True)
+        labels = torch.randint(0, 40, (2, 10), generator=torch.Generator().manual_seed(15))
+        _compare(student, teacher, divergence=divergence, beta=beta, temperature=1.5, labels=labels, ce_weight=0.5,
+                 reduction="none", process_group=dist.group.WORLD)
     finally:
         dist.destroy_process_group()
-    expected = _materialised(student, teacher, divergence="tvd")
-    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-12)
-    for a, e in zip(grads, torch.autograd.grad(expected, student)):
-        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
 
 
 def test_tile_sizes_must_suit_tl_dot():
@@ -356,3 +351,50 @@ def test_kernels_compile_for_a_gpu():
     result = compile_for_sm90("fused_linear")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("ok   ") == 7
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+
+    if DEVICE != "cpu" or not dist.is_available():
+        pytest.skip("two gloo ranks on CPU, interpreted")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path_factory.mktemp("fused_linear_triton_ranks")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
+           "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29653",
+           os.path.join(repo, "tests", "llm", "_fused_linear_triton_ranks.py"), str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def _two_rank_cases():
+    from tests.llm import _fused_linear_triton_ranks as ranks
+
+    return list(ranks.cases())
+
+
+@pytest.mark.parametrize("name,teacher_learns,kw", _two_rank_cases(), ids=[c[0] for c in _two_rank_cases()])
+def test_two_vocab_parallel_ranks_equal_the_whole_heads(two_rank_results, name, teacher_learns, kw):
+    """Heads split by rows over 2 ranks: the whole vocabulary's loss on both ranks, each rank's
+    weight / bias gradients the whole ones' rows, the hidden states' gradients whole."""
+    from tests.llm import _fused_linear_triton_ranks as ranks
+
+    student, teacher, _, _ = ranks.heads()
+    student = [x.requires_grad_() for x in student]
+    teacher = [x.requires_grad_(teacher_learns) for x in teacher]
+    expected = _materialised(student, teacher, **kw)
+    weights = torch.linspace(0.5, 1.5, expected.numel(), dtype=expected.dtype).reshape(expected.shape)
+    leaves = student + (teacher if teacher_learns else [])
+    expected_grads = torch.autograd.grad((expected * weights).sum(), leaves)
+    for rank, results in enumerate(two_rank_results):
+        loss, grads = results[name]
+        rows = slice(0, ranks.SPLIT) if rank == 0 else slice(ranks.SPLIT, None)
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-9, atol=1e-12)
+        for k, (ours, whole) in enumerate(zip(grads, expected_grads)):
+            part = whole if k % 3 == 0 else whole[rows]  # hidden states whole, weights / biases the rank's rows
+            torch.testing.assert_close(ours, part, rtol=1e-9, atol=1e-12, msg=lambda m, k=k: f"leaf {k}: {m}")

@@ -48,9 +48,8 @@ the largest that compile for sm_90 without register spills; none of this has bee
 yet. Under ``TRITON_INTERPRET=1`` bfloat16 operands are widened to float32 before ``tl.dot``
 (the interpreter's bfloat16 ``tl.dot`` is wrong; :func:`_dot_settings`).
 
-Vocabulary-parallel heads (``process_group``) do not come here: the caller
-(``kdkernels.llm.fused_linear``) walks row blocks for them, whose softmax statistics are reduced
-over the ranks between passes.
+Vocabulary-parallel heads (``process_group``): :func:`fused_linear_rows_vocab_parallel` runs the
+same kernels on each rank's shard with all-reduces of the per-row statistics between them.
 """
 
 from __future__ import annotations
@@ -238,12 +237,14 @@ def _terms_kernel(
     hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0,
     temperature_hi, temperature_lo, s_scale_hi, s_scale_lo, s_cap_hi, s_cap_lo, t_scale_hi, t_scale_lo, t_cap_hi, t_cap_lo,
     beta_hi, beta_lo,
-    KIND: tl.constexpr, CE: tl.constexpr,
+    KIND: tl.constexpr, CE: tl.constexpr, KL_TERMS: tl.constexpr,
     S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
     T_SCALE: tl.constexpr, T_CAP: tl.constexpr, ACC: tl.constexpr,
     S_DOT_ACC: tl.constexpr, T_DOT_ACC: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
     S_OPERAND: tl.constexpr, T_OPERAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Per row: Σ terms, Σg, Σh over the tiles (``KL_TERMS``: the KL divergences' terms too,
+    for a vocabulary shard, whose closed form needs the other shards')."""
     inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
     s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
     s_cap = joined_float(s_cap_hi, s_cap_lo, ACC)
@@ -267,6 +268,13 @@ def _terms_kernel(
         u = walker.block_log_probs(_compared(a, cols, vocab), m_a, log_z_a, inv_temperature)
         v = walker.block_log_probs(_compared(b, cols, vocab), m_b, log_z_b, inv_temperature)
         term, g, h = _bucket_terms(u, v, beta, KIND)
+        if KL_TERMS:
+            if KIND == FORWARD_KL:
+                q = tl.exp(v)
+                term = tl.where(q != 0.0, q * (v - u), 0.0)
+            elif KIND == REVERSE_KL:
+                p = tl.exp(u)
+                term = tl.where(p != 0.0, p * (u - v), 0.0)
         divergence += tl.sum(term, axis=1)
         sum_g += tl.sum(g, axis=1)
         sum_h += tl.sum(h, axis=1)
@@ -513,6 +521,102 @@ def _accumulation(hs: torch.Tensor, ht: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (hs.dtype, ht.dtype) else torch.float32
 
 
+class _Launch:
+    """The arguments the kernels of one loss share, and their launches."""
+
+    def __init__(self, hs, ws, bs, ht, wt, bt, labels, divergence, beta, temperature, scale_by_t2,
+                 s_cap, t_cap, s_scale, t_scale, vocab, has_ce):
+        self.acc = acc = _accumulation(hs, ht)
+        self.device = hs.device
+        self.n = n = hs.shape[0]
+        self.n_student_cols = ws.shape[0]
+        self.vocab = vocab
+        self.heads = ((hs, ws), (ht, wt))
+        self.kind = divergence_kind(divergence, beta)
+        wide = hs.dtype if hs.element_size() >= ht.element_size() else ht.dtype
+        block_m, self.block_v, block_k, num_warps = default_tile_sizes(wide)
+        self.stats = torch.zeros(n, _N_STATS, dtype=acc, device=self.device)
+        self.labels = labels.contiguous() if has_ce else self.stats
+        self.settings = (_dot_settings(hs), _dot_settings(ht))
+        (s_dot, s_precision, s_operand), (t_dot, t_precision, t_operand) = self.settings
+        self.tensors = (hs, ws, hs if bs is None else bs, ht, wt, ht if bt is None else bt)
+        self.sizes = (n, self.n_student_cols, vocab, hs.shape[1], ht.shape[1])
+        self.strides = (*hs.stride(), *ws.stride(), 0 if bs is None else bs.stride(0), *ht.stride(), *wt.stride(),
+                        0 if bt is None else bt.stride(0))
+        self.scalars = [half for x in (temperature, s_scale, s_cap, t_scale, t_cap)
+                        for half in split_float(1.0 if x is None else float(x))]
+        self.beta_halves = split_float(float(beta))
+        self.constexprs = dict(
+            KIND=self.kind, CE=has_ce, S_BIAS=bs is not None, T_BIAS=bt is not None,
+            S_SCALE=s_scale is not None, S_CAP=s_cap is not None, T_SCALE=t_scale is not None, T_CAP=t_cap is not None,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            S_DOT_ACC=s_dot, T_DOT_ACC=t_dot, S_PRECISION=s_precision, T_PRECISION=t_precision,
+            S_OPERAND=s_operand, T_OPERAND=t_operand,
+            BLOCK_M=block_m, BLOCK_V=self.block_v, BLOCK_K=block_k, num_warps=num_warps,
+        )
+        self.row_grid = (triton.cdiv(n, block_m),)
+
+    def closed_form(self) -> bool:
+        """Whether the statistics give the divergence and Σg, Σh (the KLs) without the terms pass."""
+        return self.kind in (FORWARD_KL.value, REVERSE_KL.value, ZERO_TEACHER_REFERENCE.value, ZERO_STUDENT_REFERENCE.value)
+
+    def run_stats(self):
+        wrap_triton(_stats_kernel)[self.row_grid](
+            *self.tensors, self.labels, self.stats, *self.sizes, *self.strides, *self.scalars, **self.constexprs
+        )
+
+    def run_terms(self, kl_terms: bool = False):
+        wrap_triton(_terms_kernel)[self.row_grid](
+            *self.tensors, self.labels, self.stats, *self.sizes, *self.strides, *self.scalars, *self.beta_halves,
+            KL_TERMS=kl_terms, **self.constexprs,
+        )
+
+    def losses_and_coefficients(self, mask, temperature, scale_by_t2, kd_weight, ce_weight, grad_scale):
+        """The per-row losses from the statistics, and per row the divergence gradient's
+        coefficient (the reduction's scale · kd_weight · T² / T, as the divergence kernel's
+        ``scale``) and the cross-entropy's; 0 where the row does not count."""
+        n, acc, device = self.n, self.acc, self.device
+        counted = torch.ones(n, dtype=torch.bool, device=device) if mask is None else mask
+        zero = torch.zeros((), dtype=acc, device=device)
+        factor = float(temperature) ** 2 if scale_by_t2 else 1.0
+        losses = kd_weight * torch.where(counted, self.stats[:, _DIV] * factor, zero)
+        if ce_weight:
+            losses = losses + ce_weight * torch.where(counted, self.stats[:, _CE], zero)
+        row_scale = grad_scale.to(device=device, dtype=acc).expand(n)
+        coef = torch.stack((torch.where(counted, row_scale * (kd_weight * factor / float(temperature)), zero),
+                            torch.where(counted, row_scale * ce_weight, zero)), dim=1).contiguous()
+        return losses, coef
+
+    def run_gradients(self, coef, grads, wants):
+        """The wanted gradients of both heads into ``grads`` (hs, ws, bs, ht, wt, bt buffers)."""
+        common = (*self.tensors, self.labels, self.stats, coef)
+        for teacher in (False, True):
+            x, w = self.heads[teacher]
+            g_x, g_w, g_b = grads[3 * teacher: 3 * teacher + 3]
+            want_x, want_w, want_b = wants[3 * teacher: 3 * teacher + 3]
+            # The student's columns: its whole head with cross-entropy; the teacher's: vocab.
+            n_cols = self.vocab if teacher else self.n_student_cols
+            dot, precision, operand = self.settings[teacher]
+            side = dict(TEACHER=teacher, G_DOT_ACC=dot, G_PRECISION=precision, G_OPERAND=operand)
+            if want_x:
+                wrap_triton(_hidden_grad_kernel)[self.row_grid](
+                    *common, g_x, w, *self.sizes, n_cols, x.shape[1], *self.strides, *w.stride(), *self.scalars,
+                    *self.beta_halves, **side, **self.constexprs,
+                )
+            if want_w or want_b:
+                wrap_triton(_weight_grad_kernel)[(triton.cdiv(n_cols, self.block_v),)](
+                    *common, g_w if want_w else self.stats, g_b if want_b else self.stats, x,
+                    *self.sizes, n_cols, x.shape[1], *self.strides, *x.stride(), *self.scalars, *self.beta_halves,
+                    WANT_W=want_w, WANT_B=want_b, **side, **self.constexprs,
+                )
+
+
+def _gradient_buffers(hs, ws, ht, wt, wants, acc):
+    n = hs.shape[0]
+    shapes = ((n, hs.shape[1]), ws.shape, (ws.shape[0],), (n, ht.shape[1]), wt.shape, (wt.shape[0],))
+    return [torch.zeros(shape if w else (0,), dtype=acc, device=hs.device) for w, shape in zip(wants, shapes)]
+
+
 @torch.library.custom_op("kdkernels::fused_linear_tiles", mutates_args=())
 def fused_linear_tiles(
     hs: torch.Tensor, ws: torch.Tensor, bs: Optional[torch.Tensor],
@@ -524,79 +628,83 @@ def fused_linear_tiles(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fused_linear_rows` as an op: ``(losses, g_hs, g_ws, g_bs, g_ht, g_wt, g_bt)``, an
     unwanted gradient an empty tensor."""
-    device = hs.device
     acc = _accumulation(hs, ht)
-    n, h_s = hs.shape
-    h_t = ht.shape[1]
-    n_student_cols = ws.shape[0]
-    kind = divergence_kind(divergence, beta)
-    has_ce = bool(ce_weight)
-    wide = hs.dtype if hs.element_size() >= ht.element_size() else ht.dtype
-    block_m, block_v, block_k, num_warps = default_tile_sizes(wide)
-
-    def buffer(wanted, *shape):
-        return torch.zeros(shape if wanted else (0,), dtype=acc, device=device)
-
-    stats = torch.zeros(n, _N_STATS, dtype=acc, device=device)
-    grads = [buffer(w, *shape) for w, shape in zip(wants, ((n, h_s), ws.shape, (ws.shape[0],), (n, h_t), wt.shape, (wt.shape[0],)))]
-    if n == 0 or vocab == 0:
-        return (torch.zeros(n, dtype=acc, device=device), *grads)
-
-    s_dot, s_precision, s_operand = _dot_settings(hs)
-    t_dot, t_precision, t_operand = _dot_settings(ht)
-    labels = targets.contiguous() if has_ce else stats
-    tensors = (hs, ws, hs if bs is None else bs, ht, wt, ht if bt is None else bt)
-    sizes = (n, n_student_cols, vocab, h_s, h_t)
-    strides = (*hs.stride(), *ws.stride(), 0 if bs is None else bs.stride(0), *ht.stride(), *wt.stride(),
-               0 if bt is None else bt.stride(0))
-    scalars = [half for x in (temperature, s_scale, s_cap, t_scale, t_cap) for half in split_float(1.0 if x is None else float(x))]
-    beta_halves = split_float(float(beta))
-    constexprs = dict(
-        KIND=kind, CE=has_ce, S_BIAS=bs is not None, T_BIAS=bt is not None,
-        S_SCALE=s_scale is not None, S_CAP=s_cap is not None, T_SCALE=t_scale is not None, T_CAP=t_cap is not None,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        S_DOT_ACC=s_dot, T_DOT_ACC=t_dot, S_PRECISION=s_precision, T_PRECISION=t_precision,
-        S_OPERAND=s_operand, T_OPERAND=t_operand,
-        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
-    )
-    row_grid = (triton.cdiv(n, block_m),)
-    wrap_triton(_stats_kernel)[row_grid](*tensors, labels, stats, *sizes, *strides, *scalars, **constexprs)
-    if kind not in (FORWARD_KL.value, REVERSE_KL.value, ZERO_TEACHER_REFERENCE.value, ZERO_STUDENT_REFERENCE.value):
-        wrap_triton(_terms_kernel)[row_grid](*tensors, labels, stats, *sizes, *strides, *scalars, *beta_halves, **constexprs)
-
-    counted = torch.ones(n, dtype=torch.bool, device=device) if mask is None else mask
-    zero = torch.zeros((), dtype=acc, device=device)
-    factor = float(temperature) ** 2 if scale_by_t2 else 1.0
-    losses = kd_weight * torch.where(counted, stats[:, _DIV] * factor, zero)
-    if has_ce:
-        losses = losses + ce_weight * torch.where(counted, stats[:, _CE], zero)
-    if not any(wants):
-        return (losses, *grads)
-
-    # Per row: the divergence gradient's coefficient (the reduction's scale · kd_weight · T² / T,
-    # as the divergence kernel's `scale`) and the cross-entropy's; 0 where the row does not count.
-    row_scale = grad_scale.to(device=device, dtype=acc).expand(n)
-    coef = torch.stack((torch.where(counted, row_scale * (kd_weight * factor / float(temperature)), zero),
-                        torch.where(counted, row_scale * ce_weight, zero)), dim=1).contiguous()
-    common = (*tensors, labels, stats, coef)
-    # One head at a time: the student (its columns: the whole head with cross-entropy), then the teacher.
-    for teacher, (x, w), (g_x, g_w, g_b), (want_x, want_w, want_b), n_cols, settings in (
-        (False, (hs, ws), grads[:3], wants[:3], n_student_cols, (s_dot, s_precision, s_operand)),
-        (True, (ht, wt), grads[3:], wants[3:], vocab, (t_dot, t_precision, t_operand)),
-    ):
-        side = dict(TEACHER=teacher, G_DOT_ACC=settings[0], G_PRECISION=settings[1], G_OPERAND=settings[2])
-        if want_x:
-            wrap_triton(_hidden_grad_kernel)[row_grid](
-                *common, g_x, w, *sizes, n_cols, x.shape[1], *strides, *w.stride(), *scalars, *beta_halves,
-                **side, **constexprs,
-            )
-        if want_w or want_b:
-            wrap_triton(_weight_grad_kernel)[(triton.cdiv(n_cols, block_v),)](
-                *common, g_w if want_w else stats, g_b if want_b else stats, x,
-                *sizes, n_cols, x.shape[1], *strides, *x.stride(), *scalars, *beta_halves,
-                WANT_W=want_w, WANT_B=want_b, **side, **constexprs,
-            )
+    grads = _gradient_buffers(hs, ws, ht, wt, wants, acc)
+    if hs.shape[0] == 0 or vocab == 0:
+        return (torch.zeros(hs.shape[0], dtype=acc, device=hs.device), *grads)
+    launch = _Launch(hs, ws, bs, ht, wt, bt, targets, divergence, beta, temperature, scale_by_t2,
+                     s_cap, t_cap, s_scale, t_scale, vocab, bool(ce_weight))
+    launch.run_stats()
+    if not launch.closed_form():
+        launch.run_terms()
+    losses, coef = launch.losses_and_coefficients(mask, temperature, scale_by_t2, kd_weight, ce_weight, grad_scale)
+    if any(wants):
+        launch.run_gradients(coef, grads, wants)
     return (losses, *grads)
+
+
+def fused_linear_rows_vocab_parallel(hs, ws, bs, ht, wt, bt, mask, targets, options, weights, grad_scale, wants,
+                                     group, offset):
+    """:func:`fused_linear_rows` for LM heads sharded along the vocabulary over ``group`` (each
+    rank its rows of both weights and biases, the hidden states replicated; ``offset``: the first
+    class id of this rank's rows). The same kernels on the rank's shard, with all-reduces of a few
+    floats per row between them: the statistics (max, then the rescaled sum-exp, of both heads
+    and of the cross-entropy's log-sum-exp; the label's logit, from the rank that holds it), then
+    the per-row sums of the terms, ``g`` and ``h`` (the KL divergences too: their closed form
+    would need every shard's cross term), and at the end the hidden states' gradients (every
+    shard contributes; Megatron's column-parallel input). The weights' and biases' gradients are
+    the rank's rows. Not an op (the collectives run between the kernels): not traceable by
+    ``torch.compile``."""
+    import torch.distributed as dist
+
+    divergence, beta, temperature, scale_by_t2, s_cap, t_cap, s_scale, t_scale = options
+    kd_weight, ce_weight = weights
+    acc = _accumulation(hs, ht)
+    grads = _gradient_buffers(hs, ws, ht, wt, wants, acc)
+    vocab = wt.shape[0]
+    # Labels as this shard's column ids: those of other shards (and ignored ones) match no column.
+    labels = targets - offset if ce_weight else None
+    launch = _Launch(hs, ws, bs, ht, wt, bt, labels, divergence, beta, temperature, scale_by_t2,
+                     s_cap, t_cap, s_scale, t_scale, vocab, bool(ce_weight))
+    stats = launch.stats
+    if hs.shape[0] > 0 and vocab > 0:
+        launch.run_stats()
+
+    def all_reduce(x, op=dist.ReduceOp.SUM):
+        dist.all_reduce(x, op=op, group=group)
+        return x
+
+    def global_softmax(m_col, log_z_col, inv_temperature):
+        # Each shard's sum-exp is relative to its own shift (walker.row_shift): move it onto the
+        # global one before summing.
+        m = stats[:, m_col]
+        shift = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+        top = all_reduce(m.clone(), dist.ReduceOp.MAX)
+        top_shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+        total = all_reduce(torch.exp(stats[:, log_z_col] + (shift - top_shift) * inv_temperature))
+        stats[:, m_col] = top
+        stats[:, log_z_col] = torch.log(total)
+
+    inv_t = 1.0 / float(temperature)
+    global_softmax(_M_S, _LZ_S, inv_t)
+    global_softmax(_M_T, _LZ_T, inv_t)
+    if ce_weight:
+        lse = stats[:, _LSE_CE]
+        label_logit = all_reduce(lse - stats[:, _CE])  # 0 on the ranks without the label's class
+        top = all_reduce(lse.clone(), dist.ReduceOp.MAX)
+        stats[:, _LSE_CE] = top + torch.log(all_reduce(torch.exp(lse - top)))
+        stats[:, _CE] = stats[:, _LSE_CE] - label_logit
+    stats[:, [_DIV, _SUM_G, _SUM_H]] = 0
+    if hs.shape[0] > 0 and vocab > 0:
+        launch.run_terms(kl_terms=True)
+    stats[:, [_DIV, _SUM_G, _SUM_H]] = all_reduce(stats[:, [_DIV, _SUM_G, _SUM_H]].contiguous())
+    losses, coef = launch.losses_and_coefficients(mask, temperature, scale_by_t2, kd_weight, ce_weight, grad_scale)
+    if any(wants) and hs.shape[0] > 0 and vocab > 0:
+        launch.run_gradients(coef, grads, wants)
+    for k in (0, 3):
+        if wants[k]:
+            all_reduce(grads[k])
+    return losses, tuple(g if w else None for g, w in zip(grads, wants))
 
 
 @fused_linear_tiles.register_fake
