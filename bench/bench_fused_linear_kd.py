@@ -9,7 +9,11 @@ Inputs: student hidden states (N, H) and LM-head weight (V, H), both requiring g
 teacher hidden states and weight of the same sizes. Candidates (``bench/_harness.py``: interleaved
 runs, medians, peak extra memory above the inputs):
 
-* ``kdkernels[<backend>]``: ``fused_linear_distill_loss(h_s, W_s, h_t, W_t, divergence=...)``;
+* ``kdkernels[<backend>]``: ``fused_linear_distill_loss(h_s, W_s, h_t, W_t, divergence=...)``; on
+  cuda ``kdkernels[triton]`` is the Triton ``tl.dot`` tiles (no logits beyond one tile per
+  program, ``kdkernels/ops/triton/fused_linear.py``) and ``kdkernels[cuda]`` the row-block walk
+  (cuBLAS GEMMs per block of rows + the CUDA C++ divergence kernel); on CPU ``kdkernels[cpu]`` is
+  the row-block walk (``--backends triton`` with ``TRITON_INTERPRET=1`` would time the interpreter);
 * ``eager``: ``z_s = h_s W_sᵀ``, ``z_t = h_t W_tᵀ`` materialised, then the divergence as users write
   it (``bench_divergences.composite``);
 * ``compile``: ``torch.compile`` of that;

@@ -3,8 +3,25 @@ r"""Distillation from hidden states and LM heads without the (N, V) logits.
 :func:`fused_linear_distill_loss` computes :func:`kdkernels.llm.distill_loss` of
 ``z_s = h_s W_sᵀ + b_s`` and ``z_t = h_t W_tᵀ + b_t`` — the same divergences, temperature, T²,
 masks / labels, reductions, ``num_items_in_batch``, ``vocab_size``, soft-capping and logit scaling —
-but never holds the logits of all positions: it walks the positions in row blocks of ``chunk_rows``
-(Liger-Kernel's fused-linear losses chunk the same way). Per block:
+but never holds the logits of all positions. Two implementations, by the resolved backend:
+
+**Triton tiles** (backend ``triton``: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
+:mod:`kdkernels.ops.triton.fused_linear`, the op ``kdkernels::fused_linear_tiles``). Nothing larger
+than a ``(BLOCK_M, BLOCK_V)`` tile of logits exists: each tile is ``tl.dot``-accumulated over the
+hidden size in ``BLOCK_K`` chunks and recomputed by each of four kernels — the per-row softmax
+statistics of both heads (online max / sum-exp over the vocabulary tiles), the per-row divergence
+and ``Σ ∂D/∂log p`` (mixture divergences and TVD; the KLs get them from the statistics), the
+hidden-state gradient (a program per row block) and the weight / bias gradient (a program per
+vocabulary tile), for the student and for a teacher whose tensors require grad. Extra memory:
+the fp32 gradient buffers plus 10 floats per row; deterministic. ``chunk_rows`` is ignored there
+(the kernels tile instead). The label cross-entropy (``ce_weight``) runs in the same kernels.
+With ``process_group`` each rank runs the same kernels on its shard with all-reduces of a few
+floats per row between them (not traceable by ``torch.compile`` then: the collectives sit
+between kernels).
+
+**Row blocks** (backends ``cpu``, ``cuda``, ``torch``): the positions are
+walked in blocks of ``chunk_rows`` (Liger-Kernel's fused-linear losses chunk the same way). Per
+block:
 
 1. ``z_s = h_s[block] W_sᵀ (+ b_s)`` and ``z_t`` likewise: two GEMMs, (rows, V) each;
 2. the fused divergence kernel of the backend (:data:`kdkernels.ops.divergences.DIVERGENCES`; the
@@ -16,20 +33,21 @@ but never holds the logits of all positions: it walks the positions in row block
 
 So the extra memory is the gradients of the hidden states and weights plus O(chunk_rows · V),
 and the work is that of the eager composite: the same four GEMMs (two forward, two backward per
-head that learns), with the softmax passes fused. The gradients are computed in the forward (as
-every kdkernels loss); ``reduction="none"`` recomputes the blocks in the backward instead, with
-each position's incoming gradient.
+head that learns), with the softmax passes fused. (The Triton tiles trade memory for work: the
+logits are recomputed by every kernel, 8 to 10 GEMM-sized products instead of 4.)
+
+In both, the gradients are computed in the forward (as every kdkernels loss);
+``reduction="none"`` recomputes them in the backward instead, with each position's incoming
+gradient.
 
 With ``labels`` and ``ce_weight`` the label cross-entropy of the student's logits joins the
-divergence in each block (its gradient added to the block's student-logit gradient before the
-GEMMs), so a causal LM's ``kd_weight · KD + ce_weight · CE`` needs no logits at all
+divergence (its gradient added to the student-logit gradient before the GEMMs), so a causal LM's
+``kd_weight · KD + ce_weight · CE`` needs no logits at all
 (:func:`kdkernels.llm.hf.causal_lm_fused_linear_distill_loss`).
 
 With ``process_group`` the heads are sharded along the vocabulary over the ranks (a tensor-parallel
-LM head): each block's softmaxes are global through :mod:`kdkernels.llm.vocab_parallel`.
-
-Not (yet) what issue 17 asks beyond this: the vocabulary is not tiled (each block holds full rows
-of V), and there is no Triton ``tl.dot`` kernel.
+LM head): on the row-block backends each block's softmaxes are global through
+:mod:`kdkernels.llm.vocab_parallel`; on ``triton`` the tiles' per-row statistics are all-reduced.
 """
 
 from __future__ import annotations
@@ -49,11 +67,13 @@ from kdkernels.ops.divergences import DIVERGENCES as DIVERGENCES_OP
 class _VocabParallel:
     """The "backend" of weights sharded along the vocabulary over ``group``: each block's loss by
     :func:`kdkernels.llm.vocab_parallel.vocab_parallel_positions` (PyTorch operations and three
-    all-reduces per block), its gradients through autograd. ``offset``: the first class id of
-    this rank's rows (for the label cross-entropy)."""
+    all-reduces per block), its gradients through autograd; or, with ``tiles`` (the device's
+    backend is ``triton``), the Triton tiles with all-reduces between the kernels
+    (:func:`kdkernels.ops.triton.fused_linear.fused_linear_rows_vocab_parallel`). ``offset``: the
+    first class id of this rank's rows (for the label cross-entropy)."""
 
-    def __init__(self, group, offset: int = 0):
-        self.group, self.offset = group, offset
+    def __init__(self, group, offset: int = 0, tiles: bool = False):
+        self.group, self.offset, self.tiles = group, offset, tiles
 
 # fp32 logit bytes of one head per block at the default chunk size (N = 2048, V = 32000: 65 rows):
 # the two heads' logit blocks and the student's gradient block are the O(tile) part of the extra
@@ -203,6 +223,26 @@ def _kernel_block(backend, zs, zt, mask, targets, options, weights, grad_scale, 
 
 
 def _walk_blocks(heads: _Heads, mask, targets, options, weights, grad_scale, wants, chunk_rows, backend):
+    """The per-position losses (N,) and the gradients of the ``wants`` = (hs, ws, bs, ht, wt, bt)
+    flags, accumulated in float32 (float64 for float64): by the Triton tiles
+    (:func:`kdkernels.ops.triton.fused_linear.fused_linear_rows`, or its vocabulary-parallel
+    version) on the ``triton`` backend, else by :func:`_walk_row_blocks`."""
+    vocab_parallel_tiles = isinstance(backend, _VocabParallel) and backend.tiles
+    if backend == "triton" or vocab_parallel_tiles:
+        from kdkernels.ops.triton import fused_linear as tiles
+
+        arguments = (heads.hs, heads.ws, heads.bs, heads.ht, heads.wt, heads.bt, mask, targets, options, weights)
+        if vocab_parallel_tiles:
+            losses, grads = tiles.fused_linear_rows_vocab_parallel(*arguments, grad_scale, wants, backend.group, backend.offset)
+        else:
+            losses, grads = tiles.fused_linear_rows(*arguments, heads.vocab, grad_scale, wants)
+        # The hidden states' gradients in their dtypes, as the block walk's (weights': by _shaped).
+        g_hs, g_ht = (None if g is None else g.to(h.dtype) for g, h in ((grads[0], heads.hs), (grads[3], heads.ht)))
+        return losses, (g_hs, grads[1], grads[2], g_ht, grads[4], grads[5])
+    return _walk_row_blocks(heads, mask, targets, options, weights, grad_scale, wants, chunk_rows, backend)
+
+
+def _walk_row_blocks(heads: _Heads, mask, targets, options, weights, grad_scale, wants, chunk_rows, backend):
     """One pass over the row blocks: the per-position losses (N,) and the gradients of the
     ``wants`` = (hs, ws, bs, ht, wt, bt) flags, accumulated in float32 (float64 for float64)."""
     n = heads.hs.shape[0]
@@ -336,8 +376,9 @@ def fused_linear_distill_loss(
     ce_weight: float = 0.0,
 ) -> torch.Tensor:
     r""":func:`kdkernels.llm.distill_loss` of ``z_s = student_hidden @ student_weightᵀ + student_bias``
-    and ``z_t = teacher_hidden @ teacher_weightᵀ + teacher_bias`` without the (N, V) logits: the
-    positions are walked in blocks of ``chunk_rows`` rows (module docstring).
+    and ``z_t = teacher_hidden @ teacher_weightᵀ + teacher_bias`` without the (N, V) logits: by
+    Triton ``tl.dot`` tiles on the ``triton`` backend, else in blocks of ``chunk_rows`` positions
+    (module docstring).
 
     Args:
         student_hidden / teacher_hidden: (…, H_s) / (…, H_t) final hidden states, same leading
@@ -348,13 +389,16 @@ def fused_linear_distill_loss(
         num_items_in_batch, vocab_size, softcap, logit_scale: as :func:`distill_loss` (the logits of
             a linear head are finite, so every counted position has a teacher distribution:
             ``mean`` divides by the counted positions).
-        chunk_rows: positions per block (default: about 8 MiB of fp32 logits per head and block).
+        chunk_rows: positions per block of the row-block walk (default: about 8 MiB of fp32
+            logits per head and block); not used by the ``triton`` backend's tiles (module
+            docstring).
         process_group: LM heads sharded along the vocabulary over this ``torch.distributed`` group
             (a tensor-parallel head): each rank passes its rows of both weights (and biases) and
             the full, replicated hidden states; the loss is the whole vocabulary's, the same on
-            every rank (:mod:`kdkernels.llm.vocab_parallel`, PyTorch operations per block), the
-            weights' gradients are each rank's rows, the hidden states' are summed over the ranks.
-            Every rank must call it with the same positions and ``chunk_rows``.
+            every rank (row blocks: :mod:`kdkernels.llm.vocab_parallel`, PyTorch operations per
+            block; ``triton``: the tiles with all-reduced per-row statistics), the weights'
+            gradients are each rank's rows, the hidden states' are summed over the ranks. Every
+            rank must call it with the same positions, ``chunk_rows`` and backend.
         kd_weight, ce_weight: the per-position loss is ``kd_weight · divergence + ce_weight · CE``
             where ``CE = −log softmax(z_s)[label]`` is the cross-entropy of the student's logits
             (after its ``softcap`` / ``logit_scale``, without the temperature: the logits the model
@@ -424,7 +468,8 @@ def fused_linear_distill_loss(
         if vocab_size is not None:
             raise ValueError("vocab_size: not supported with process_group (cut the padding off the last rank's rows)")
         offset, classes = _shard_offset(v_s, process_group, student_weight.device) if ce_weight else (0, v_s)
-        backend = _VocabParallel(process_group, offset)
+        device_backend = backends.resolve(student_hidden.device, DIVERGENCES_OP.kernel_backends + ("torch",))
+        backend = _VocabParallel(process_group, offset, tiles=device_backend == "triton")
     else:
         classes = v_s
         backend = backends.resolve(student_hidden.device, DIVERGENCES_OP.kernel_backends + ("torch",))

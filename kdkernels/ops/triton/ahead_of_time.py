@@ -5,10 +5,10 @@ the kernels as Python: it accepts code that compiled Triton rejects (a plain ``i
 in a kernel, a loop-carried variable that changes type) and says nothing about registers. Triton's
 compiler itself runs without a GPU, down to the cubin, when its NVIDIA backend is installed (it
 ships in the ``triton`` wheel). This module compiles each kernel of ``kd_loss``,
-``weighted_soft_ce`` and ``divergences`` in the constexpr variants that change its code, so such
+``weighted_soft_ce``, ``divergences`` and ``fused_linear`` in the constexpr variants that change its code, so such
 errors show up on any machine.
 
-Run ``python -m kdkernels.ops.triton.ahead_of_time [kd_loss|weighted_soft_ce|divergences ...]``
+Run ``python -m kdkernels.ops.triton.ahead_of_time [kd_loss|weighted_soft_ce|divergences|fused_linear ...]``
 (without ``TRITON_INTERPRET=1``: under the interpreter ``triton.jit`` builds interpreted
 functions, which cannot be compiled). Prints one line per variant; exits 1 if any fails.
 """
@@ -23,7 +23,9 @@ def _signature(kernel, logits: str) -> dict[str, str]:
     """Triton signature of a walker kernel from its parameter names: constexprs as declared,
     upper-case names pointers, ``*_hi``/``*_lo`` float32 scalars (see ``nan.split_float``), the
     rest int32 sizes and strides."""
-    pointers = {"MASK": "*i1", "LOSS": "*fp32", "GRAD_SCALE": "*fp32", "W": "*fp32"}
+    pointers = {"MASK": "*i1", "LOSS": "*fp32", "GRAD_SCALE": "*fp32", "W": "*fp32",
+                # fused_linear's: labels, per-row statistics and coefficients, fp32 gradient buffers
+                "LABELS": "*i64", "STATS": "*fp32", "COEF": "*fp32", "GH": "*fp32", "GW": "*fp32", "GB": "*fp32"}
     signature = {}
     for param in kernel.params:
         name = param.name
@@ -67,7 +69,24 @@ def variants(which: str):
         return [(divergences._divergence_kernel, dict(walker, KIND=kind, **transforms, **shapes[1])) for kind in kinds] + [
             (divergences._divergence_kernel, dict(walker, KIND=divergences.JSD.value, **transforms, **shapes[2]))
         ]
-    raise ValueError(f"which: expected kd_loss, weighted_soft_ce or divergences, got {which!r}")
+    if which == "fused_linear":
+        from kdkernels.ops.triton import divergences
+        from kdkernels.ops.triton import fused_linear as tiles
+
+        heads = dict(CE=True, S_BIAS=True, T_BIAS=True, S_SCALE=True, S_CAP=True, T_SCALE=False, T_CAP=True,
+                     ACC=tl.float32, S_DOT_ACC=tl.float32, T_DOT_ACC=tl.float32, S_PRECISION=None, T_PRECISION=None,
+                     S_OPERAND=tl.bfloat16, T_OPERAND=tl.bfloat16, BLOCK_M=64, BLOCK_V=64, BLOCK_K=64)
+        side = dict(heads, G_DOT_ACC=tl.float32, G_PRECISION=None, G_OPERAND=tl.bfloat16, KIND=divergences.JSD.value)
+        return [
+            (tiles._stats_kernel, dict(heads, KIND=divergences.FORWARD_KL.value)),
+            (tiles._stats_kernel, dict(heads, KIND=divergences.JSD.value)),
+            (tiles._terms_kernel, dict(heads, KIND=divergences.TVD.value)),
+        ] + [
+            (kernel, dict(side, TEACHER=teacher, **extra))
+            for teacher in (False, True)
+            for kernel, extra in ((tiles._hidden_grad_kernel, {}), (tiles._weight_grad_kernel, dict(WANT_W=True, WANT_B=True)))
+        ]
+    raise ValueError(f"which: expected kd_loss, weighted_soft_ce, divergences or fused_linear, got {which!r}")
 
 
 def compile_variants(which: str, arch: int = 90) -> list[tuple[str, str | None]]:
@@ -93,7 +112,7 @@ def main(argv: list[str]) -> int:
         print("unset TRITON_INTERPRET: interpreted functions cannot be compiled")
         return 2
     failed = 0
-    for which in argv or ["kd_loss", "weighted_soft_ce", "divergences"]:
+    for which in argv or ["kd_loss", "weighted_soft_ce", "divergences", "fused_linear"]:
         for described, error in compile_variants(which):
             print(("ok   " if error is None else "FAIL ") + described + ("" if error is None else f"\n{error}"), flush=True)
             failed += error is not None
