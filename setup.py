@@ -118,6 +118,11 @@ def _extensions():
     cxx = compiler_command()
     # The C++ standard torch's headers are written for (torch's BuildExtension passes the same).
     cxx_std = "-std=c++20" if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 10) else "-std=c++17"
+    # at::parallel_for is a header template: with torch's OpenMP backend (AT_PARALLEL_OPENMP in
+    # ATen/Config.h) its `#pragma omp parallel` is compiled into this extension, and without
+    # -fopenmp the pragma is ignored and every CPU kernel runs on one thread. The OpenMP runtime is
+    # the libgomp.so.1 torch already loaded (same soname).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
 
     class BuildCpuCapabilities(BuildExtension):
         """torch's BuildExtension, plus the per-capability CPU objects (compiled alongside, linked first)."""
@@ -151,7 +156,7 @@ def _extensions():
             # info the .so was 20 MB for one capability; without it, 2.7 MB for all three.
             common = [f for f in self.compiler.compiler_so[1:] if f not in ("-g",)] + ["-Wno-psabi"]
             common += [f"-I{d}" for d in include_dirs]
-            common += ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", "-O3", cxx_std, "-fPIC"]
+            common += ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", "-O3", cxx_std, "-fPIC"] + openmp
             out = os.path.abspath(os.path.join(self.build_temp, "kdkernels_cpu"))
             jobs = []
             dispatch = os.path.join(ROOT, "csrc", "cpu_dispatch.cpp")
@@ -212,7 +217,7 @@ def _extensions():
 
     cpu_sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     sources = [os.path.join("csrc", "kdkernels.cpp")]
-    cxx_flags = ["-O3", cxx_std, "-g0"]
+    cxx_flags = ["-O3", cxx_std, "-g0"] + openmp
     want_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (torch.cuda.is_available() and CUDA_HOME is not None)
     want_cuda = want_cuda and torch.version.cuda is not None and CUDA_HOME is not None
     if want_cuda:
@@ -222,9 +227,10 @@ def _extensions():
             sources,
             define_macros=[("KDKERNELS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]},
+            extra_link_args=openmp,
         )
     else:
-        ext = CppExtension("kdkernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("kdkernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)
     ext.kdkernels_cpu_sources = cpu_sources
     return [ext], {"build_ext": BuildCpuCapabilities.with_options(use_ninja=True)}
 
