@@ -68,3 +68,21 @@ def test_available_cuda_lists_triton_when_a_device_is_there(monkeypatch):
     names = kdkernels.backends.available("cuda")
     assert names[-1] == "torch"
     assert ("triton" in names) == kdkernels.backends._TRITON_INSTALLED
+
+
+def test_extension_is_built_with_torchs_openmp():
+    """``at::parallel_for`` is a header template: with torch's OpenMP backend its ``#pragma omp
+    parallel`` is compiled into the extension, and built without ``-fopenmp`` the pragma was
+    ignored and every CPU kernel ran on one thread (setup.py). The built objects then call
+    libgomp's GOMP_parallel."""
+    from kdkernels import _extension
+
+    if not _extension.has_extension():
+        pytest.skip(f"the extension is not built: {_extension.EXTENSION_ERROR}")
+    if not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()):
+        pytest.skip("torch's parallel backend here is not OpenMP on Linux")
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("binutils' nm is not installed")
+    symbols = subprocess.run([nm, "-D", "--undefined-only", _extension._C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "GOMP_parallel" in symbols, "kdkernels._C was built without -fopenmp: at::parallel_for runs serially"
