@@ -53,3 +53,18 @@ def peak_extra_bytes(run) -> int:
     assert events, "the profiler recorded no allocation"
     start = events[0]["Total Allocated"] - events[0]["Bytes"]
     return max(a["Total Allocated"] for a in events) - start
+
+
+def reduce_llm_positions(per_position: torch.Tensor, counted: torch.Tensor, reduction: str, num_items_in_batch=None):
+    """The LLM losses' reductions of a per-position loss, written directly (the tests' reference):
+    ``num_items_in_batch`` divides the sum; "mean" divides by the counted positions; "batchmean"
+    by the leading dimension."""
+    if num_items_in_batch is not None:
+        return per_position.sum() / num_items_in_batch
+    if reduction == "none":
+        return per_position
+    if reduction == "sum":
+        return per_position.sum()
+    if reduction == "mean":
+        return per_position.sum() / counted.sum()
+    return per_position.sum() / per_position.shape[0]  # batchmean

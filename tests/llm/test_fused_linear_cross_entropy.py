@@ -12,6 +12,7 @@ import torch
 import kdkernels
 from kdkernels.functional import distill_loss, fused_linear_distill_loss
 from tests.conftest import backend_params
+from tests.helpers import reduce_llm_positions
 
 BACKENDS = backend_params("cpu", ("cpu", "triton", "torch"))
 
@@ -52,15 +53,7 @@ def _expected(student, teacher, labels, *, kd_weight=1.0, ce_weight=0.0, mask=No
     picked = z.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     ce = torch.where(counted, log_z - picked, torch.zeros_like(log_z))
     per_position = kd_weight * kd + ce_weight * ce
-    if num_items_in_batch is not None:
-        return per_position.sum() / num_items_in_batch
-    if reduction == "none":
-        return per_position
-    if reduction == "sum":
-        return per_position.sum()
-    if reduction == "mean":
-        return per_position.sum() / counted.sum()
-    return per_position.sum() / per_position.shape[0]  # batchmean
+    return reduce_llm_positions(per_position, counted, reduction, num_items_in_batch)
 
 
 def _compare(student, teacher, labels, backend, **kw):

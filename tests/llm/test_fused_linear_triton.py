@@ -20,6 +20,7 @@ import kdkernels.nn
 import kdkernels.ops.triton.fused_linear as tiles
 from kdkernels.functional import distill_loss, fused_linear_distill_loss
 from kdkernels.llm import fused_linear
+from tests.helpers import reduce_llm_positions
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _WHY_NOT = kdkernels.backends.why_unavailable("triton", DEVICE)
@@ -67,15 +68,7 @@ def _materialised(student, teacher, *, labels=None, kd_weight=1.0, ce_weight=0.0
         z = _transformed(z_s, *(x[0] if isinstance(x, tuple) else x for x in (softcap, logit_scale)))
         ce = torch.logsumexp(z, -1) - z.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         per_position = per_position + ce_weight * torch.where(counted, ce, torch.zeros_like(ce))
-    if num_items_in_batch is not None:
-        return per_position.sum() / num_items_in_batch
-    if reduction == "none":
-        return per_position
-    if reduction == "sum":
-        return per_position.sum()
-    if reduction == "mean":
-        return per_position.sum() / counted.sum()
-    return per_position.sum() / per_position.shape[0]
+    return reduce_llm_positions(per_position, counted, reduction, num_items_in_batch)
 
 
 @pytest.fixture(autouse=True)
