@@ -244,3 +244,32 @@ def test_divergence_low_precision_and_mixed_dtypes(divergence, beta, dtypes, ker
     for got, ref in ((g_s, want_s), (g_t, want_t)):
         resolution = 1e-2 if got.dtype == torch.bfloat16 else 1e-3 if got.dtype == torch.float16 else 1e-5
         torch.testing.assert_close(got.double(), ref, rtol=resolution, atol=resolution * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence,beta", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("wanted", ["student", "teacher"])
+@pytest.mark.parametrize("transformed", [False, True])
+def test_divergence_one_sided_gradient(divergence, beta, dtype, wanted, transformed, backend):
+    """One model's gradient alone (the teacher frozen, the common case; or the student): the CPU
+    kernel takes other paths for it (p from pass 1's cached exponentials: the forward KL's student,
+    the reverse KL's student), so each is checked against the float64 formula on its own, across
+    blocks of the CPU walker (V = 5000 > 2048), with −inf logits and, optionally, transforms."""
+    v = 5000 if backend == "cpu" else 40
+    s, t = _logits(3, v, seed=11)
+    s[0, 7] = float("-inf")
+    t[1, 2500 % v] = float("-inf")
+    kw = dict(divergence=divergence, beta=beta, temperature=1.7, scale_by_t2=True)
+    kw.update(softcap=(30.0, 50.0), logit_scale=(0.5, 1.25)) if transformed else kw.update(softcap=None, logit_scale=None)
+    student, teacher = wanted == "student", wanted == "teacher"
+    s3, t3 = s.to(dtype).reshape(3, v, 1), t.to(dtype).reshape(3, v, 1)
+    loss, g_s, g_t = divergence_rows(backend)(
+        s3, t3, None, kw["divergence"], kw["beta"], kw["temperature"], kw["scale_by_t2"], *_pair(kw["softcap"]),
+        *_pair(kw["logit_scale"]), torch.ones((), dtype=torch.float64), student, teacher,
+    )
+    want, want_s, want_t = _reference(s3.double().squeeze(-1), t3.double().squeeze(-1), None, **kw)
+    tol = TOL if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-7, equal_nan=True)
+    torch.testing.assert_close(loss.double().squeeze(-1), want, **tol)
+    got, ref = (g_s, want_s) if student else (g_t, want_t)
+    torch.testing.assert_close(got.double().squeeze(-1), ref, **tol)
