@@ -213,6 +213,36 @@ def _divergence_block_update(m_a, z_a, m_b, z_b, w, a, b, inv_temperature, KIND:
 
 
 @triton.jit
+def _closed_form_row_sums(w, z_a, z_b, log_z_a, log_z_b, KIND: tl.constexpr):
+    """``(D, Σg, Σh)`` per position after pass 1 (``w`` the KL policy's cross term, ``z`` the sums
+    of exponentials): the closed forms of the KLs and of the β = 1 skews' KL(x ‖ x), zeros for the
+    mixtures (their pass 2 adds the per-class terms). No +inf special case for a student that is
+    −inf everywhere: its log-softmax is NaN in the reference, and so is w / z − log z + log 0."""
+    zeros = tl.zeros_like(w)
+    if KIND == FORWARD_KL:
+        divergence = w / z_b - log_z_b + log_z_a
+        sum_g = zeros - 1.0
+        sum_h = divergence + 1.0
+    elif KIND == REVERSE_KL:
+        divergence = w / z_a - log_z_a + log_z_b
+        sum_g = divergence + 1.0
+        sum_h = zeros - 1.0
+    elif KIND == ZERO_TEACHER_REFERENCE:
+        divergence = 0.0 * log_z_b  # NaN where the teacher's row is
+        sum_g = zeros
+        sum_h = divergence
+    elif KIND == ZERO_STUDENT_REFERENCE:
+        divergence = 0.0 * log_z_a
+        sum_g = divergence
+        sum_h = zeros
+    else:
+        divergence = zeros
+        sum_g = zeros
+        sum_h = zeros
+    return divergence, sum_g, sum_h
+
+
+@triton.jit
 def _divergence_kernel(
     MASK, LOSS,
     S, T, GS, GT, GRAD_SCALE, n_outer, n_classes, n_inner,
@@ -257,28 +287,8 @@ def _divergence_kernel(
     log_z_a = tl.log(z_a)
     log_z_b = tl.log(z_b)
     n_blocks = tl.cdiv(n_classes, BLOCK_C)
-    # No +inf special case for a student that is −inf everywhere: its log-softmax is NaN in the
-    # reference, and so is w / z − log z + log 0 here.
-    if KIND == FORWARD_KL:
-        divergence = w / z_b - log_z_b + log_z_a
-        sum_g = tl.full([BLOCK_P], -1.0, ACC)
-        sum_h = divergence + 1.0
-    elif KIND == REVERSE_KL:
-        divergence = w / z_a - log_z_a + log_z_b
-        sum_g = divergence + 1.0
-        sum_h = tl.full([BLOCK_P], -1.0, ACC)
-    elif KIND == ZERO_TEACHER_REFERENCE:
-        divergence = 0.0 * log_z_b  # NaN where the teacher's row is
-        sum_g = tl.zeros([BLOCK_P], ACC)
-        sum_h = divergence
-    elif KIND == ZERO_STUDENT_REFERENCE:
-        divergence = 0.0 * log_z_a
-        sum_g = divergence
-        sum_h = tl.zeros([BLOCK_P], ACC)
-    else:  # Pass 2: the per-class terms need both normalisers.
-        divergence = tl.zeros([BLOCK_P], ACC)
-        sum_g = tl.zeros([BLOCK_P], ACC)
-        sum_h = tl.zeros([BLOCK_P], ACC)
+    divergence, sum_g, sum_h = _closed_form_row_sums(w, z_a, z_b, log_z_a, log_z_b, KIND)
+    if KIND >= JSD and KIND <= TVD:  # the mixtures. Pass 2: the per-class terms need both normalisers.
         for j in range(0, n_blocks):
             cols_j, ok_j, a_j, b_j = walker.revisit_block(
                 j, n_blocks, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok, ACC, RESIDENT, BLOCK_C

@@ -70,6 +70,7 @@ from kdkernels.ops.triton.divergences import (
     ZERO_STUDENT_REFERENCE,
     ZERO_TEACHER_REFERENCE,
     _bucket_terms,
+    _closed_form_row_sums,
     _divergence_block_update,
     _transform_slope,
     _transformed,
@@ -140,6 +141,20 @@ def _compared(x, cols, vocab):
 
 
 @triton.jit
+def _transform_scalars(
+    temperature_hi, temperature_lo, s_scale_hi, s_scale_lo, s_cap_hi, s_cap_lo, t_scale_hi, t_scale_lo, t_cap_hi,
+    t_cap_lo, ACC: tl.constexpr,
+):
+    """``(1/T, student scale, student cap, teacher scale, teacher cap)`` from their (hi, lo) halves
+    (:func:`kdkernels.ops.triton.nan.split_float`)."""
+    return (
+        1.0 / joined_float(temperature_hi, temperature_lo, ACC),
+        joined_float(s_scale_hi, s_scale_lo, ACC), joined_float(s_cap_hi, s_cap_lo, ACC),
+        joined_float(t_scale_hi, t_scale_lo, ACC), joined_float(t_cap_hi, t_cap_lo, ACC),
+    )
+
+
+@triton.jit
 def _stats_kernel(
     HS, WS, BS, HT, WT, BT, LABELS, STATS,
     n_rows, n_student_cols, vocab, h_s, h_t,
@@ -151,11 +166,10 @@ def _stats_kernel(
     S_DOT_ACC: tl.constexpr, T_DOT_ACC: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
     S_OPERAND: tl.constexpr, T_OPERAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
-    s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
-    s_cap = joined_float(s_cap_hi, s_cap_lo, ACC)
-    t_scale = joined_float(t_scale_hi, t_scale_lo, ACC)
-    t_cap = joined_float(t_cap_hi, t_cap_lo, ACC)
+    inv_temperature, s_scale, s_cap, t_scale, t_cap = _transform_scalars(
+        temperature_hi, temperature_lo, s_scale_hi, s_scale_lo, s_cap_hi, s_cap_lo, t_scale_hi, t_scale_lo,
+        t_cap_hi, t_cap_lo, ACC,
+    )
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     m_a, z_a = walker.empty_softmax(BLOCK_M, ACC)
@@ -184,26 +198,7 @@ def _stats_kernel(
     log_z_a = tl.log(z_a)
     log_z_b = tl.log(z_b)
     # The closed forms of the divergence kernel; the other kinds' come from _terms_kernel.
-    if KIND == FORWARD_KL:
-        divergence = w / z_b - log_z_b + log_z_a
-        sum_g = tl.full([BLOCK_M], -1.0, ACC)
-        sum_h = divergence + 1.0
-    elif KIND == REVERSE_KL:
-        divergence = w / z_a - log_z_a + log_z_b
-        sum_g = divergence + 1.0
-        sum_h = tl.full([BLOCK_M], -1.0, ACC)
-    elif KIND == ZERO_TEACHER_REFERENCE:
-        divergence = 0.0 * log_z_b
-        sum_g = tl.zeros([BLOCK_M], ACC)
-        sum_h = divergence
-    elif KIND == ZERO_STUDENT_REFERENCE:
-        divergence = 0.0 * log_z_a
-        sum_g = divergence
-        sum_h = tl.zeros([BLOCK_M], ACC)
-    else:
-        divergence = tl.zeros([BLOCK_M], ACC)
-        sum_g = tl.zeros([BLOCK_M], ACC)
-        sum_h = tl.zeros([BLOCK_M], ACC)
+    divergence, sum_g, sum_h = _closed_form_row_sums(w, z_a, z_b, log_z_a, log_z_b, KIND)
     out = STATS + rows * STATS_WIDTH
     tl.store(out + 0, m_a, mask=row_ok)
     tl.store(out + 1, log_z_a, mask=row_ok)
@@ -231,6 +226,20 @@ def _row_stats(STATS, rows, row_ok):
 
 
 @triton.jit
+def _gradient_row_inputs(STATS, COEF, LABELS, rows, row_ok, CE: tl.constexpr):
+    """What the gradient kernels read per row: :func:`_row_stats`, the divergence's and the
+    cross-entropy's gradient coefficients, and the labels (the rows themselves, unused, without
+    cross-entropy)."""
+    m_a, log_z_a, m_b, log_z_b, sum_g, sum_h, lse = _row_stats(STATS, rows, row_ok)
+    coef = tl.load(COEF + rows * 2, mask=row_ok, other=0.0)
+    ce_coef = tl.load(COEF + rows * 2 + 1, mask=row_ok, other=0.0)
+    labels = rows
+    if CE:
+        labels = tl.load(LABELS + rows, mask=row_ok, other=-1)
+    return m_a, log_z_a, m_b, log_z_b, sum_g, sum_h, lse, coef, ce_coef, labels
+
+
+@triton.jit
 def _terms_kernel(
     HS, WS, BS, HT, WT, BT, LABELS, STATS,
     n_rows, n_student_cols, vocab, h_s, h_t,
@@ -245,11 +254,10 @@ def _terms_kernel(
 ):
     """Per row: Σ terms, Σg, Σh over the tiles (``KL_TERMS``: the KL divergences' terms too,
     for a vocabulary shard, whose closed form needs the other shards')."""
-    inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
-    s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
-    s_cap = joined_float(s_cap_hi, s_cap_lo, ACC)
-    t_scale = joined_float(t_scale_hi, t_scale_lo, ACC)
-    t_cap = joined_float(t_cap_hi, t_cap_lo, ACC)
+    inv_temperature, s_scale, s_cap, t_scale, t_cap = _transform_scalars(
+        temperature_hi, temperature_lo, s_scale_hi, s_scale_lo, s_cap_hi, s_cap_lo, t_scale_hi, t_scale_lo,
+        t_cap_hi, t_cap_lo, ACC,
+    )
     beta = joined_float(beta_hi, beta_lo, ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
@@ -331,20 +339,16 @@ def _hidden_grad_kernel(
 ):
     """``GH[rows] = Σ_tiles dz W_g[tile]`` for one head ``g`` (``WG`` its weight, ``h_g`` its
     hidden size, ``n_grad_cols`` its columns)."""
-    inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
-    s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
-    s_cap = joined_float(s_cap_hi, s_cap_lo, ACC)
-    t_scale = joined_float(t_scale_hi, t_scale_lo, ACC)
-    t_cap = joined_float(t_cap_hi, t_cap_lo, ACC)
+    inv_temperature, s_scale, s_cap, t_scale, t_cap = _transform_scalars(
+        temperature_hi, temperature_lo, s_scale_hi, s_scale_lo, s_cap_hi, s_cap_lo, t_scale_hi, t_scale_lo,
+        t_cap_hi, t_cap_lo, ACC,
+    )
     beta = joined_float(beta_hi, beta_lo, ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
-    m_a, log_z_a, m_b, log_z_b, sum_g, sum_h, lse = _row_stats(STATS, rows, row_ok)
-    coef = tl.load(COEF + rows * 2, mask=row_ok, other=0.0)
-    ce_coef = tl.load(COEF + rows * 2 + 1, mask=row_ok, other=0.0)
-    labels = rows  # unused without cross-entropy
-    if CE:
-        labels = tl.load(LABELS + rows, mask=row_ok, other=-1)
+    m_a, log_z_a, m_b, log_z_b, sum_g, sum_h, lse, coef, ce_coef, labels = _gradient_row_inputs(
+        STATS, COEF, LABELS, rows, row_ok, CE
+    )
     ks = tl.arange(0, BLOCK_K)
     for v0 in range(0, n_grad_cols, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64 offsets: V·H may pass 2³¹
@@ -391,11 +395,10 @@ def _weight_grad_kernel(
 ):
     """``GW[tile] = Σ_row blocks dzᵀ X_g[rows]`` and ``GB[tile] = Σ_rows dz`` for one head ``g``
     (``XG`` its hidden states)."""
-    inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
-    s_scale = joined_float(s_scale_hi, s_scale_lo, ACC)
-    s_cap = joined_float(s_cap_hi, s_cap_lo, ACC)
-    t_scale = joined_float(t_scale_hi, t_scale_lo, ACC)
-    t_cap = joined_float(t_cap_hi, t_cap_lo, ACC)
+    inv_temperature, s_scale, s_cap, t_scale, t_cap = _transform_scalars(
+        temperature_hi, temperature_lo, s_scale_hi, s_scale_lo, s_cap_hi, s_cap_lo, t_scale_hi, t_scale_lo,
+        t_cap_hi, t_cap_lo, ACC,
+    )
     beta = joined_float(beta_hi, beta_lo, ACC)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < n_grad_cols
@@ -404,12 +407,9 @@ def _weight_grad_kernel(
     for r0 in range(0, n_rows, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < n_rows
-        m_a, log_z_a, m_b, log_z_b, sum_g, sum_h, lse = _row_stats(STATS, rows, row_ok)
-        coef = tl.load(COEF + rows * 2, mask=row_ok, other=0.0)
-        ce_coef = tl.load(COEF + rows * 2 + 1, mask=row_ok, other=0.0)
-        labels = rows
-        if CE:
-            labels = tl.load(LABELS + rows, mask=row_ok, other=-1)
+        m_a, log_z_a, m_b, log_z_b, sum_g, sum_h, lse, coef, ce_coef, labels = _gradient_row_inputs(
+            STATS, COEF, LABELS, rows, row_ok, CE
+        )
         a, b = _tile_pair(
             HS, WS, BS, HT, WT, BT, rows, row_ok, cols, n_student_cols, vocab, h_s, h_t,
             hs_s0, hs_s1, ws_s0, ws_s1, bs_s0, ht_s0, ht_s1, wt_s0, wt_s1, bt_s0, s_scale, s_cap, t_scale, t_cap,
