@@ -22,7 +22,7 @@ struct KlPolicy {
 
   void accumulate(V* terms, const V& xa, const V& xb, const V& /*ea*/, const V& eb, int64_t /*c*/) const {
     // Classes with p_b = 0 contribute 0, whatever a is (never 0 * inf = NaN).
-    terms[0] = terms[0] + V::blendv(V(0), eb * (xb - xa), eb != V(0));
+    terms[0] = terms[0] + cpu::where_nonzero(eb, eb * (xb - xa));
   }
   static void rescale(V* terms, const Rescale<acc_t>& r, const V& zb) {
     terms[0] = r.zero_b ? V(0) : (terms[0] + V(r.delta) * zb) * V(r.fb);
@@ -41,7 +41,7 @@ struct KlPolicy {
   void grads(const V& log_pa, const V& log_pb, int64_t /*c*/, V* g_a, V* g_b) const {
     const V pb = log_pb.exp();
     if (g_a != nullptr) *g_a = V(scale) * (log_pa.exp() - pb);
-    if (g_b != nullptr) *g_b = V::blendv(V(scale) * pb * (log_pb - log_pa - V(kl)), V(0), pb == V(0));
+    if (g_b != nullptr) *g_b = cpu::where_nonzero(pb, V(scale) * pb * (log_pb - log_pa - V(kl)));
   }
 };
 

@@ -113,7 +113,7 @@ struct WeightedCePolicy {
     if (g_t != nullptr) {
       const V w_log_p_s = wv * V::blendv(zero, log_ps, wp_t > zero);
       // p_t != 0 (not > 0): a NaN p_t keeps its NaN gradient.
-      *g_t = V::blendv(zero, zero - vcoef * p_t * (V(loss) + w_log_p_s), p_t != zero);
+      *g_t = where_nonzero(p_t, zero - vcoef * p_t * (V(loss) + w_log_p_s));
     }
   }
 };
