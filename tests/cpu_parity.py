@@ -9,7 +9,7 @@ Every fused op runs on the ``cpu`` backend and on the ``torch`` reference in flo
 inputs that reach each code path of the kernels: class rows with a vector tail, rows longer than
 one block of the shared row walker (student gradient from its cached exponentials), the channels
 layout (classes strided, positions contiguous), a strided fallback, masks, fp32 and bf16, and
-each family of the LLM divergence kernel. The
+each family of the LLM divergence kernel, and its sparse (top-k) teacher. The
 shapes are small because under qemu every instruction is emulated. Run by
 tests/test_cpu_capabilities.py (one subprocess per capability) and by .ci/run (under qemu).
 """
@@ -69,6 +69,10 @@ def cases() -> list[tuple[str, object, list[torch.Tensor], int]]:
     long_weight = torch.rand(4133, generator=g, dtype=torch.float64)
     weight = torch.rand(517, generator=g, dtype=torch.float64)
     margin = torch.linspace(-1.0, -0.1, 16, dtype=torch.float64)
+    # A sparse teacher's ids (unsorted, on vector and block edges): the complement pass of the
+    # tail bucket walks two streams of 2048-class blocks with the ids' lanes masked.
+    sparse_ids = torch.stack([torch.tensor([4132, 0, 15, 16, 2047, 2048, 4095, 4096, 31]), torch.randperm(4133, generator=g)[:9],
+                              torch.randperm(4133, generator=g)[:9]])
     return [
         ("kd_loss rows", lambda s, t: KF.kd_loss(s, t, 2.0), [randn(7, 1003), randn(7, 1003)], 2),
         ("kd_loss rows mask", lambda s, t: KF.kd_loss(s, t, 2.0, reduction="sum", mask=mask_rows), [randn(7, 131), randn(7, 131)], 1),
@@ -92,6 +96,11 @@ def cases() -> list[tuple[str, object, list[torch.Tensor], int]]:
          [ramped(3, 4133), ramped(3, 4133)], 2),
         ("distill_loss skew_forward_kl", lambda s, t: KF.distill_loss(s, t, divergence="skew_forward_kl", beta=0.1), [randn(5, 517), randn(5, 517)], 1),
         ("distill_loss tvd", lambda s, t: KF.distill_loss(s, t, divergence="tvd"), [randn(5, 517), randn(5, 517)], 2),
+        ("distill_loss sparse tail_bucket long", lambda s, v: KF.distill_loss(s, teacher_topk=(sparse_ids, v), teacher_values="logprobs",
+                                                                               tail="tail_bucket", divergence="jsd", temperature=2.0),
+         [ramped(3, 4133), randn(3, 9).log_softmax(-1) - 0.05], 2),
+        ("distill_loss sparse renormalize", lambda s, v: KF.distill_loss(s, teacher_topk=(torch.tensor([[36, 0, 5, 17, 16], [1, 2, 3, 30, 20], [7, 35, 9, 11, 13]]), v), tail="renormalize"),
+         [randn(3, 37), randn(3, 5)], 2),
     ]
 
 

@@ -193,90 +193,164 @@ inline void for_vectors(int64_t begin, int64_t end, const F& f) {
   for (int64_t c = begin; c < end; c += L) f(c, std::min(L, end - c));
 }
 
-// Online softmax of z/T over the complement of the sorted ids: the segments between them.
-// m = the running maximum of the transformed logits (NaN-propagating), z = Σ e^{(x − m)/T}.
-// With `cache` (the row's fp32/fp64 gradient buffer, contiguous), each e^{(x − shift_b)/T} is
-// also stored there, and shift_b per segment in `shifts`: the gradient pass then only rescales
-// them (one exp per logit for the whole forward + backward, as kd_loss's ExpCache).
+constexpr int64_t kBlock = 2048;  // classes per block of the complement pass: 8 KiB of fp32 stay in L1
+
+// The sorted ids (the top-k: not in the complement) met in a walk over the row, vector by vector:
+// `punch` sets the lanes of the ids in classes [c, c + L) to −inf, so that their exponentials are 0.
+// A vector holds an id in at most k of the row's C/L vectors: elsewhere the check is one compare
+// with the next id, predicted not taken (splitting the row into the k + 1 segments between the ids
+// cost each segment a masked head and tail, a horizontal maximum and sum, and a rescale).
+struct IdWalk {
+  const int64_t* id;
+  const int64_t* end;
+  int64_t next;  // *id, or past every class
+  IdWalk(const int64_t* begin, const int64_t* end_) : id(begin), end(end_) { next = id != end ? *id : INT64_MAX; }
+  bool hits(int64_t c, int64_t L) const { return next < c + L; }
+  template <typename acc_t>
+  Vec<acc_t> punch(Vec<acc_t> x, int64_t c) {
+    constexpr int64_t L = Vec<acc_t>::size();
+    __at_align__ acc_t lanes[L];
+    x.store(lanes);
+    for (; id != end && *id < c + L; ++id) lanes[*id - c] = neg_inf<acc_t>();
+    next = id != end ? *id : INT64_MAX;
+    return Vec<acc_t>::loadu(lanes);
+  }
+};
+
+// Online softmax of z/T over the complement of the sorted ids, in blocks of kBlock classes. The row
+// is walked as two streams, its first and second halves of blocks side by side (block j with block
+// half + j): one core keeps twice the reads in flight (one stream read ~12 GB/s per core here,
+// kd_loss's two inputs ~20). Each pair's maximum (NaN-propagating) moves the running sum onto the
+// new maximum, then one sweep adds both blocks' e^{(x − shift)/T}. m = the complement's maximum,
+// z = Σ e^{(x − m)/T} (m = −inf: z = 0). With `cache` (the row's fp32/fp64 gradient buffer,
+// contiguous), each exponential is also stored there (0 at the ids) and each block's shift in
+// `shifts` (−inf while the complement so far is empty): the gradient pass then only rescales them
+// (one exp per logit for the whole forward + backward, as kd_loss's ExpCache). The hot loops are
+// instantiated per (contiguous row, cache).
+template <bool kContiguous, bool kCache, typename acc_t, typename s_t>
+void complement_softmax_impl(const Strided<const s_t>& s, const int64_t* sorted, int64_t k, int64_t C,
+                             const Transform<acc_t>& tr, acc_t inv_t, acc_t& m, acc_t& z, acc_t* cache, acc_t* shifts) {
+  using V = Vec<acc_t>;
+  constexpr int64_t L = V::size();
+  constexpr acc_t ninf = neg_inf<acc_t>();
+  auto load = [&](int64_t c) -> V {
+    if constexpr (kContiguous) {
+      return tr.apply(load_vec<acc_t>(s.data + c));
+    } else {
+      return tr.apply(load_vec_strided<acc_t>(s.data + c * s.sc, s.sc, L));
+    }
+  };
+  // The complement's vector at c (full), or its last partial vector [c, end) padded with −inf.
+  auto vector_at = [&](int64_t c, IdWalk& ids) {
+    V x = load(c);
+    return ids.hits(c, L) ? ids.punch(x, c) : x;
+  };
+  auto tail_at = [&](int64_t c, int64_t end, IdWalk& ids) {
+    return ids.punch(V::set(V(ninf), tr.apply(s.template load<acc_t>(c, end - c)), end - c), c);
+  };
+  const V vinv(inv_t);
+  V vz(0), vz2(0);
+  acc_t shift = 0;
+  m = ninf;
+  const int64_t blocks = (C + kBlock - 1) / kBlock, half = (blocks + 1) / 2;
+  const int64_t* const ids_end = sorted + k;
+  IdWalk ids_a(sorted, ids_end), ids_b(std::lower_bound(sorted, ids_end, half * kBlock), ids_end);
+  for (int64_t j = 0; j < half; ++j) {
+    // Block a = j (full unless it is the row's only block), block b = half + j (maybe absent or
+    // partial): full vectors of both side by side, then what is left of each.
+    const int64_t a0 = j * kBlock, a1 = std::min(C, a0 + kBlock), av = a0 + (a1 - a0) / L * L;
+    const int64_t b0 = (half + j) * kBlock, b1 = half + j < blocks ? std::min(C, b0 + kBlock) : b0;
+    const int64_t bv = b0 + (b1 - b0) / L * L;
+    const int64_t both = std::min(av - a0, bv - b0);
+    const IdWalk start_a = ids_a, start_b = ids_b;
+    V vm(ninf), vm2(ninf);
+    for (int64_t i = 0; i < both; i += L) {
+      vm = at::vec::maximum(vm, vector_at(a0 + i, ids_a));
+      vm2 = at::vec::maximum(vm2, vector_at(b0 + i, ids_b));
+    }
+    for (int64_t c = a0 + both; c < av; c += L) vm = at::vec::maximum(vm, vector_at(c, ids_a));
+    for (int64_t c = b0 + both; c < bv; c += L) vm2 = at::vec::maximum(vm2, vector_at(c, ids_b));
+    if (av < a1) vm = at::vec::maximum(vm, tail_at(av, a1, ids_a));
+    if (bv < b1) vm2 = at::vec::maximum(vm2, tail_at(bv, b1, ids_b));
+    const acc_t new_m = nan_max(m, nan_max(hmax(vm), hmax(vm2)));
+    if (!(new_m == m)) {  // grew, or became NaN
+      const acc_t new_shift = new_m == ninf ? acc_t(0) : new_m;
+      if (m != ninf) {
+        const V f(std::exp((shift - new_shift) * inv_t));
+        vz = vz * f;
+        vz2 = vz2 * f;
+      }
+      shift = new_shift;
+      m = new_m;
+    }
+    if constexpr (kCache) {
+      shifts[j] = m == ninf ? ninf : shift;
+      if (half + j < blocks) shifts[half + j] = shifts[j];
+    }
+    ids_a = start_a;
+    ids_b = start_b;
+    const V vshift(shift);
+    auto exp_at = [&](int64_t c, const V& x, V& sum) {
+      const V e = fast_exp<acc_t>((x - vshift) * vinv);
+      sum = sum + e;
+      if constexpr (kCache) e.store(cache + c);
+    };
+    for (int64_t i = 0; i < both; i += L) {
+      // The next pair of blocks, fetched while these exponentials are computed (as the row walker).
+      if constexpr (kContiguous) {
+        __builtin_prefetch(s.data + a0 + i + kBlock, 0, 3);
+        __builtin_prefetch(s.data + b0 + i + kBlock, 0, 3);
+      }
+      exp_at(a0 + i, vector_at(a0 + i, ids_a), vz);
+      exp_at(b0 + i, vector_at(b0 + i, ids_b), vz2);
+    }
+    for (int64_t c = a0 + both; c < av; c += L) exp_at(c, vector_at(c, ids_a), vz);
+    for (int64_t c = b0 + both; c < bv; c += L) exp_at(c, vector_at(c, ids_b), vz2);
+    auto exp_tail = [&](int64_t c, int64_t end, IdWalk& ids, V& sum) {
+      if (c == end) return;
+      const V e = fast_exp<acc_t>((tail_at(c, end, ids) - vshift) * vinv);
+      sum = sum + e;
+      if constexpr (kCache) e.store(cache + c, end - c);
+    };
+    exp_tail(av, a1, ids_a, vz);
+    exp_tail(bv, b1, ids_b, vz2);
+  }
+  z = hsum(vz + vz2);
+}
+
 template <typename acc_t, typename s_t>
 void complement_softmax(const Strided<const s_t>& s, const int64_t* sorted, int64_t k, int64_t C,
                         const Transform<acc_t>& tr, acc_t inv_t, acc_t& m, acc_t& z, acc_t* cache, acc_t* shifts) {
-  using V = Vec<acc_t>;
-  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  m = ninf;
-  z = 0;
-  int64_t begin = 0;
-  for (int64_t b = 0; b <= k; ++b) {
-    const int64_t end = b < k ? sorted[b] : C;
-    if (end > begin) {
-      // Full vectors without masking; the last partial one with (the hot loops stay branch-free).
-      constexpr int64_t L = V::size();
-      const int64_t full_end = begin + (end - begin) / L * L;
-      V vm(ninf);
-      for (int64_t c = begin; c < full_end; c += L) vm = at::vec::maximum(vm, tr.apply(s.template load<acc_t>(c, L)));
-      if (full_end < end) {
-        vm = at::vec::maximum(vm, V::set(V(ninf), tr.apply(s.template load<acc_t>(full_end, end - full_end)), end - full_end));
-      }
-      const acc_t new_m = nan_max(m, hmax(vm));
-      const acc_t shift = new_m == ninf ? acc_t(0) : new_m;
-      if (m != ninf) z *= std::exp((m - shift) * inv_t);
-      V vz(0);
-      const V vshift(shift), vinv(inv_t);
-      if (cache != nullptr) {
-        for (int64_t c = begin; c < full_end; c += L) {
-          const V e = fast_exp<acc_t>((tr.apply(s.template load<acc_t>(c, L)) - vshift) * vinv);
-          vz = vz + e;
-          e.store(cache + c);
-        }
-      } else {
-        for (int64_t c = begin; c < full_end; c += L) {
-          vz = vz + fast_exp<acc_t>((tr.apply(s.template load<acc_t>(c, L)) - vshift) * vinv);
-        }
-      }
-      if (full_end < end) {
-        const int64_t n = end - full_end;
-        const V e = V::set(V(0), fast_exp<acc_t>((tr.apply(s.template load<acc_t>(full_end, n)) - vshift) * vinv), n);
-        vz = vz + e;
-        if (cache != nullptr) e.store(cache + full_end, n);
-      }
-      z += hsum(vz);
-      m = new_m;
-      if (shifts != nullptr) shifts[b] = shift;
-    }
-    begin = std::max(begin, end + 1);
+  if (s.sc == 1) {
+    if (cache != nullptr) return complement_softmax_impl<true, true>(s, sorted, k, C, tr, inv_t, m, z, cache, shifts);
+    return complement_softmax_impl<true, false>(s, sorted, k, C, tr, inv_t, m, z, cache, shifts);
   }
+  if (cache != nullptr) return complement_softmax_impl<false, true>(s, sorted, k, C, tr, inv_t, m, z, cache, shifts);
+  complement_softmax_impl<false, false>(s, sorted, k, C, tr, inv_t, m, z, cache, shifts);
 }
 
-// The cached exponentials of complement_softmax into the gradient, in place:
+// The cached exponentials of complement_softmax into the gradient, in place (the ids' classes hold
+// 0; the caller writes them after): in block b,
 // grad_j = coef·slope(x_j)·e^{x_j/T − lse_out} = e_j·coef·e^{shift_b/T − lse_out}·slope(x_j).
 template <typename acc_t, typename s_t>
-void complement_gradient_cached(const Strided<const s_t>& s, acc_t* cache, const acc_t* shifts, const int64_t* sorted,
-                                int64_t k, int64_t C, const Transform<acc_t>& tr, double inv_t, double lse_out,
-                                double coef) {
+void complement_gradient_cached(const Strided<const s_t>& s, acc_t* cache, const acc_t* shifts, int64_t C,
+                                const Transform<acc_t>& tr, double inv_t, double lse_out, double coef) {
   using V = Vec<acc_t>;
+  constexpr int64_t L = V::size();
   const bool has_slope = tr.has_cap || tr.has_scale;
-  int64_t begin = 0;
-  for (int64_t b = 0; b <= k; ++b) {
-    const int64_t end = b < k ? sorted[b] : C;
-    if (end > begin) {
-      const V factor(static_cast<acc_t>(coef * std::exp(static_cast<double>(shifts[b]) * inv_t - lse_out)));
-      constexpr int64_t L = V::size();
-      const int64_t full_end = begin + (end - begin) / L * L;
-      if (has_slope) {
-        for (int64_t c = begin; c < full_end; c += L) {
-          (V::loadu(cache + c) * factor * tr.slope(tr.apply(s.template load<acc_t>(c, L)))).store(cache + c);
-        }
+  for (int64_t c0 = 0, block = 0; c0 < C; c0 += kBlock, ++block) {
+    const int64_t c1 = std::min(C, c0 + kBlock);
+    const V factor(static_cast<acc_t>(coef * std::exp(static_cast<double>(shifts[block]) * inv_t - lse_out)));
+    for (int64_t c = c0; c < c1; c += L) {
+      const int64_t n = std::min(L, c1 - c);
+      V g = (n == L ? V::loadu(cache + c) : V::loadu(cache + c, n)) * factor;
+      if (has_slope) g = g * tr.slope(tr.apply(s.template load<acc_t>(c, n)));
+      if (n == L) {
+        g.store(cache + c);
       } else {
-        for (int64_t c = begin; c < full_end; c += L) (V::loadu(cache + c) * factor).store(cache + c);
-      }
-      if (full_end < end) {
-        const int64_t n = end - full_end;
-        V g = V::loadu(cache + full_end, n) * factor;
-        if (has_slope) g = g * tr.slope(tr.apply(s.template load<acc_t>(full_end, n)));
-        g.store(cache + full_end, n);
+        g.store(cache + c, n);
       }
     }
-    begin = std::max(begin, end + 1);
   }
 }
 
@@ -347,7 +421,7 @@ void sparse_rows_impl(const at::Tensor& student, const at::Tensor& values, const
   at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
     Scratch sc;
     sc.resize(K);
-    std::vector<acc_t> shifts(K + 1);
+    std::vector<acc_t> shifts((C + kBlock - 1) / kBlock);
     acc_t* cache = nullptr;
     for (int64_t p = begin; p < end; ++p) {
       const int64_t o = p / I, i = p % I;
@@ -380,8 +454,6 @@ void sparse_rows_impl(const at::Tensor& student, const at::Tensor& values, const
         const int64_t id = ids[b * ik];
         TORCH_CHECK(id >= 0 && id < C, "sparse_divergence_rows: index ", id, " outside [0, ", C, ")");
         sc.sorted[b] = id;
-        sc.y[b] = s_tr.apply(static_cast<double>(s.data[id * s.sc]));
-        sc.sk[b] = sc.y[b];
       }
 
       // Teacher buckets.
@@ -399,10 +471,9 @@ void sparse_rows_impl(const at::Tensor& student, const at::Tensor& values, const
       const double lse_w = logsumexp(sc.w.data(), nb);
       for (int64_t b = 0; b < nb; ++b) sc.v[b] = sc.w[b] - lse_w;
 
-      // Student buckets.
-      for (int64_t b = 0; b < K; ++b) sc.sk[b] *= inv_t;
-      const double lse_k = logsumexp(sc.sk.data(), K);
-      double lse_all = lse_k, lse_out = kNegInf;
+      // Student buckets. The complement pass comes first: the k logits at the ids are then read
+      // from cache, not as k scattered misses ahead of the row's sequential read.
+      double lse_out = kNegInf;
       acc_t m_out = 0;
       if (opt.tail_bucket) {
         std::sort(sc.sorted.begin(), sc.sorted.end());
@@ -415,6 +486,14 @@ void sparse_rows_impl(const at::Tensor& student, const at::Tensor& values, const
         } else if (m_out != -std::numeric_limits<acc_t>::infinity()) {
           lse_out = static_cast<double>(m_out) * inv_t + std::log(static_cast<double>(z_out));
         }
+      }
+      for (int64_t b = 0; b < K; ++b) {
+        sc.y[b] = s_tr.apply(static_cast<double>(s.data[ids[b * ik] * s.sc]));
+        sc.sk[b] = sc.y[b] * inv_t;
+      }
+      const double lse_k = logsumexp(sc.sk.data(), K);
+      double lse_all = lse_k;
+      if (opt.tail_bucket) {
         const double pair[2] = {lse_k, lse_out};
         lse_all = logsumexp(pair, 2);
         for (int64_t b = 0; b < K; ++b) sc.u[b] = sc.sk[b] - lse_all;
@@ -450,8 +529,7 @@ void sparse_rows_impl(const at::Tensor& student, const at::Tensor& values, const
             const double p_tail = std::exp(lse_out - lse_all);
             const double coef = c * inv_t * (sc.g[K] - G * p_tail);
             if (cache != nullptr) {
-              complement_gradient_cached<acc_t, s_t>(s, cache, shifts.data(), sc.sorted.data(), K, C, s_tr, inv_t,
-                                                     lse_out, coef);
+              complement_gradient_cached<acc_t, s_t>(s, cache, shifts.data(), C, s_tr, inv_t, lse_out, coef);
             } else {
               complement_gradient<acc_t, s_t>(s, gs, sc.sorted.data(), K, C, s_tr, static_cast<acc_t>(inv_t),
                                               static_cast<acc_t>(lse_out), static_cast<acc_t>(coef));

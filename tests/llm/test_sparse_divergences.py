@@ -162,6 +162,41 @@ def test_float32_long_vocabulary_tail_is_accurate():
     torch.testing.assert_close(ours[1].double(), ref[1], rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_tail_bucket_complement_over_several_blocks(divergence, softcap, dtype, backend):
+    # The CPU kernel walks the complement of the top-k in blocks of 2048 classes, with the vectors
+    # that hold ids masked lane by lane. V = 4500: two full blocks and a partial one ending in a
+    # partial vector. Rows: ids on vector and block edges and the last class; all ids in one
+    # vector; a first block that is −inf outside its ids (the complement's sum starts in the second); top-k
+    # logits far above the complement (their exponentials at the complement's shift overflow, and
+    # must not reach the sum); a maximum that grows block after block (every block rescales).
+    V, k = 4500, 11
+    g = torch.Generator().manual_seed(12)
+    s = torch.randn(5, V, generator=g, dtype=torch.float64) * 2
+    ids = torch.stack([
+        torch.tensor([0, 1, 15, 16, 2047, 2048, 2049, 4095, 4096, 4480, 4499]),
+        torch.arange(32, 32 + k),
+        torch.tensor([3, 700, 2047, 2100, 2500, 3000, 3333, 4000, 4100, 4200, 4498]),
+        torch.randperm(V, generator=g)[:k],
+        torch.randperm(V, generator=g)[:k],
+    ])
+    s[2, :2048] = torch.where(torch.isin(torch.arange(2048), ids[2]), s[2, :2048], float("-inf"))
+    s[2, 4400] = 12.0
+    s[3].scatter_(0, ids[3], 60.0 + torch.randn(k, generator=g, dtype=torch.float64))
+    s[4] = torch.linspace(-30, 10, V, dtype=torch.float64)
+    values = (torch.randn(5, k, generator=g, dtype=torch.float64) * 2).log_softmax(-1) - 0.05
+    perm = torch.stack([torch.randperm(k, generator=g) for _ in range(5)])  # unsorted ids
+    ids, values = ids.gather(-1, perm), values.gather(-1, perm)
+    # fp32: the complement's coefficient g_tail − Σg·P_tail cancels in JSD (Triton: 1.5e-7 at the
+    # row's largest complement gradient, 7e-4)
+    rtol, atol = (1e-9, 1e-11) if dtype == torch.float64 else (2e-5, 5e-7)
+    _assert_matches(backend, s.to(dtype), ids, values.to(dtype), rtol=rtol, atol=atol, tail="tail_bucket",
+                    teacher_values="logprobs", reduction="none", divergence=divergence, softcap=softcap)
+
+
 # ------------------------------------------------------------------ −inf, NaN
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("tail", ["renormalize", "tail_bucket"])
