@@ -11,10 +11,13 @@ One program per position, buckets in one ``[BLOCK_B]`` block (``BLOCK_B ≥ k + 
 1. the teacher's bucket logits ``w`` (values re-tempered by ``T₀/T``, or transformed logits / T;
    the tail ``log1mexp(lse(values))·T₀/T``) and ``v = log_softmax(w)``;
 2. the student's logits gathered at the k ids; for ``tail_bucket`` one pass over the V classes
-   (the walker's online softmax on ``[1, BLOCK_C]`` blocks) of the classes *outside* the ids (a
-   ``[BLOCK_B, BLOCK_C]`` comparison marks the ids in each block: O(V·k) compares, cheap for the
-   k of a stored teacher, ≤ a few hundred), so that the student's tail mass is summed directly,
-   never as ``1 − Σ_k p``; ``u = z_K/T − lse`` and ``u_tail = lse_out − lse``;
+   (the walker's online softmax on ``[1, BLOCK_C]`` blocks) of the classes *outside* the ids, so
+   that the student's tail mass is summed directly, never as ``1 − Σ_k p``. The ids are marked
+   from a sorted copy (the front end's ``sort``, O(N·k)): a block's ids are the next ones in sorted
+   order (counted against the block's end in O(k)), and each is compared with the block's
+   classes: O(V/BLOCK_C·k + k·BLOCK_C) work per row, where comparing every id with every class
+   was O(V·k) and tied the block to k (``BLOCK_C = 8192/BLOCK_B``: 16 classes at k = 1024);
+   ``u = z_K/T − lse`` and ``u_tail = lse_out − lse``;
 3. the bucket terms and ``g = ∂D/∂u``, ``h = ∂D/∂v``; the loss ``Σ term`` (× T²);
 4. the student's gradient: ``c·slope·e^{z_j/T − lse_out}·(g_tail − Σg·P_tail)`` on every class
    (tail_bucket; renormalize: 0), then, after a barrier, the k ids overwritten with
@@ -88,9 +91,9 @@ def _sparse_terms(u, v, beta, KIND: tl.constexpr):
 
 @triton.jit
 def _sparse_kernel(
-    S, VALS, IDS, MASK, LOSS, GS, GV, GRAD_SCALE,
+    S, VALS, IDS, SORTED_IDS, MASK, LOSS, GS, GV, GRAD_SCALE,
     n_inner, n_classes, k,
-    s_so, s_sc, s_si, v_so, v_sk, v_si, i_so, i_sk, i_si, gs_so, gs_sc, gs_si, gv_so, gv_sk, gv_si,
+    s_so, s_sc, s_si, v_so, v_sk, v_si, i_so, i_sk, i_si, q_so, q_sk, q_si, gs_so, gs_sc, gs_si, gv_so, gv_sk, gv_si,
     temperature_hi, temperature_lo, stored_hi, stored_lo, beta_hi, beta_lo,
     s_scale_hi, s_scale_lo, s_cap_hi, s_cap_lo, t_scale_hi, t_scale_lo, t_cap_hi, t_cap_lo,
     KIND: tl.constexpr, SCALE_BY_T2: tl.constexpr, TAIL: tl.constexpr, LOGPROBS: tl.constexpr,
@@ -143,11 +146,18 @@ def _sparse_kernel(
     lse_k = _logsumexp(sk)
     if TAIL:
         m_out, z_out = walker.empty_softmax(1, ACC)
+        sorted_row = SORTED_IDS + o * q_so + i * q_si
+        sorted_ids = tl.load(sorted_row + b * q_sk, mask=entry, other=0).to(tl.int64)
+        first = tl.full([], 0, tl.int32)  # the first sorted id not below this block's start
         for start in range(0, n_classes, BLOCK_C):
             cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
             in_row = cols < n_classes
             raw = tl.load(s_row + cols * s_sc, mask=in_row, other=float("-inf")).to(ACC)
-            chosen = tl.max(((cols[None, :] == ids[:, None]) & id_ok[:, None]).to(tl.int32), axis=0) != 0
+            last = tl.sum(((sorted_ids < start + BLOCK_C) & entry).to(tl.int32), axis=0)
+            chosen = cols < 0
+            for j in range(first, last):  # the ids in this block (an id outside [0, V) matches no class)
+                chosen = chosen | (cols == tl.load(sorted_row + j * q_sk).to(tl.int64))
+            first = last
             x = tl.where(chosen, float("-inf"), _transformed(raw, s_scale, s_cap, S_SCALE, S_CAP))
             m_out, z_out, _d, _x, _e = walker.softmax_block_update(m_out, z_out, x[None, :], inv_t)
         lse_out = tl.sum(walker.row_shift(m_out) * inv_t + tl.log(z_out), axis=0)
@@ -242,15 +252,18 @@ def sparse_divergence_rows(
             grad_values.zero_()
         return loss, grad_student, grad_values
     block_b = triton.next_power_of_2(k + 1)
-    block_c = min(triton.next_power_of_2(n_classes), max(16, 8192 // block_b))
+    block_c = min(triton.next_power_of_2(n_classes), 2048)
+    # The complement pass finds each block's ids in sorted order (ties keep every copy: a repeated
+    # id, which the front end rejects, would still be one class).
+    sorted_indices = indices.sort(dim=1).values if tail == "tail_bucket" else indices
     scalars = [temperature, stored_temperature, beta, student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap]
     gs_strides = grad_student.stride() if student_grad else (0, 0, 0)
     gv_strides = grad_values.stride() if values_grad else (0, 0, 0)
     wrap_triton(_sparse_kernel)[(n_outer * n_inner,)](
-        student, values, indices, mask if mask is not None else student, loss,
+        student, values, indices, sorted_indices, mask if mask is not None else student, loss,
         grad_student if student_grad else student, grad_values if values_grad else values, grad_scale,
         n_inner, n_classes, k,
-        *student.stride(), *values.stride(), *indices.stride(), *gs_strides, *gv_strides,
+        *student.stride(), *values.stride(), *indices.stride(), *sorted_indices.stride(), *gs_strides, *gv_strides,
         *[half for x in scalars for half in split_float(1.0 if x is None else float(x))],
         KIND=divergence_kind(divergence, beta), SCALE_BY_T2=bool(scale_by_t2), TAIL=tail == "tail_bucket",
         LOGPROBS=teacher_values == "logprobs",
