@@ -16,14 +16,15 @@ second also compared with Hinton KD alone; both guide the student's last stage t
 RepDistiller's regressor (``--hint-layer``, ``--hint-regressor``; chosen on validation seeds).
 Born-again also reports the paper's final model, the ensemble of generations 0 and 1, next to a
 control that averages two CE students (``--born-again-init``: generation 1's initial weights);
-BYOT's heads go where ``--byot-heads`` says. Both were chosen on validation seeds too
+BYOT's heads go where ``--byot-heads`` says and are what ``--byot-head`` says. Both were chosen
+on validation seeds too
 (``bench/results/{born_again,byot}_validation/``).
 
-    python bench/bench_methods.py                     # the full study (10 seeds; minutes on 2 cores)
+    python bench/bench_methods.py                     # the full study (20 seeds; ~17 min on one thread)
     python bench/bench_methods.py --quick             # a smoke run (CI: tests/test_bench_methods_quick.py)
     python bench/bench_methods.py --methods fitnets,fitnets_two_stage --update
                                                       # rerun some rows of the stored study
-    python bench/bench_methods.py --methods fitnets --first-seed 100 --split validation --out /tmp/val
+    python bench/bench_methods.py --methods fitnets --first-seed 100 --seeds 10 --split validation --out /tmp/val
                                                       # choose a variant away from the study's seeds and test images
 
 Writes ``<out>/methods_digits.{json,md,png}`` (default ``--out bench/results``). ``--update`` keeps
@@ -66,6 +67,7 @@ from kdkernels.distill import (
 )
 from kdkernels.distill.calibration import LossScaleWarning, calibrate_weights
 from kdkernels.distill.connectors import make_connector
+from kdkernels.distill.schemes.byot import HEADS as BYOT_HEADS
 from kdkernels.distill.methods.fitnets import hint_parameters
 
 STUDENT_WIDTHS = (4, 8, 16)
@@ -179,6 +181,7 @@ class ConvReg(nn.Sequential):
 
 HINT_CHANNELS = {"relu2": (8, 16), "relu3": (16, 32)}  # (student, teacher) channels at the guided / hint layer
 BYOT_HEAD_CHANNELS = {"relu1": 4, "relu2": 8}  # the student's shallow stages that can carry a BYOT head
+BYOT_HEAD_STRIDES = {"relu1": 4, "relu2": 2}  # their resolution (16×16, 8×8) over the deepest stage's (4×4)
 
 
 def hint_regressor(kind: str, layer: str) -> nn.Module:
@@ -378,9 +381,11 @@ def run_seed(data: Data, seed: int, args) -> dict:
     if "byot" in selected:
         student = fresh_student()
         heads = args.byot_heads
-        byot = BYOT(student, stage_layers=heads, stage_channels=[BYOT_HEAD_CHANNELS[h] for h in heads], feature_layer="pool", feature_dim=16, num_classes=10)
+        byot = BYOT(student, stage_layers=heads, stage_channels=[BYOT_HEAD_CHANNELS[h] for h in heads], feature_layer="pool", feature_dim=16,
+                    num_classes=10, head=args.byot_head, stage_strides=[BYOT_HEAD_STRIDES[h] for h in heads])
         totals, _ = fit(byot, lambda: byot(x, y), args.steps, args.lr)
-        results["byot/default"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals)), "heads": ", ".join(heads)}
+        results["byot/default"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals)),
+                                   "heads": f"{', '.join(heads)}, {args.byot_head}"}
     results["seconds"] = time.perf_counter() - t0
     return results
 
@@ -520,7 +525,7 @@ def plot(summary: dict, path: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=20, help="the study's seeds (the variants were chosen on 10 validation seeds)")
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--unlabelled", type=int, default=150, help="unlabelled training images in the transfer batch")
     parser.add_argument("--steps", type=int, default=150)
@@ -543,6 +548,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--born-again-init", choices=("same", "new"), default="new",
                         help="generation 1's initial weights: generation 0's (the study's pairing) or new ones (seed 3000 + seed)")
     parser.add_argument("--byot-heads", default="relu2", help=f"comma-separated shallow stages that get a BYOT head, from {list(BYOT_HEAD_CHANNELS)}")
+    parser.add_argument("--byot-head", choices=BYOT_HEADS, default="pointwise", help="BYOT's head: the unofficial code's branch bottleneck, or a 1×1 conv")
     parser.add_argument("--update", action="store_true",
                         help="replace this run's rows in <out>/methods_digits.json (and its .md, .png), keeping the others; "
                         "refused unless the teacher's and CE's accuracies reproduce exactly")

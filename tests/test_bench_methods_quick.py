@@ -33,7 +33,7 @@ def test_quick_study(tmp_path):
         if key.endswith("/calibrated") and not key.startswith("born_again_ensemble/"):
             assert summary[key]["first_ratio"] == pytest.approx(1.0, rel=1e-3), key
     assert summary["born_again_ensemble/calibrated"]["vs"]["baseline"] == "ce_ensemble/default"
-    assert summary["byot/default"]["heads"] == "relu2"
+    assert summary["byot/default"]["heads"] == "relu2, pointwise"
     assert summary["fitnets/default"]["warned"] == 2  # 100 × hint starts at ~17× the CE here
     assert summary["fitnets/calibrated"]["warned"] == 0
     for suffix in ("json", "md", "png"):

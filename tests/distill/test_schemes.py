@@ -59,17 +59,25 @@ def make_byot(**kwargs):
     return model, BYOT(model, stage_layers=["relu1"], stage_channels=[4], feature_layer="pool", feature_dim=8, num_classes=5, **kwargs)
 
 
-def test_byot_matches_formula():
-    model, byot = make_byot(temperature=3.0, alpha=0.1, feature_weight=1e-2)
+@pytest.mark.parametrize("head", ["bottleneck", "pointwise"])
+def test_byot_matches_formula(head):
+    # relu1 is 8×8, the deepest stage 4×4: the bottleneck's middle conv is 2×2 of stride 2
+    model, byot = make_byot(temperature=3.0, alpha=0.1, feature_weight=1e-2, head=head, stage_strides=[2])
     x, y = images(), torch.randint(0, 5, (6,))
     out = byot(x, y)
     stem = model.relu1(model.layer1(model.stem(x)))
     f_c = model.pool(model.relu2(model.layer2(stem))).flatten(1)
     z_c = model.fc(f_c)
-    head = byot.heads[0]
-    conv, bn = head.bottleneck[0], head.bottleneck[1]
-    f_1 = bn(conv(stem)).relu().mean((2, 3))
-    z_1 = head.fc(f_1)
+    layers = byot.heads[0].bottleneck
+    h = stem
+    # (conv, BN) pairs, each followed by a ReLU: the unofficial code's 1×1 → D/4, k×k stride k, 1×1 → D
+    for conv_at, kernel, channels in ([(0, 1, 2), (3, 2, 2), (6, 1, 8)] if head == "bottleneck" else [(0, 1, 8)]):
+        conv, bn = layers[conv_at], layers[conv_at + 1]
+        assert conv.kernel_size == (kernel, kernel) and conv.stride == (kernel, kernel) and conv.out_channels == channels
+        h = bn(conv(h)).relu()
+    assert h.shape[-2:] == ((4, 4) if head == "bottleneck" else (8, 8))
+    f_1 = h.mean((2, 3))
+    z_1 = byot.heads[0].fc(f_1)
     T, a = 3.0, 0.1
     torch.testing.assert_close(out.losses["deepest/ce"], (1 - a) * F.cross_entropy(z_c, y))
     torch.testing.assert_close(out.losses["head0/ce"], (1 - a) * F.cross_entropy(z_1, y))
@@ -94,6 +102,13 @@ def test_byot_trains_and_predicts_every_head():
     first, last = loss_before_and_after(lambda: byot(x, y).total, optimizer, steps=8)
     assert last < first
     assert [z.shape for z in byot.predict(x)] == [(6, 5), (6, 5)]
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(head="conv"), "head must be one of"), (dict(stage_strides=[2, 2]), "stage_strides"),
+                                           (dict(stage_strides=[0]), "stage_strides"), (dict(stage_strides=[1.5]), "stage_strides")])
+def test_byot_bad_head_arguments_are_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_byot(**kwargs)
 
 
 def test_byot_wrong_feature_dim_is_an_error():

@@ -11,17 +11,22 @@ feature term summed over every element. Defaults are the unofficial implementati
 Deviations: the soft term is the KL (``kd_loss``) where the formula has the CE: same gradient, the
 value is lower by α·T²·H(p_C^T). The feature term is the plain squared L2; the unofficial code
 masks it by (F_i > 0) ∨ (F_C > 0), which changes nothing for non-negative (post-ReLU) features.
-The heads are 1×1 conv + BN + ReLU + global average pooling (the paper's bottlenecks are strided
-convs) and an FC layer; they belong to this module, the model is not edited.
+The heads belong to this module (the model is not edited). By default (``head="bottleneck"``) each
+is the unofficial code's branch bottleneck: 1×1 conv to D/4 channels, a k×k conv of stride k that
+brings the stage down to the deepest stage's resolution (``stage_strides``: 8, 4, 2 after the
+ResNet stages there), 1×1 conv to D, each followed by BN and ReLU, then global average pooling and
+an FC layer; the convolutions have no bias (the unofficial code's are cancelled by the BN that
+follows). ``head="pointwise"`` is a lighter head, 1×1 conv to D + BN + ReLU, then pooling and FC.
 
 Scale: the defaults come from the unofficial code's CIFAR-100 ResNets (512-wide final features).
 The KD terms are per-sample means (T² keeps them near the CE's size); the feature term is a plain
 sum over batch × feature_dim, so it grows with both (λ = 10⁻⁶ keeps it small at that size).
-Where the heads go matters more than the weights on small networks: a head asks its stage to be
-class-separable after pooling. On the digits study's 4/8/16-channel CNN a head on the 4-channel
-first stage cost 3.4 points on validation seeds, one head on the 8-channel stage alone gained 3.4
-there and still lost 3.2 on the test seeds (``bench/results/byot_validation/``,
-``bench/results/methods_digits.md``): give heads to stages wide enough to carry a classifier.
+Where the heads go and what they are matter more than the weights on small networks: a pointwise
+head asks its stage to be class-separable after pooling. On the digits study's 4/8/16-channel CNN
+(``bench/results/byot_validation/``, ``bench/results/methods_digits.md``) pointwise heads on both
+shallow stages cost 3.4 points on validation seeds; one on the 8-channel stage gained 3.4 there but
+lost 1.8 on the 20 test seeds; the bottleneck head's learned strided convolution leaves the stage
+freer (see those results for how it did).
 """
 
 from __future__ import annotations
@@ -37,18 +42,28 @@ from kdkernels.distill.distiller import DistillOutput, total_loss
 from kdkernels.functional.kd_loss import kd_loss
 
 
-class AuxiliaryHead(nn.Module):
-    """(B, C_i, H, W) → feature (B, D) and logits (B, num_classes)."""
+HEADS = ("bottleneck", "pointwise")
 
-    def __init__(self, in_channels: int, feature_dim: int, num_classes: int) -> None:
+
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, kernel_size, stride=kernel_size, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+
+
+class AuxiliaryHead(nn.Module):
+    """(B, C_i, H, W) → feature (B, D) and logits (B, num_classes).
+
+    ``head="bottleneck"``: 1×1 conv to max(1, D/4), ``stride``×``stride`` conv of that stride,
+    1×1 conv to D (each + BN + ReLU); ``"pointwise"``: 1×1 conv to D + BN + ReLU. Then global
+    average pooling and an FC layer."""
+
+    def __init__(self, in_channels: int, feature_dim: int, num_classes: int, head: str = "bottleneck", stride: int = 1) -> None:
         super().__init__()
-        self.bottleneck = nn.Sequential(
-            nn.Conv2d(in_channels, feature_dim, kernel_size=1, bias=False),
-            nn.BatchNorm2d(feature_dim),
-            nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
+        if head == "bottleneck":
+            middle = max(1, feature_dim // 4)
+            layers = [*_conv_bn_relu(in_channels, middle, 1), *_conv_bn_relu(middle, middle, stride), *_conv_bn_relu(middle, feature_dim, 1)]
+        else:
+            layers = _conv_bn_relu(in_channels, feature_dim, 1)
+        self.bottleneck = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +80,11 @@ class BYOT(nn.Module):
         stage_channels: their channel counts.
         feature_layer: the deepest feature F_C (e.g. ``"avgpool"``), flattened to (B, feature_dim).
         feature_dim, num_classes: sizes of F_C and of the logits.
-        temperature, alpha, feature_weight: T (3), α (0.1), λ (10⁻⁶); keyword-only, as ``logits_layer``.
+        temperature, alpha, feature_weight: T (3), α (0.1), λ (10⁻⁶); keyword-only, as the rest.
         logits_layer: where the deepest logits are (default ``""``: the model's output).
+        head: ``"bottleneck"`` (the unofficial code's branch bottleneck, default) or ``"pointwise"``.
+        stage_strides: per stage, its resolution over the deepest stage's (the bottleneck's strided
+            conv; default 1 each).
     """
 
     def __init__(
@@ -82,12 +100,19 @@ class BYOT(nn.Module):
         alpha: float = 0.1,
         feature_weight: float = 1e-6,
         logits_layer: SpecLike = "",
+        head: str = "bottleneck",
+        stage_strides: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if len(stage_layers) != len(stage_channels) or not stage_layers:
             raise ValueError(f"byot: expected one channel count per stage layer (at least one), got {len(stage_layers)} and {len(stage_channels)}")
+        if head not in HEADS:
+            raise ValueError(f"byot: head must be one of {HEADS}, got {head!r}")
+        strides = [1] * len(stage_layers) if stage_strides is None else list(stage_strides)
+        if len(strides) != len(stage_layers) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in strides):
+            raise ValueError(f"byot: stage_strides must be one integer ≥ 1 per stage layer, got {stage_strides!r}")
         self.model = model
-        self.heads = nn.ModuleList(AuxiliaryHead(c, feature_dim, num_classes) for c in stage_channels)
+        self.heads = nn.ModuleList(AuxiliaryHead(c, feature_dim, num_classes, head, k) for c, k in zip(stage_channels, strides))
         self.stage_layers = [as_spec(s) for s in stage_layers]
         self.feature_layer, self.logits_layer = as_spec(feature_layer), as_spec(logits_layer)
         self.temperature, self.alpha, self.feature_weight = float(temperature), float(alpha), float(feature_weight)
