@@ -206,8 +206,10 @@ struct IdWalk {
   int64_t next;  // *id, or past every class
   IdWalk(const int64_t* begin, const int64_t* end_) : id(begin), end(end_) { next = id != end ? *id : INT64_MAX; }
   bool hits(int64_t c, int64_t L) const { return next < c + L; }
+  // Inlined: a call in the hot loops (even on this rare path) made GCC keep their vector
+  // accumulators on the stack, since a call clobbers every vector register.
   template <typename acc_t>
-  Vec<acc_t> punch(Vec<acc_t> x, int64_t c) {
+  __attribute__((always_inline)) Vec<acc_t> punch(Vec<acc_t> x, int64_t c) {
     constexpr int64_t L = Vec<acc_t>::size();
     __at_align__ acc_t lanes[L];
     x.store(lanes);
@@ -219,37 +221,42 @@ struct IdWalk {
 
 // Online softmax of z/T over the complement of the sorted ids, in blocks of kBlock classes. The row
 // is walked as two streams, its first and second halves of blocks side by side (block j with block
-// half + j): one core keeps twice the reads in flight (one stream read ~12 GB/s per core here,
-// kd_loss's two inputs ~20). Each pair's maximum (NaN-propagating) moves the running sum onto the
-// new maximum, then one sweep adds both blocks' e^{(x − shift)/T}. m = the complement's maximum,
-// z = Σ e^{(x − m)/T} (m = −inf: z = 0). With `cache` (the row's fp32/fp64 gradient buffer,
-// contiguous), each exponential is also stored there (0 at the ids) and each block's shift in
-// `shifts` (−inf while the complement so far is empty): the gradient pass then only rescales them
-// (one exp per logit for the whole forward + backward, as kd_loss's ExpCache). The hot loops are
-// instantiated per (contiguous row, cache).
-template <bool kContiguous, bool kCache, typename acc_t, typename s_t>
+// half + j): one core keeps twice the reads in flight (one stream read ~9 GB/s per core here, two
+// ~11). Each pair's maximum (NaN-propagating) moves the running sums onto the new maximum, then one
+// sweep adds both blocks' e^{(x − shift)/T}. m = the complement's maximum, z = Σ e^{(x − m)/T}
+// (m = −inf: z = 0). With `cache` (the row's fp32/fp64 gradient buffer, contiguous), each
+// exponential is also stored there (0 at the ids) and each block's shift in `shifts` (−inf while the
+// complement so far is empty): the gradient pass then only rescales them (one exp per logit for the
+// whole forward + backward, as kd_loss's ExpCache). The hot loops are instantiated per (contiguous
+// row, cache), with no call inside them (see IdWalk::punch).
+template <bool kContiguous, bool kCache, bool kTransformed, typename acc_t, typename s_t>
 void complement_softmax_impl(const Strided<const s_t>& s, const int64_t* sorted, int64_t k, int64_t C,
                              const Transform<acc_t>& tr, acc_t inv_t, acc_t& m, acc_t& z, acc_t* cache, acc_t* shifts) {
   using V = Vec<acc_t>;
   constexpr int64_t L = V::size();
   constexpr acc_t ninf = neg_inf<acc_t>();
-  auto load = [&](int64_t c) -> V {
-    if constexpr (kContiguous) {
-      return tr.apply(load_vec<acc_t>(s.data + c));
+  auto apply = [&tr](const V& x) __attribute__((always_inline)) {
+    if constexpr (kTransformed) {
+      return tr.apply(x);
     } else {
-      return tr.apply(load_vec_strided<acc_t>(s.data + c * s.sc, s.sc, L));
+      return x;
     }
   };
   // The complement's vector at c (full), or its last partial vector [c, end) padded with −inf.
-  auto vector_at = [&](int64_t c, IdWalk& ids) {
-    V x = load(c);
+  auto vector_at = [&s, &apply](int64_t c, IdWalk& ids) __attribute__((always_inline)) {
+    V x;
+    if constexpr (kContiguous) {
+      x = apply(load_vec<acc_t>(s.data + c));
+    } else {
+      x = apply(load_vec_strided<acc_t>(s.data + c * s.sc, s.sc, L));
+    }
     return ids.hits(c, L) ? ids.punch(x, c) : x;
   };
-  auto tail_at = [&](int64_t c, int64_t end, IdWalk& ids) {
-    return ids.punch(V::set(V(ninf), tr.apply(s.template load<acc_t>(c, end - c)), end - c), c);
+  auto tail_at = [&s, &apply](int64_t c, int64_t end, IdWalk& ids) {
+    return ids.punch(V::set(V(ninf), apply(s.template load<acc_t>(c, end - c)), end - c), c);
   };
   const V vinv(inv_t);
-  V vz(0), vz2(0);
+  V za(0), zb(0);
   acc_t shift = 0;
   m = ninf;
   const int64_t blocks = (C + kBlock - 1) / kBlock, half = (blocks + 1) / 2;
@@ -263,22 +270,24 @@ void complement_softmax_impl(const Strided<const s_t>& s, const int64_t* sorted,
     const int64_t bv = b0 + (b1 - b0) / L * L;
     const int64_t both = std::min(av - a0, bv - b0);
     const IdWalk start_a = ids_a, start_b = ids_b;
-    V vm(ninf), vm2(ninf);
+    V ma(ninf), mb(ninf);
     for (int64_t i = 0; i < both; i += L) {
-      vm = at::vec::maximum(vm, vector_at(a0 + i, ids_a));
-      vm2 = at::vec::maximum(vm2, vector_at(b0 + i, ids_b));
+      const V xa = vector_at(a0 + i, ids_a);
+      const V xb = vector_at(b0 + i, ids_b);
+      ma = at::vec::maximum(ma, xa);
+      mb = at::vec::maximum(mb, xb);
     }
-    for (int64_t c = a0 + both; c < av; c += L) vm = at::vec::maximum(vm, vector_at(c, ids_a));
-    for (int64_t c = b0 + both; c < bv; c += L) vm2 = at::vec::maximum(vm2, vector_at(c, ids_b));
-    if (av < a1) vm = at::vec::maximum(vm, tail_at(av, a1, ids_a));
-    if (bv < b1) vm2 = at::vec::maximum(vm2, tail_at(bv, b1, ids_b));
-    const acc_t new_m = nan_max(m, nan_max(hmax(vm), hmax(vm2)));
+    for (int64_t c = a0 + both; c < av; c += L) ma = at::vec::maximum(ma, vector_at(c, ids_a));
+    for (int64_t c = b0 + both; c < bv; c += L) mb = at::vec::maximum(mb, vector_at(c, ids_b));
+    if (av < a1) ma = at::vec::maximum(ma, tail_at(av, a1, ids_a));
+    if (bv < b1) mb = at::vec::maximum(mb, tail_at(bv, b1, ids_b));
+    const acc_t new_m = nan_max(m, nan_max(hmax(ma), hmax(mb)));
     if (!(new_m == m)) {  // grew, or became NaN
       const acc_t new_shift = new_m == ninf ? acc_t(0) : new_m;
       if (m != ninf) {
         const V f(std::exp((shift - new_shift) * inv_t));
-        vz = vz * f;
-        vz2 = vz2 * f;
+        za = za * f;
+        zb = zb * f;
       }
       shift = new_shift;
       m = new_m;
@@ -290,43 +299,64 @@ void complement_softmax_impl(const Strided<const s_t>& s, const int64_t* sorted,
     ids_a = start_a;
     ids_b = start_b;
     const V vshift(shift);
-    auto exp_at = [&](int64_t c, const V& x, V& sum) {
-      const V e = fast_exp<acc_t>((x - vshift) * vinv);
-      sum = sum + e;
-      if constexpr (kCache) e.store(cache + c);
-    };
+    V sa = za, sb = zb;
     for (int64_t i = 0; i < both; i += L) {
       // The next pair of blocks, fetched while these exponentials are computed (as the row walker).
       if constexpr (kContiguous) {
         __builtin_prefetch(s.data + a0 + i + kBlock, 0, 3);
         __builtin_prefetch(s.data + b0 + i + kBlock, 0, 3);
       }
-      exp_at(a0 + i, vector_at(a0 + i, ids_a), vz);
-      exp_at(b0 + i, vector_at(b0 + i, ids_b), vz2);
+      const V ea = fast_exp<acc_t>((vector_at(a0 + i, ids_a) - vshift) * vinv);
+      const V eb = fast_exp<acc_t>((vector_at(b0 + i, ids_b) - vshift) * vinv);
+      sa = sa + ea;
+      sb = sb + eb;
+      if constexpr (kCache) {
+        ea.store(cache + a0 + i);
+        eb.store(cache + b0 + i);
+      }
     }
-    for (int64_t c = a0 + both; c < av; c += L) exp_at(c, vector_at(c, ids_a), vz);
-    for (int64_t c = b0 + both; c < bv; c += L) exp_at(c, vector_at(c, ids_b), vz2);
-    auto exp_tail = [&](int64_t c, int64_t end, IdWalk& ids, V& sum) {
-      if (c == end) return;
-      const V e = fast_exp<acc_t>((tail_at(c, end, ids) - vshift) * vinv);
-      sum = sum + e;
-      if constexpr (kCache) e.store(cache + c, end - c);
-    };
-    exp_tail(av, a1, ids_a, vz);
-    exp_tail(bv, b1, ids_b, vz2);
+    for (int64_t c = a0 + both; c < av; c += L) {
+      const V e = fast_exp<acc_t>((vector_at(c, ids_a) - vshift) * vinv);
+      sa = sa + e;
+      if constexpr (kCache) e.store(cache + c);
+    }
+    for (int64_t c = b0 + both; c < bv; c += L) {
+      const V e = fast_exp<acc_t>((vector_at(c, ids_b) - vshift) * vinv);
+      sb = sb + e;
+      if constexpr (kCache) e.store(cache + c);
+    }
+    if (av < a1) {
+      const V e = fast_exp<acc_t>((tail_at(av, a1, ids_a) - vshift) * vinv);
+      sa = sa + e;
+      if constexpr (kCache) e.store(cache + av, a1 - av);
+    }
+    if (bv < b1) {
+      const V e = fast_exp<acc_t>((tail_at(bv, b1, ids_b) - vshift) * vinv);
+      sb = sb + e;
+      if constexpr (kCache) e.store(cache + bv, b1 - bv);
+    }
+    za = sa;
+    zb = sb;
   }
-  z = hsum(vz + vz2);
+  z = hsum(za + zb);
 }
 
 template <typename acc_t, typename s_t>
 void complement_softmax(const Strided<const s_t>& s, const int64_t* sorted, int64_t k, int64_t C,
                         const Transform<acc_t>& tr, acc_t inv_t, acc_t& m, acc_t& z, acc_t* cache, acc_t* shifts) {
-  if (s.sc == 1) {
-    if (cache != nullptr) return complement_softmax_impl<true, true>(s, sorted, k, C, tr, inv_t, m, z, cache, shifts);
-    return complement_softmax_impl<true, false>(s, sorted, k, C, tr, inv_t, m, z, cache, shifts);
+  // Soft-capping or scaling: tr.apply may call tanh, so the untransformed row gets its own loops.
+  // (A strided row takes the transform's branches per vector: its gathers cost more anyway.)
+  const bool transformed = tr.has_cap || tr.has_scale;
+  if (s.sc != 1) {
+    if (cache != nullptr) return complement_softmax_impl<false, true, true>(s, sorted, k, C, tr, inv_t, m, z, cache, shifts);
+    return complement_softmax_impl<false, false, true>(s, sorted, k, C, tr, inv_t, m, z, cache, shifts);
   }
-  if (cache != nullptr) return complement_softmax_impl<false, true>(s, sorted, k, C, tr, inv_t, m, z, cache, shifts);
-  complement_softmax_impl<false, false>(s, sorted, k, C, tr, inv_t, m, z, cache, shifts);
+  if (transformed) {
+    if (cache != nullptr) return complement_softmax_impl<true, true, true>(s, sorted, k, C, tr, inv_t, m, z, cache, shifts);
+    return complement_softmax_impl<true, false, true>(s, sorted, k, C, tr, inv_t, m, z, cache, shifts);
+  }
+  if (cache != nullptr) return complement_softmax_impl<true, true, false>(s, sorted, k, C, tr, inv_t, m, z, cache, shifts);
+  complement_softmax_impl<true, false, false>(s, sorted, k, C, tr, inv_t, m, z, cache, shifts);
 }
 
 // The cached exponentials of complement_softmax into the gradient, in place (the ids' classes hold
