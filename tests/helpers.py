@@ -8,6 +8,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import kdkernels
+
 
 def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "") -> None:
     """Compare a fused result with the float64 reference at a tolerance fit for the input dtype."""
@@ -18,6 +20,19 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtyp
     scale = expected.abs().max().clamp_min(1.0)
     err = (actual - expected).abs().max() / scale
     assert err <= tol, f"{name}: max error {err:.3e} (relative to {scale:.3e}) > {tol:.1e}"
+
+
+def assert_compiled_matches_eager(fn, args, wrt, backend: str) -> None:
+    """``torch.compile(fn, fullgraph=True)(*args)`` equals ``fn(*args)`` under ``backend``: the
+    scalar result and its gradients with respect to the tensors ``wrt``."""
+    with kdkernels.use_backend(backend):
+        eager = fn(*args)
+        eager_grads = torch.autograd.grad(eager, wrt)
+        compiled = torch.compile(fn, fullgraph=True)(*args)
+        compiled_grads = torch.autograd.grad(compiled, wrt)
+    torch.testing.assert_close(compiled, eager)
+    for a, e in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, e)
 
 
 class RecordOps(TorchDispatchMode):

@@ -27,7 +27,13 @@ import torch
 import kdkernels
 from kdkernels.ops.fused_loss import FusedLoss
 from tests.fused_losses import BY_NAME, LOSSES, Case, loss_and_grads, make_case
-from tests.helpers import HOST_SYNC_OPS, RecordOps, assert_close_to_reference, peak_extra_bytes
+from tests.helpers import (
+    HOST_SYNC_OPS,
+    RecordOps,
+    assert_close_to_reference,
+    assert_compiled_matches_eager,
+    peak_extra_bytes,
+)
 
 def _skip_unless_runnable(backend: str, device: str = "cpu") -> list:
     reason = kdkernels.backends.why_unavailable(backend, device)
@@ -313,14 +319,7 @@ def _compiled_equals_eager(row, case, reduction, backend):
     def step(*xs):
         return f(*xs).sum() * 2.0
 
-    with kdkernels.use_backend(backend):
-        eager = step(*diff)
-        eager_grads = torch.autograd.grad(eager, diff)
-        compiled = torch.compile(step, fullgraph=True)(*diff)
-        compiled_grads = torch.autograd.grad(compiled, diff)
-    torch.testing.assert_close(compiled, eager)
-    for a, b in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(step, diff, diff, backend)
 
 
 @pytest.mark.parametrize("name,reduction,backend", grid(_compile_axes, ("cpu", "torch")))

@@ -1,5 +1,5 @@
 // The fixed-chunk reduction of the elementwise CPU kernels (margin_partial_l2_elements,
-// bounded_regression_rows; kl_div_pointwise spells the same scheme out in kl_div.cpp): the items
+// bounded_regression_rows, kl_div_pointwise): the items
 // (elements or rows) are cut into chunks of a fixed size, each chunk is one parallel work unit, and
 // with reduce the loss is one partial sum per chunk. The partition depends on the item count only,
 // never on the thread count, so the caller's sum over the partial sums repeats bit for bit.

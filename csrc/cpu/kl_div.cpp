@@ -8,14 +8,13 @@
 // of kChunk flattened elements (independent of the thread count), so the caller's sum repeats bit
 // for bit; an empty input gives one zero.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
-#include <algorithm>
 #include <cmath>
 
 #include "../kdkernels.h"
+#include "chunked_loss.h"
 #include "dispatch.h"
 #include "gradient_buffer.h"
 #include "vec_utils.h"
@@ -30,6 +29,7 @@ using cpu::load_vec;
 using cpu::load_vec_n;
 using cpu::store_vec;
 using cpu::store_vec_n;
+using cpu::sweep_two_accumulators;
 using cpu::Vec;
 
 // Elements per loss partial sum (and per parallel task unit). Python's fake implementation must
@@ -43,7 +43,6 @@ void kl_div_impl(const at::Tensor& input, const at::Tensor& target, bool log_tar
   using V = Vec<acc_t>;
   constexpr int64_t L = V::size();
   const int64_t N = input.numel();
-  const int64_t chunks = (N + kChunk - 1) / kChunk;
   const x_t* x = static_cast<const x_t*>(input.data_ptr());
   const y_t* y = static_cast<const y_t*>(target.data_ptr());
   acc_t* loss_p = loss.data_ptr<acc_t>();
@@ -96,21 +95,10 @@ void kl_div_impl(const at::Tensor& input, const at::Tensor& target, bool log_tar
     }
   };
 
-  at::parallel_for(0, chunks, 2, [&](int64_t begin, int64_t end) {
-    for (int64_t ch = begin; ch < end; ++ch) {
-      const int64_t k0 = ch * kChunk;
-      const int64_t k1 = std::min(N, k0 + kChunk);
-      const int64_t kv = k0 + (k1 - k0) / L * L;
-      V acc0(0), acc1(0);
-      int64_t k = k0;
-      for (; k + 2 * L <= kv; k += 2 * L) {
-        block(k, L, acc0);
-        block(k + L, L, acc1);
-      }
-      for (; k < kv; k += L) block(k, L, acc0);
-      if (kv < k1) block(kv, k1 - kv, acc1);
-      if (reduce) loss_p[ch] = hsum<acc_t>(acc0 + acc1);
-    }
+  cpu::parallel_for_chunks(N, kChunk, 2, [&](int64_t ch, int64_t k0, int64_t k1) {
+    V acc0(0), acc1(0);
+    sweep_two_accumulators<acc_t>(k0, k1, acc0, acc1, block);
+    if (reduce) loss_p[ch] = hsum<acc_t>(acc0 + acc1);
   });
 }
 
@@ -129,8 +117,7 @@ TensorTriple kl_div_pointwise_cpu(const at::Tensor& input_, const at::Tensor& ta
   const bool use_double = input.scalar_type() == at::kDouble || target.scalar_type() == at::kDouble;
   const auto acc_options = input.options().dtype(use_double ? at::kDouble : at::kFloat);
   const int64_t N = input.numel();
-  const int64_t chunks = (N + kChunk - 1) / kChunk;
-  at::Tensor loss = reduce ? at::empty({std::max<int64_t>(chunks, 1)}, acc_options) : at::empty(input.sizes(), acc_options);
+  at::Tensor loss = reduce ? cpu::partial_sums_buffer(N, kChunk, acc_options) : at::empty(input.sizes(), acc_options);
   at::Tensor grad_input = cpu::gradient_buffer(input, input_grad);
   at::Tensor grad_target = cpu::gradient_buffer(target, target_grad);
   if (N == 0) {

@@ -100,11 +100,18 @@ __host__ __device__ __forceinline__ X from_acc(Acc v) {
   return Narrow<X>::from(v);
 }
 
-// exp / log in the accumulation type (the build may map the float ones to fast intrinsics).
+// exp / log (and tanh, expm1, log1p for the divergences) in the accumulation type (the build may
+// map the float ones to fast intrinsics).
 __host__ __device__ __forceinline__ float acc_exp(float x) { return expf(x); }
 __host__ __device__ __forceinline__ double acc_exp(double x) { return exp(x); }
 __host__ __device__ __forceinline__ float acc_log(float x) { return logf(x); }
 __host__ __device__ __forceinline__ double acc_log(double x) { return log(x); }
+__host__ __device__ __forceinline__ float acc_tanh(float x) { return tanhf(x); }
+__host__ __device__ __forceinline__ double acc_tanh(double x) { return tanh(x); }
+__host__ __device__ __forceinline__ float acc_expm1(float x) { return expm1f(x); }
+__host__ __device__ __forceinline__ double acc_expm1(double x) { return expm1(x); }
+__host__ __device__ __forceinline__ float acc_log1p(float x) { return log1pf(x); }
+__host__ __device__ __forceinline__ double acc_log1p(double x) { return log1p(x); }
 
 template <typename Acc>
 __host__ __device__ __forceinline__ Acc neg_inf() {

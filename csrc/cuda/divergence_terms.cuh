@@ -71,13 +71,6 @@ struct LogitTransformParams {
 #ifdef __CUDACC__
 namespace detail {
 
-__host__ __device__ __forceinline__ float acc_tanh(float x) { return tanhf(x); }
-__host__ __device__ __forceinline__ double acc_tanh(double x) { return tanh(x); }
-__host__ __device__ __forceinline__ float acc_expm1(float x) { return expm1f(x); }
-__host__ __device__ __forceinline__ double acc_expm1(double x) { return expm1(x); }
-__host__ __device__ __forceinline__ float acc_log1p(float x) { return log1pf(x); }
-__host__ __device__ __forceinline__ double acc_log1p(double x) { return log1p(x); }
-
 template <typename Acc>
 __host__ __device__ __forceinline__ Acc quiet_nan() {
   return static_cast<Acc>(NAN);

@@ -20,7 +20,7 @@ import kdkernels.nn
 import kdkernels.ops.triton.fused_linear as tiles
 from kdkernels.functional import distill_loss, fused_linear_distill_loss
 from kdkernels.llm import fused_linear
-from tests.helpers import reduce_llm_positions
+from tests.helpers import assert_compiled_matches_eager, reduce_llm_positions
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _WHY_NOT = kdkernels.backends.why_unavailable("triton", DEVICE)
@@ -264,14 +264,7 @@ def test_compile_fullgraph(block_walk_forbidden):
     student, teacher = _heads(17, dtype=torch.float32)
     module = kdkernels.nn.FusedLinearDistillLoss("jsd", beta=0.3, temperature=2.0, vocab_size=75)
     args = (student[0], student[1], teacher[0], teacher[1], student[2], teacher[2])
-    with kdkernels.use_backend("triton"):
-        eager = module(*args)
-        eager_grads = torch.autograd.grad(eager, student)
-        compiled = torch.compile(module, fullgraph=True)(*args)
-        compiled_grads = torch.autograd.grad(compiled, student)
-    torch.testing.assert_close(compiled, eager)
-    for a, e in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(a, e)
+    assert_compiled_matches_eager(module, args, student, "triton")
 
 
 def test_default_tiles(monkeypatch, block_walk_forbidden):

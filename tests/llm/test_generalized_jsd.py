@@ -78,15 +78,21 @@ def _inputs(seed):
     return s, t, labels
 
 
+def _assert_matches(want_fn, seed, beta, reduction, with_labels, temperature, rtol, grad_rtol):
+    """``generalized_jsd_loss`` equals ``want_fn`` (called the same way) on ``_inputs(seed)``: the
+    value and the gradients of both logits."""
+    s, t, labels = _inputs(seed)
+    labels = labels if with_labels else None
+    ours = generalized_jsd_loss(s, t, labels, beta=beta, temperature=temperature, reduction=reduction)
+    want = want_fn(s, t, labels, beta=beta, temperature=temperature, reduction=reduction)
+    torch.testing.assert_close(ours, want, rtol=rtol, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(ours.sum(), (s, t)), torch.autograd.grad(want.sum(), (s, t))):
+        torch.testing.assert_close(a, b, rtol=grad_rtol, atol=1e-12)
+
+
 @pytest.mark.parametrize("beta,reduction,with_labels", CASES)
 def test_matches_trl_formula(beta, reduction, with_labels):
-    s, t, labels = _inputs(0)
-    labels = labels if with_labels else None
-    ours = generalized_jsd_loss(s, t, labels, beta=beta, temperature=1.5, reduction=reduction)
-    want = trl_formula(s, t, labels, beta=beta, temperature=1.5, reduction=reduction)
-    torch.testing.assert_close(ours, want, rtol=1e-10, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(ours.sum(), (s, t)), torch.autograd.grad(want.sum(), (s, t))):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    _assert_matches(trl_formula, 0, beta, reduction, with_labels, temperature=1.5, rtol=1e-10, grad_rtol=1e-9)
 
 
 @pytest.mark.parametrize("beta,reduction,with_labels", CASES)
@@ -94,13 +100,7 @@ def test_matches_trl_itself(beta, reduction, with_labels):
     trl_loss = _trl_function()
     if trl_loss is None:
         pytest.skip("trl is not installed (the formula test above covers the convention)")
-    s, t, labels = _inputs(1)
-    labels = labels if with_labels else None
-    ours = generalized_jsd_loss(s, t, labels, beta=beta, temperature=0.7, reduction=reduction)
-    want = trl_loss(s, t, labels, beta=beta, temperature=0.7, reduction=reduction)
-    torch.testing.assert_close(ours, want, rtol=1e-9, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(ours.sum(), (s, t)), torch.autograd.grad(want.sum(), (s, t))):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    _assert_matches(trl_loss, 1, beta, reduction, with_labels, temperature=0.7, rtol=1e-9, grad_rtol=1e-8)
 
 
 def test_beta_direction_is_teacher_first_at_zero():

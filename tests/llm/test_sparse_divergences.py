@@ -16,7 +16,7 @@ from kdkernels.functional import distill_loss
 from kdkernels.ops.reference.divergences import distill_loss_reference
 from kdkernels.ops.sparse_divergences import SPARSE_DIVERGENCES
 from tests.conftest import backend_params
-from tests.helpers import peak_extra_bytes
+from tests.helpers import assert_compiled_matches_eager, peak_extra_bytes
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 BACKENDS = backend_params("cpu", ("cpu", "triton", "torch"))
@@ -297,14 +297,7 @@ def test_compile_fullgraph_matches_eager(tail, backend):
         return distill_loss(student, teacher_topk=(ids, vals), divergence="skew_reverse_kl", beta=0.2, tail=tail,
                             teacher_values="logprobs", mask=mask, temperature=1.3)
 
-    with kdkernels.use_backend(backend):
-        eager = step(s, values)
-        eager_grads = torch.autograd.grad(eager, (s, values))
-        compiled = torch.compile(step, fullgraph=True)(s, values)
-        compiled_grads = torch.autograd.grad(compiled, (s, values))
-    torch.testing.assert_close(compiled, eager)
-    for a, b in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(step, (s, values), (s, values), backend)
 
 
 def test_double_backward_goes_through_the_twin():
