@@ -23,10 +23,25 @@ def test_synthetic_run_writes_table_and_plot(tmp_path):
     run_synthetic("detection_kd", "--threads", "1", out=tmp_path, timeout=300)
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["model"] for r in rows] == ["teacher", "student none", "student chen", "student ld"]
+    assert [r["model"] for r in rows] == ["teacher", "student none", "student chen", "student chen calibrated", "student ld", "student ld calibrated"]
     assert all(0.0 <= float(r["map"]) <= float(r["map50"]) <= 1.0 for r in rows)
+    weights = {r["model"]: r["weight"] for r in rows}
+    assert weights["teacher"] == weights["student none"] == ""  # no method, no weight
+    assert float(weights["student chen"]) == 1.0 and float(weights["student ld"]) == 1.0  # the published weights
+    for name in ("student chen calibrated", "student ld calibrated"):  # set on the first batch: finite, positive, changed
+        assert 0.0 < float(weights[name]) < float("inf") and float(weights[name]) != 1.0
     assert (tmp_path / "map.png").stat().st_size > 0
-    assert "mAP@[.5:.95]" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "mAP@[.5:.95]" in table and "Δ mAP vs no KD (paired)" in table
+
+
+def test_paired_differences_against_no_kd():
+    example = load_example()
+    rows = [{"model": "student none", "seed": 0, "map": 0.30}, {"model": "student none", "seed": 1, "map": 0.20},
+            {"model": "student ld", "seed": 1, "map": 0.19}, {"model": "student ld", "seed": 0, "map": 0.35}]
+    d = example.paired(rows, "student ld")
+    assert d["mean"] == pytest.approx(2.0) and d["sd"] == pytest.approx(6 / 2**0.5)  # diffs +5, −1 (points), by seed
+    assert (d["better"], d["worse"]) == (1, 1) and 0.0 < d["p"] <= 1.0
 
 
 def test_dataset_is_deterministic_and_boxes_are_valid():
