@@ -228,7 +228,7 @@ struct IdWalk {
 // exponential is also stored there (0 at the ids) and each block's shift in `shifts` (−inf while the
 // complement so far is empty): the gradient pass then only rescales them (one exp per logit for the
 // whole forward + backward, as kd_loss's ExpCache). The hot loops are instantiated per (contiguous
-// row, cache), with no call inside them (see IdWalk::punch).
+// row, cache, transformed row), with no call inside them (see IdWalk::punch and the dispatch below).
 template <bool kContiguous, bool kCache, bool kTransformed, typename acc_t, typename s_t>
 void complement_softmax_impl(const Strided<const s_t>& s, const int64_t* sorted, int64_t k, int64_t C,
                              const Transform<acc_t>& tr, acc_t inv_t, acc_t& m, acc_t& z, acc_t* cache, acc_t* shifts) {
@@ -300,41 +300,31 @@ void complement_softmax_impl(const Strided<const s_t>& s, const int64_t* sorted,
     ids_b = start_b;
     const V vshift(shift);
     V sa = za, sb = zb;
+    // e^{(x − shift)/T} of classes [c, c + n) into `sum` (and the cache).
+    auto add_exp = [&](const V& x, V& sum, int64_t c, int64_t n) __attribute__((always_inline)) {
+      const V e = fast_exp<acc_t>((x - vshift) * vinv);
+      sum = sum + e;
+      if constexpr (kCache) {
+        if (n == L) {
+          e.store(cache + c);
+        } else {
+          e.store(cache + c, n);
+        }
+      }
+    };
     for (int64_t i = 0; i < both; i += L) {
       // The next pair of blocks, fetched while these exponentials are computed (as the row walker).
       if constexpr (kContiguous) {
         __builtin_prefetch(s.data + a0 + i + kBlock, 0, 3);
         __builtin_prefetch(s.data + b0 + i + kBlock, 0, 3);
       }
-      const V ea = fast_exp<acc_t>((vector_at(a0 + i, ids_a) - vshift) * vinv);
-      const V eb = fast_exp<acc_t>((vector_at(b0 + i, ids_b) - vshift) * vinv);
-      sa = sa + ea;
-      sb = sb + eb;
-      if constexpr (kCache) {
-        ea.store(cache + a0 + i);
-        eb.store(cache + b0 + i);
-      }
+      add_exp(vector_at(a0 + i, ids_a), sa, a0 + i, L);
+      add_exp(vector_at(b0 + i, ids_b), sb, b0 + i, L);
     }
-    for (int64_t c = a0 + both; c < av; c += L) {
-      const V e = fast_exp<acc_t>((vector_at(c, ids_a) - vshift) * vinv);
-      sa = sa + e;
-      if constexpr (kCache) e.store(cache + c);
-    }
-    for (int64_t c = b0 + both; c < bv; c += L) {
-      const V e = fast_exp<acc_t>((vector_at(c, ids_b) - vshift) * vinv);
-      sb = sb + e;
-      if constexpr (kCache) e.store(cache + c);
-    }
-    if (av < a1) {
-      const V e = fast_exp<acc_t>((tail_at(av, a1, ids_a) - vshift) * vinv);
-      sa = sa + e;
-      if constexpr (kCache) e.store(cache + av, a1 - av);
-    }
-    if (bv < b1) {
-      const V e = fast_exp<acc_t>((tail_at(bv, b1, ids_b) - vshift) * vinv);
-      sb = sb + e;
-      if constexpr (kCache) e.store(cache + bv, b1 - bv);
-    }
+    for (int64_t c = a0 + both; c < av; c += L) add_exp(vector_at(c, ids_a), sa, c, L);
+    for (int64_t c = b0 + both; c < bv; c += L) add_exp(vector_at(c, ids_b), sb, c, L);
+    if (av < a1) add_exp(tail_at(av, a1, ids_a), sa, av, a1 - av);
+    if (bv < b1) add_exp(tail_at(bv, b1, ids_b), sb, bv, b1 - bv);
     za = sa;
     zb = sb;
   }
