@@ -13,7 +13,7 @@ One program per position, buckets in one ``[BLOCK_B]`` block (``BLOCK_B ≥ k + 
 2. the student's logits gathered at the k ids; for ``tail_bucket`` one pass over the V classes
    (the walker's online softmax on ``[1, BLOCK_C]`` blocks) of the classes *outside* the ids, so
    that the student's tail mass is summed directly, never as ``1 − Σ_k p``. The ids are marked
-   from a sorted copy (the front end's ``sort``, O(N·k)): a block's ids are the next ones in sorted
+   from a sorted copy (sorted by the launcher below, O(N·k log k)): a block's ids are the next ones in sorted
    order (counted against the block's end in O(k)), and each is compared with the block's
    classes: O(V/BLOCK_C·k + k·BLOCK_C) work per row, where comparing every id with every class
    was O(V·k) and tied the block to k (``BLOCK_C = 8192/BLOCK_B``: 16 classes at k = 1024);
