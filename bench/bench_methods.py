@@ -232,7 +232,6 @@ LABELS = {
     "mutual_learning": "deep mutual learning (2 peers)",
     "byot": "BYOT (T=3, α=0.1, λ=1e-6)",
 }
-SCHEMES_WITHOUT_WEIGHTS = ("mutual_learning", "byot")
 # Rows that the born_again method's run also writes (they are not methods to select).
 ROWS_OF = {"born_again": ("born_again_ensemble", "ce_ensemble")}
 SELECTABLE = [name for name in LABELS if not any(name in rows for rows in ROWS_OF.values())]
@@ -378,14 +377,18 @@ def run_seed(data: Data, seed: int, args) -> dict:
         totals, _ = fit(dml, lambda: dml(x, y), args.steps, args.lr)
         results["mutual_learning/default"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals))}
 
-    if "byot" in selected:
+    for weighting in ("default", "calibrated") if "byot" in selected else ():
         student = fresh_student()
         heads = args.byot_heads
         byot = BYOT(student, stage_layers=heads, stage_channels=[BYOT_HEAD_CHANNELS[h] for h in heads], feature_layer="pool", feature_dim=16,
                     num_classes=10, head=args.byot_head, stage_strides=[BYOT_HEAD_STRIDES[h] for h in heads])
-        totals, _ = fit(byot, lambda: byot(x, y), args.steps, args.lr)
-        results["byot/default"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals)),
-                                   "heads": f"{', '.join(heads)}, {args.byot_head}"}
+        if weighting == "calibrated":
+            byot.calibrate(x, y, verbose=False)
+        totals, first = fit(byot, lambda: byot(x, y), args.steps, args.lr)
+        feature = sum(v for k, v in first.items() if k.endswith("/feature"))
+        results[f"byot/{weighting}"] = {"accuracy": accuracy(student, data), "finite": all(map(math.isfinite, totals)),
+                                        "heads": f"{', '.join(heads)}, {args.byot_head}", "weights": {"λ": byot.feature_weight},
+                                        "first_ratio": float(feature / F.cross_entropy(first["output"].detach(), y))}
     results["seconds"] = time.perf_counter() - t0
     return results
 
@@ -427,7 +430,9 @@ def summarise(per_seed: list[dict]) -> dict:
                 entry[what] = per_seed[0][key][what]
         if "first_ratio" in per_seed[0][key]:
             entry["first_ratio"] = statistics.median(r[key]["first_ratio"] for r in per_seed)
+        if "warned" in per_seed[0][key]:
             entry["warned"] = sum(r[key]["warned"] for r in per_seed)
+        if "weights" in per_seed[0][key]:
             entry["weights"] = {n: statistics.median(r[key]["weights"][n] for r in per_seed) for n in per_seed[0][key]["weights"]}
         summary[key] = entry
     return summary
@@ -448,7 +453,9 @@ def markdown(summary: dict, args, runs: list[dict]) -> str:
         "Δ = accuracy with the method − accuracy with CE alone, in percentage points, mean ± sd over seeds; "
         "better / worse = seeds; p = Wilcoxon signed-rank test of the paired differences; "
         "loss/CE = the method's weighted loss over the CE at the first step (median over seeds); "
-        "warned = seeds on which the distiller's first-step warning (> 10× the CE) fired.",
+        "warned = seeds on which the distiller's first-step warning (> 10× the CE) fired. "
+        "BYOT: its weight is λ, the one it has that depends on the scale (`BYOT.calibrate`), and loss/CE is its feature term "
+        "over the deepest classifier's CE.",
         "",
         "| method | weights | Δ pp | better / worse | p | loss/CE at step 1 | warned | weight (median) |",
         "|---|---|---|---|---|---|---|---|",

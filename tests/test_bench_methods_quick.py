@@ -24,9 +24,9 @@ def test_quick_study(tmp_path):
     finally:
         torch.set_num_threads(threads)
     keys = [k for k in summary if "/" in k]
-    # 9 methods (FitNets one- and two-stage) × (default, calibrated) + mutual learning + BYOT, and
-    # born-again's ensemble rows (× 2) with their control
-    assert len(keys) == 23, keys
+    # 9 methods (FitNets one- and two-stage) and BYOT × (default, calibrated) + mutual learning,
+    # and born-again's ensemble rows (× 2) with their control
+    assert len(keys) == 24, keys
     assert all(summary[k]["finite"] for k in keys), [k for k in keys if not summary[k]["finite"]]
     assert summary["hinton_kd/default"]["mean_diff_pp"] > 0, summary["hinton_kd/default"]
     for key in keys:
@@ -34,6 +34,7 @@ def test_quick_study(tmp_path):
             assert summary[key]["first_ratio"] == pytest.approx(1.0, rel=1e-3), key
     assert summary["born_again_ensemble/calibrated"]["vs"]["baseline"] == "ce_ensemble/default"
     assert summary["byot/default"]["heads"] == "relu2, pointwise"
+    assert summary["byot/calibrated"]["weights"]["λ"] > 1e-3  # BYOT.calibrate raised λ from 1e-6
     assert summary["fitnets/default"]["warned"] == 2  # 100 × hint starts at ~17× the CE here
     assert summary["fitnets/calibrated"]["warned"] == 0
     for suffix in ("json", "md", "png"):

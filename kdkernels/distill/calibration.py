@@ -29,6 +29,7 @@ weighted loss at the first training step is more than 10× the task loss.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any, Callable, Sequence
@@ -88,6 +89,43 @@ def _inner(distiller: nn.Module) -> nn.Module:
     return distiller
 
 
+@contextlib.contextmanager
+def measuring(modules: Sequence[nn.Module], seed: int):
+    """A no-grad measuring forward of ``modules[0]`` in train mode (as the training step will run
+    it) that leaves no trace: a fixed RNG seed (dropout) with the caller's RNG state kept, and every
+    buffer of ``modules`` (BatchNorm running statistics) put back afterwards."""
+    saved = [{name: b.detach().clone() for name, b in m.named_buffers()} for m in modules]
+    was_training = modules[0].training
+    device = next((p.device for p in modules[0].parameters()), torch.device("cpu"))
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    try:
+        modules[0].train()
+        with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+            torch.manual_seed(seed)
+            yield
+    finally:
+        modules[0].train(was_training)
+        for module, buffers in zip(modules, saved):
+            for name, buffer in module.named_buffers():
+                buffer.copy_(buffers[name])
+
+
+def rank_mean(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The scalars ``values`` as one float tensor, averaged over ranks under ``torch.distributed``
+    (so every rank calibrates to the same weights)."""
+    measured = torch.stack([v.detach().float().reshape(()) for v in values])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(measured)
+        measured /= torch.distributed.get_world_size()
+    return measured
+
+
+def check_ratio(ratio) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        raise ValueError(f"ratio: expected a finite number > 0, got {ratio!r}")
+    return float(ratio)
+
+
 def calibrate_weights(
     distiller: nn.Module,
     x: Any,
@@ -116,38 +154,21 @@ def calibrate_weights(
         ``{method name: new weight}``. A method whose loss is 0 or not finite keeps its weight
         (with a warning).
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
-        raise ValueError(f"ratio: expected a finite number > 0, got {ratio!r}")
+    ratio = check_ratio(ratio)
     inner = _inner(distiller)
     chosen = calibrated_methods(inner.methods, methods)
     if not chosen:
         raise ValueError("calibrate_weights: no method to calibrate (only the task loss reads no teacher)")
-    modules = [inner, inner.teacher]
-    saved = [{name: b.detach().clone() for name, b in m.named_buffers()} for m in modules]
-    was_training = inner.training
-    device = next((p.device for p in inner.parameters()), torch.device("cpu"))
-    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    try:
-        inner.train()
-        with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
-            torch.manual_seed(seed)
-            output, results = inner.run_methods(x, target, kwargs)
-            task = task_loss(output, target) if task_loss is not None else default_task_loss(inner.methods, results, output, target)
-    finally:
-        inner.train(was_training)
-        for module, buffers in zip(modules, saved):
-            for name, buffer in module.named_buffers():
-                buffer.copy_(buffers[name])
+    with measuring([inner, inner.teacher], seed):
+        output, results = inner.run_methods(x, target, kwargs)
+        task = task_loss(output, target) if task_loss is not None else default_task_loss(inner.methods, results, output, target)
     if task is None:
         raise ValueError(
             "calibrate_weights: no task loss to calibrate against: pass the labels (target) with a student that returns "
             "logits, add a CrossEntropy method, or pass task_loss=lambda output, target: ..."
         )
     by_method = dict(zip([m.name for m in inner.methods], results))
-    measured = torch.stack([task.detach().float().reshape(())] + [method_total(by_method[m.name]).detach().float().reshape(()) for m in chosen])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(measured)
-        measured /= torch.distributed.get_world_size()
+    measured = rank_mean([task] + [method_total(by_method[m.name]) for m in chosen])
     task_value, *losses = measured.tolist()  # the one host read, before training
     weights = {}
     lines = [f"calibrate_weights: task loss {task_value:.4g}; each method's loss set to {ratio:g} x that"]

@@ -118,6 +118,41 @@ def test_byot_wrong_feature_dim_is_an_error():
         byot(images(), torch.randint(0, 5, (6,)))
 
 
+@pytest.mark.parametrize("ratio", [1.0, 0.25])
+def test_byot_calibrate_sets_the_feature_term_to_ratio_times_the_ce(ratio):
+    model, byot = make_byot()
+    x, y = images(), torch.randint(0, 5, (6,))
+    buffers = {k: v.clone() for k, v in byot.state_dict().items() if "running" in k or "num_batches" in k}
+    byot.eval()
+    weight = byot.calibrate(x, y, ratio=ratio, verbose=False)
+    assert not byot.training  # the caller's mode is kept
+    assert all(torch.equal(v, byot.state_dict()[k]) for k, v in buffers.items())  # BatchNorm statistics put back
+    assert weight == byot.feature_weight != 1e-6 and byot.calibration["weight_before"] == 1e-6
+    byot.train()
+    out = byot(x, y)
+    ce = out.losses["deepest/ce"] / (1 - byot.alpha)
+    torch.testing.assert_close(out.losses["head0/feature"], ratio * ce, rtol=1e-5, atol=0)
+
+
+def test_byot_calibration_travels_in_the_state_dict():
+    _, byot = make_byot()
+    byot.calibrate(images(), torch.randint(0, 5, (6,)), verbose=False)
+    _, fresh = make_byot()
+    fresh.load_state_dict(byot.state_dict())
+    assert fresh.feature_weight == byot.feature_weight and fresh.calibration == byot.calibration
+
+
+def test_byot_calibrate_bad_input():
+    _, byot = make_byot()
+    x, y = images(), torch.randint(0, 5, (6,))
+    with pytest.raises(ValueError, match="ratio"):
+        byot.calibrate(x, y, ratio=0)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="feature_weight left at 1e-06"):
+        assert byot.calibrate(x, y, verbose=False) == 1e-6
+    assert byot.calibration is None
+
+
 def test_born_again_trains_generations_on_their_predecessor():
     teacher = SmallCNN(4)
     x, y = images(), torch.randint(0, 5, (6,))

@@ -20,7 +20,12 @@ follows). ``head="pointwise"`` is a lighter head, 1×1 conv to D + BN + ReLU, th
 
 Scale: the defaults come from the unofficial code's CIFAR-100 ResNets (512-wide final features).
 The KD terms are per-sample means (T² keeps them near the CE's size); the feature term is a plain
-sum over batch × feature_dim, so it grows with both (λ = 10⁻⁶ keeps it small at that size).
+sum over batch × feature_dim, so it grows with both (λ = 10⁻⁶ keeps it small at that size; on the
+digits study's batch of 250 and 16-wide features it starts at 3·10⁻⁵ × the CE, so the hint is
+all but off). :meth:`BYOT.calibrate` sets λ, the one weight that depends on the scale, so that the
+feature term starts at ``ratio`` × the deepest classifier's CE; on the digits study that hint,
+at the CE's size from the first step, cost the student 26 points (``bench/results/methods_digits.md``):
+the calibration exists to set the scale on purpose, not as a default.
 Where the heads go and what they are matter more than the weights on small networks: a pointwise
 head asks its stage to be class-separable after pooling. On the digits study's 4/8/16-channel CNN
 (``bench/results/byot_validation/``, ``bench/results/methods_digits.md``) pointwise heads on both
@@ -31,12 +36,15 @@ the 8-channel stage, −1.2 on both shallow stages).
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdkernels.distill.calibration import LossScaleWarning, check_ratio, measuring, rank_mean
 from kdkernels.distill.capture import FeatureCapture, SpecLike, as_spec
 from kdkernels.distill.distiller import DistillOutput, total_loss
 from kdkernels.functional.kd_loss import kd_loss
@@ -116,6 +124,8 @@ class BYOT(nn.Module):
         self.stage_layers = [as_spec(s) for s in stage_layers]
         self.feature_layer, self.logits_layer = as_spec(feature_layer), as_spec(logits_layer)
         self.temperature, self.alpha, self.feature_weight = float(temperature), float(alpha), float(feature_weight)
+        # What calibrate measured (None until then); saved with λ in state_dict.
+        self.calibration: dict | None = None
         self._capture = FeatureCapture(model, [*self.stage_layers, self.feature_layer, self.logits_layer], role="byot")
 
     def _run(self, x: Any, **kwargs: Any):
@@ -129,17 +139,61 @@ class BYOT(nn.Module):
             self._capture.clear()
         return output, logits, feature, heads
 
+    def _check(self, feature: torch.Tensor, heads) -> None:
+        for i, (head_feature, _) in enumerate(heads):
+            if head_feature.shape != feature.shape:
+                raise ValueError(f"byot: head {i} feature {tuple(head_feature.shape)} does not match {self.feature_layer} {tuple(feature.shape)}; check feature_dim")
+
+    @staticmethod
+    def _feature_distance(head_feature: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """‖F_i − sg[F_C]‖², summed over the batch and the features."""
+        return (head_feature.float() - feature.detach().float()).pow(2).sum()
+
     def forward(self, x: Any, target: torch.Tensor, **kwargs: Any) -> DistillOutput:
         output, logits, feature, heads = self._run(x, **kwargs)
+        self._check(feature, heads)
         a, T = self.alpha, self.temperature
         losses = {"deepest/ce": (1.0 - a) * F.cross_entropy(logits, target)}
         for i, (head_feature, head_logits) in enumerate(heads):
-            if head_feature.shape != feature.shape:
-                raise ValueError(f"byot: head {i} feature {tuple(head_feature.shape)} does not match {self.feature_layer} {tuple(feature.shape)}; check feature_dim")
             losses[f"head{i}/ce"] = (1.0 - a) * F.cross_entropy(head_logits, target)
             losses[f"head{i}/kd"] = a * kd_loss(head_logits, logits.detach(), T, reduction="batchmean")
-            losses[f"head{i}/feature"] = self.feature_weight * (head_feature.float() - feature.detach().float()).pow(2).sum()
+            losses[f"head{i}/feature"] = self.feature_weight * self._feature_distance(head_feature, feature)
         return DistillOutput(output, losses, total_loss(losses))
+
+    def calibrate(self, x: Any, target: torch.Tensor, *, ratio: float = 1.0, seed: int = 0, verbose: bool = True, **kwargs: Any) -> float:
+        """Set λ (``feature_weight``) so that the feature terms of all heads together start at
+        ``ratio`` × the deepest classifier's CE on the batch ``(x, target)``; returns the new λ.
+
+        Loss-scale calibration as :func:`~kdkernels.distill.calibrate_weights` does it for a
+        distiller's methods (one no-grad forward in train mode, BatchNorm buffers and the RNG
+        state put back, averaged over ranks under ``torch.distributed``, the one host read here).
+        Only λ is set: the feature term is a sum over batch × feature_dim, while α weighs two
+        per-sample means against each other and T² keeps the KD at the CE's size. A feature term
+        of 0 or a loss that is not finite leaves λ as it is (with a warning)."""
+        ratio = check_ratio(ratio)
+        with measuring([self], seed):
+            _, logits, feature, heads = self._run(x, **kwargs)
+            self._check(feature, heads)
+            task = F.cross_entropy(logits.float(), target)
+            distance = sum(self._feature_distance(head_feature, feature) for head_feature, _ in heads)
+        task_value, distance_value = rank_mean([task, distance]).tolist()  # the one host read
+        before = self.feature_weight
+        if not (math.isfinite(task_value) and math.isfinite(distance_value) and task_value > 0 and distance_value > 0):
+            warnings.warn(f"byot.calibrate: feature distance {distance_value:.4g}, CE {task_value:.4g}; feature_weight left at {before:g}", LossScaleWarning, stacklevel=2)
+            return before
+        self.feature_weight = ratio * task_value / distance_value
+        self.calibration = {"loss": distance_value, "task_loss": task_value, "ratio": ratio, "weight_before": before}
+        if verbose:
+            print(f"byot.calibrate: CE {task_value:.4g}, feature distance {distance_value:.4g} -> feature_weight {before:g} becomes {self.feature_weight:.4g}")
+        return self.feature_weight
+
+    def get_extra_state(self) -> dict:
+        """λ (it may have been calibrated) and the calibration record travel with the heads."""
+        return {"feature_weight": self.feature_weight, "calibration": self.calibration}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.feature_weight = float(state["feature_weight"])
+        self.calibration = state.get("calibration")
 
     @torch.no_grad()
     def predict(self, x: Any, **kwargs: Any) -> list[torch.Tensor]:
