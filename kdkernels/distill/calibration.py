@@ -23,6 +23,9 @@ Under ``torch.distributed`` the measured losses are averaged over ranks, so ever
 same weights. The new weights and what was measured are kept on the methods and saved in
 ``state_dict``. The host reads the losses once, here, never inside a training step.
 
+The schemes without a distiller have their own: :meth:`~kdkernels.distill.BYOT.calibrate` sets
+BYOT's feature weight λ the same way (its other weights do not depend on the scale).
+
 Independently of calibration the distiller warns once (:class:`LossScaleCheck`) when a method's
 weighted loss at the first training step is more than 10× the task loss.
 """
