@@ -26,12 +26,11 @@ all but off). :meth:`BYOT.calibrate` sets λ, the one weight that depends on the
 feature term starts at ``ratio`` × the deepest classifier's CE; on the digits study that hint,
 at the CE's size from the first step, cost the student 26 points (``bench/results/methods_digits.md``):
 the calibration exists to set the scale on purpose, not as a default.
-Where the heads go and what they are matter more than the weights on small networks: a pointwise
-head asks its stage to be class-separable after pooling. On the digits study's 4/8/16-channel CNN
-(``bench/results/byot_validation/``, ``bench/results/methods_digits.md``) pointwise heads on both
-shallow stages cost 3.4 points on validation seeds; one on the 8-channel stage gained 3.4 there but
-lost 1.8 on the 20 test seeds; the bottleneck head did no better on those validation seeds (−0.0 on
-the 8-channel stage, −1.2 on both shallow stages).
+A head asks its stage to be class-separable after pooling, which a narrow stage that also serves
+the stages above may not afford. On the digits study's 4/8/16-channel CNN
+(``bench/results/byot_validation/``, ``bench/results/methods_digits.md``) no placement helped on 40
+validation seeds: a pointwise head on the 8-channel stage ±0 (−1.8 on the 20 test seeds), the
+bottleneck head there −0.6, heads on both shallow stages −2.7 (pointwise) and −1.3 (bottleneck).
 """
 
 from __future__ import annotations
