@@ -190,6 +190,30 @@ def test_holistic_losses_match_formula():
         close(a, b)
 
 
+@pytest.mark.parametrize("structured", [False, True])
+def test_calibrating_the_student_weight_leaves_the_critic_loss(structured):
+    """calibrate_weights (or any later change of ``weight``) balances the student's terms; the
+    critic's WGAN-GP loss keeps the λ_d it was built with."""
+    shape = (3, 4, 4)
+    critic = LinearCritic(shape)
+    if structured:
+        method = StructuredKD("a", "b", discriminator=critic, pair_wise_weight=0.0, holistic_weight=0.1, weight=2.0)
+    else:
+        method = HolisticDistillation("a", "b", discriminator=critic, weight=0.2)
+    g = torch.Generator().manual_seed(4)
+    q_s, q_t = torch.randn(2, *shape, dtype=DOUBLE, generator=g), torch.randn(2, *shape, dtype=DOUBLE, generator=g)
+    torch.manual_seed(7)
+    before = method.discriminator_loss(q_s, q_t, None)
+    method.weight = 0.005  # as calibrate_weights sets it
+    torch.manual_seed(7)
+    after = method.discriminator_loss(q_s, q_t, None)
+    assert before.keys() == after.keys() == {"discriminator", "gradient_penalty"}
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+    d = lambda x: (critic.v * x + critic.w * x * x).flatten(1).sum(1)  # noqa: E731
+    close(after["discriminator"], 0.2 * (-d(q_t).mean() + d(q_s).mean()))  # λ_d × weight as built
+
+
 def test_holistic_conditioned_on_image_concatenates_resized_image():
     seen = []
 

@@ -157,7 +157,10 @@ class HolisticDistillation(AdversarialMethod):
 
     Returns ``{"adversarial": −E D(Q_s)}`` to the distiller (which multiplies by ``weight`` = λ_d);
     the discriminator loss is ``{"discriminator": λ_d[−E D(Q_t) + E D(Q_s)], "gradient_penalty":
-    λ_d λ_gp GP}``.
+    λ_d λ_gp GP}`` with λ_d as constructed (``discriminator_weight``): calibration
+    (:func:`~kdkernels.distill.calibrate_weights`) or a later change of ``weight`` balances the
+    student's term against its other losses and leaves the critic's training as it was (a smaller
+    λ_d on the critic's loss would only slow its SGD steps).
 
     Args:
         student_layer, teacher_layer: the (B, C, H, W) score maps.
@@ -198,6 +201,7 @@ class HolisticDistillation(AdversarialMethod):
         student_specs = [student_layer] + ([MODEL_INPUT] if condition_on_image else [])
         super().__init__(student_specs, [teacher_layer], weight, name, order=order, discriminator_steps=discriminator_steps)
         self.condition_on_image = bool(condition_on_image)
+        self.discriminator_weight = self.weight  # λ_d of the critic's loss; calibration leaves it
         self.gradient_penalty_weight = check_weight(gradient_penalty_weight, f"{self.name}: gradient_penalty_weight")
         self.discriminator_lr = check_weight(discriminator_lr, f"{self.name}: discriminator_lr")
         if discriminator is None:
@@ -224,9 +228,9 @@ class HolisticDistillation(AdversarialMethod):
         fake_in = self.discriminator_input(fake.detach(), condition)
         real_in = self.discriminator_input(real.detach(), condition)
         wasserstein = -at_least_fp32(self.discriminator(real_in)).mean() + at_least_fp32(self.discriminator(fake_in)).mean()
-        losses = {"discriminator": self.weight * wasserstein}
+        losses = {"discriminator": self.discriminator_weight * wasserstein}
         if self.gradient_penalty_weight:
-            losses["gradient_penalty"] = self.weight * self.gradient_penalty_weight * gradient_penalty(self.discriminator, real_in, fake_in)
+            losses["gradient_penalty"] = self.discriminator_weight * self.gradient_penalty_weight * gradient_penalty(self.discriminator, real_in, fake_in)
         return losses
 
     def make_discriminator_optimizer(self):
@@ -261,7 +265,9 @@ class StructuredKD(AdversarialMethod):
         pixel_wise_weight: λ_pi (10). pair_wise_weight: λ_pa (1.0; 0.5 in the official script).
         holistic_weight: λ_d (0.1). gradient_penalty_weight: λ_gp (10).
         pool_scale: the pair-wise grid (0.5). Other keywords as :class:`HolisticDistillation`.
-        weight: factor on every part, discriminator losses included (default 1).
+        weight: factor on every part, discriminator losses included (default 1); the critic's
+            losses keep λ_d × ``weight`` as constructed: calibration rescales the student's parts
+            only (see :class:`HolisticDistillation`).
     """
 
     name = "structured_kd"
