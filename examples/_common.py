@@ -1,5 +1,6 @@
-"""What several examples do alike at the end of a run: the spread over seeds, the arguments as
-JSON, and the table and results written to ``--out``.
+"""What several examples do alike at the end of a run: the spread over seeds, the paired
+differences from a baseline run of the same seed, the arguments as JSON, and the table and results
+written to ``--out``.
 
 Not an example itself. An example imports it as a sibling module: ``python examples/<name>.py``
 puts ``examples/`` first on ``sys.path``.
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
+from typing import Sequence
 
 
 def add_run_flags(parser: argparse.ArgumentParser, *, seeds: int, out: str) -> None:
@@ -35,6 +38,30 @@ def save_figure(fig, path: Path) -> None:
 def spread(values: list[float]) -> float:
     """The sample standard deviation over seeds; 0.0 for a single seed (e.g. a ``--synthetic`` run)."""
     return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_differences(differences: Sequence[float]) -> dict:
+    """Statistics of per-seed paired differences (a variant's score − the same seed's baseline):
+    ``{"mean", "sd", "better", "worse", "p"}`` — the mean, the sample standard deviation (0.0 for
+    one seed), how many seeds the variant is above / below its baseline (ties count in neither) and
+    the two-sided Wilcoxon signed-rank p (scipy's ``wilcoxon``, its default zero handling). ``p``
+    is NaN where the test is undefined: fewer than two seeds, or every difference 0."""
+    diffs = [float(d) for d in differences]
+    if not diffs:
+        raise ValueError("differences: expected at least one per-seed difference, got none")
+    p = float("nan")
+    if len(diffs) >= 2 and any(d != 0 for d in diffs):
+        from scipy.stats import wilcoxon
+
+        p = float(wilcoxon(diffs).pvalue)
+    return {"mean": statistics.mean(diffs), "sd": spread(diffs), "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs), "p": p}
+
+
+def paired_cells(stats: dict) -> str:
+    """The three table cells of :func:`paired_differences`: ``Δ mean ± sd | better / worse | p``
+    (``–`` for an undefined p)."""
+    p = "–" if math.isnan(stats["p"]) else f"{stats['p']:.3f}"
+    return f"{stats['mean']:+.1f} ± {stats['sd']:.1f} | {stats['better']} / {stats['worse']} | {p}"
 
 
 def json_args(args: argparse.Namespace) -> dict:

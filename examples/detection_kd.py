@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from _common import paired_cells, paired_differences, spread
 from _training import batches
 from kdkernels.distill import ChenDetectionKD, Distiller, LocalizationDistillation, calibrate_weights
 from kdkernels.distill.detection.gfl_detector import CompactGFL
@@ -248,16 +249,10 @@ def run(args) -> list[dict]:
 
 
 def paired(rows: list[dict], name: str, key: str = "map") -> dict:
-    """``name``'s mAP − the no-KD student's, seed by seed (points): mean, sd, better / worse, Wilcoxon p."""
+    """``name``'s mAP − the no-KD student's, seed by seed (points): :func:`_common.paired_differences`
+    (mean, sd, better / worse, Wilcoxon p)."""
     base = {r["seed"]: 100 * r[key] for r in rows if r["model"] == "student none"}
-    diffs = [100 * r[key] - base[r["seed"]] for r in rows if r["model"] == name]
-    p = float("nan")
-    if len(diffs) >= 2 and any(d != 0 for d in diffs):
-        from scipy.stats import wilcoxon
-
-        p = float(wilcoxon(diffs).pvalue)
-    return {"mean": statistics.mean(diffs), "sd": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-            "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs), "p": p}
+    return paired_differences([100 * r[key] - base[r["seed"]] for r in rows if r["model"] == name])
 
 
 def summary(rows: list[dict]) -> str:
@@ -266,11 +261,10 @@ def summary(rows: list[dict]) -> str:
     for name in dict.fromkeys(r["model"] for r in rows):
         m = [100 * r["map"] for r in rows if r["model"] == name]
         m50 = [100 * r["map50"] for r in rows if r["model"] == name]
-        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+        sd = spread
         pair, weight = "– | – | –", "–"
         if name not in ("teacher", "student none"):
-            d = paired(rows, name)
-            pair = f"{d['mean']:+.1f} ± {d['sd']:.1f} | {d['better']} / {d['worse']} | " + ("–" if math.isnan(d["p"]) else f"{d['p']:.3f}")
+            pair = paired_cells(paired(rows, name))
         weights = [r["weight"] for r in rows if r["model"] == name and r.get("weight") is not None]
         if weights:
             weight = f"{statistics.median(weights):.3g}"

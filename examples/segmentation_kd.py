@@ -4,19 +4,32 @@ Data: procedurally generated images of shapes on textured backgrounds; every pix
 background, disc, square or triangle. A shape's colour is random, so its class comes from its
 geometry, not its colour. Models: SegFormer (``transformers`` SegformerForSemanticSegmentation,
 built from small configs: plain PyTorch, no hub download). The teacher (0.51 M parameters) is
-trained on a large labelled set; the student (0.08 M) on a small one, four ways, for several
-seeds from the same initial weights:
+trained on a large labelled set; the student (0.08 M) on a small one, seven ways, for several
+seeds; for a given seed every variant starts from the same initial weights and sees the same
+batches:
 
     no KD            CE only
     pixel            CE + pixel-wise distillation (λ_pi = 10)
     pixel + pair     CE + pixel-wise + pair-wise (λ_pa = 1, on the decoder's fused feature)
-    all three        CE + pixel-wise + pair-wise + holistic (WGAN-GP critic on the score maps)
+    all three        CE + pixel-wise + pair-wise + holistic (λ_d = 0.1, WGAN-GP critic on the score maps)
 
-The KD terms use the official weights (docs/methods.md §5). Prints a table of test mIoU (mean ±
-std over seeds), and writes ``results.json``, ``table.md`` and ``masks.png`` (test images, ground
-truth, teacher and each student) under ``--out``.
+each KD variant twice: with the official weights (docs/methods.md §5) and "calibrated": the
+StructuredKD method's weight (``method.weight``, a factor on all of its parts, so the parts keep
+the official ratios) set on the seed's first batch by ``kdkernels.distill.calibrate_weights`` so
+that the method's loss starts equal to the task loss (the pixel CE of :class:`SegmentationCE`).
+For "all three" the loss calibrated on is λ_pi ℓ_pi + λ_pa ℓ_pa − λ_d E D(Q_s) with the critic D
+at its random initialisation; its −λ_d E D(Q_s) is a small number of either sign that says
+nothing of the term's later size, so the weight is in effect set by the pixel and pair terms
+(the run's ``results.json`` keeps each calibrated loss part). The critic's own WGAN-GP loss is
+not rescaled (its scale only sets its step size).
 
-    python examples/segmentation_kd.py                 # the full default run (minutes on 2 cores)
+Prints a table of test mIoU: mean ± sd over seeds and, per KD variant, the paired difference
+from the same seed's "no KD" student (mean ± sd, seeds better / worse, Wilcoxon signed-rank p),
+the weight used (median over seeds) and the per-seed values; writes ``results.json``,
+``table.md`` and ``masks.png`` (test images, ground truth, teacher and each student of seed 0)
+under ``--out``.
+
+    python examples/segmentation_kd.py                 # the full default run (see examples/results/segmentation_kd/)
     python examples/segmentation_kd.py --synthetic     # a smoke run (seconds)
 """
 
@@ -32,19 +45,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import add_run_flags, json_args, save_figure, spread, write_results
+from _common import add_run_flags, json_args, paired_cells, paired_differences, save_figure, spread, write_results
 from _training import batches, progress
-from kdkernels.distill import AdversarialTrainer, Distiller, Method, StructuredKD, generator_parameters
+from kdkernels.distill import AdversarialTrainer, Distiller, Method, StructuredKD, calibrate_weights, generator_parameters
 
 CLASSES = ("background", "disc", "square", "triangle")
 SCORES = "decode_head.classifier"  # the (B, C, H/4, W/4) score maps
 FEATURE = "decode_head.activation"  # the decoder's fused feature, before the classifier
-VARIANTS = {
-    "no KD": dict(),
+SEEDS = 8  # the default: the fewest seeds whose two-sided Wilcoxon p can fall below 0.01 (2 / 2⁸)
+BASELINE = "no KD"
+KD_TERMS = {  # the StructuredKD part weights of each KD variant (official values)
     "pixel": dict(pixel_wise_weight=10.0, pair_wise_weight=0.0, holistic_weight=0.0),
     "pixel + pair": dict(pixel_wise_weight=10.0, pair_wise_weight=1.0, holistic_weight=0.0),
     "all three": dict(pixel_wise_weight=10.0, pair_wise_weight=1.0, holistic_weight=0.1),
 }
+# name -> (StructuredKD part weights or None, calibrated)
+VARIANTS: dict[str, tuple[dict | None, bool]] = {BASELINE: (None, False)}
+for _name, _terms in KD_TERMS.items():
+    VARIANTS[_name] = (_terms, False)
+    VARIANTS[f"{_name} calibrated"] = (_terms, True)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -154,21 +173,38 @@ def train_teacher(images, labels, steps: int, batch: int, quiet: bool) -> nn.Mod
     return teacher.eval()
 
 
-def train_student(variant: str, teacher, images, labels, steps: int, batch: int, seed: int, map_size: int, quiet: bool) -> nn.Module:
+def task_loss(output, labels: torch.Tensor) -> torch.Tensor:
+    """SegmentationCE's loss from the student's output (what ``calibrate_weights`` compares with)."""
+    return F.cross_entropy(upsampled_logits(output.logits, labels.shape[-1]), labels)
+
+
+def train_student(variant: str, teacher, images, labels, steps: int, batch: int, seed: int, map_size: int, quiet: bool) -> tuple[nn.Module, dict | None]:
+    """Trains one student; returns it and, for a KD variant, ``{"weight": StructuredKD's weight,
+    "calibration": what calibrate_weights measured (None uncalibrated)}``."""
+    terms, calibrated = VARIANTS[variant]
     torch.manual_seed(1000 + seed)  # the same initial student for every variant of a seed
     student = make_student()
     methods: list[Method] = [SegmentationCE()]
-    if VARIANTS[variant]:
+    kd = None
+    if terms is not None:
         depth = max(1, int(math.log2(map_size // 4)))  # the critic's last 4×4 conv sees a 4×4 map
-        methods.append(
-            StructuredKD(SCORES, SCORES, FEATURE, FEATURE, num_classes=len(CLASSES), discriminator_conv_dim=32, discriminator_depth=depth, **VARIANTS[variant])
-        )
+        kd = StructuredKD(SCORES, SCORES, FEATURE, FEATURE, num_classes=len(CLASSES), discriminator_conv_dim=32, discriminator_depth=depth, **terms)
+        methods.append(kd)
     distiller = Distiller(student, teacher, methods)
+    order = list(batches(len(images), batch, steps, seed=seed))
+    info = None
+    if kd is not None:
+        parts = None
+        if calibrated:
+            first = order[0]
+            parts = calibration_parts(distiller, kd, images[first], labels[first])
+            calibrate_weights(distiller, images[first], labels[first], task_loss=task_loss, verbose=False)
+        info = {"weight": float(kd.weight), "calibration": None if parts is None else {**kd.calibration, "parts": parts}}
     optimizer = torch.optim.AdamW(generator_parameters(distiller), lr=5e-3, weight_decay=1e-4)
-    adversarial = VARIANTS[variant].get("holistic_weight", 0.0) > 0
+    adversarial = terms is not None and terms["holistic_weight"] > 0
     trainer = AdversarialTrainer(distiller, optimizer) if adversarial else None
     distiller.train()
-    for idx in progress(batches(len(images), batch, steps, seed=seed), steps, f"{variant} (seed {seed})", quiet):
+    for idx in progress(order, steps, f"{variant} (seed {seed})", quiet):
         if trainer is not None:
             trainer.step(images[idx], labels[idx])
         else:
@@ -176,7 +212,25 @@ def train_student(variant: str, teacher, images, labels, steps: int, batch: int,
             distiller(images[idx], labels[idx]).total.backward()
             optimizer.step()
     distiller.remove_hooks()
-    return student
+    return student, info
+
+
+def calibration_parts(distiller: Distiller, kd: StructuredKD, images, labels) -> dict[str, float]:
+    """StructuredKD's weighted parts (before calibration) on the batch ``calibrate_weights`` uses,
+    measured the same way (train mode, seed 0, RNG and buffers put back), for the record."""
+    saved = [{n: b.detach().clone() for n, b in m.named_buffers()} for m in (distiller, distiller.teacher)]
+    try:
+        distiller.train()
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(0)
+            _, results = distiller.run_methods(images, labels, {})
+    finally:
+        for module, buffers in zip((distiller, distiller.teacher), saved):
+            for name, buffer in module.named_buffers():
+                buffer.copy_(buffers[name])
+        kd.clear_pending()
+    parts = dict(zip([m.name for m in distiller.methods], results))[kd.name]
+    return {name: float(value) for name, value in parts.items()}
 
 
 def save_masks(path: Path, images, labels, predictions: dict[str, torch.Tensor], count: int = 4) -> None:
@@ -205,7 +259,7 @@ def save_masks(path: Path, images, labels, predictions: dict[str, torch.Tensor],
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_flags(parser, seeds=3, out="examples/out/segmentation_kd")
+    add_run_flags(parser, seeds=SEEDS, out="examples/out/segmentation_kd")
     parser.add_argument("--size", type=int, default=48, help="image side (score maps are size/4)")
     parser.add_argument("--teacher-images", type=int, default=1000)
     parser.add_argument("--student-images", type=int, default=128, help="the student's small labelled set")
@@ -226,25 +280,48 @@ def main(argv=None) -> dict:
     test_x, test_y = make_shapes(args.test_images, args.size, seed=3)
     teacher = train_teacher(teacher_x, teacher_y, args.teacher_steps, args.batch, args.quiet)
     teacher_pred = predict(teacher, test_x)
-    results = {"teacher": mean_iou(teacher_pred, test_y), "students": {v: [] for v in VARIANTS}}
+    results = {"teacher": mean_iou(teacher_pred, test_y), "teacher_seconds": time.time() - start}
+    print(f"teacher: mIoU {100 * results['teacher']:.1f} ({results['teacher_seconds']:.0f} s)", flush=True)
+    results.update({key: {v: [] for v in VARIANTS} for key in ("students", "weights", "calibration", "run_seconds")})
     shown = {"teacher": teacher_pred}
     for seed in range(args.seeds):
         for variant in VARIANTS:
-            student = train_student(variant, teacher, student_x, student_y, args.student_steps, args.batch, seed, args.size // 4, args.quiet)
+            t0 = time.time()
+            student, info = train_student(variant, teacher, student_x, student_y, args.student_steps, args.batch, seed, args.size // 4, args.quiet)
             prediction = predict(student, test_x)
             results["students"][variant].append(mean_iou(prediction, test_y))
+            results["weights"][variant].append(None if info is None else info["weight"])
+            results["calibration"][variant].append(None if info is None else info["calibration"])
+            results["run_seconds"][variant].append(time.time() - t0)
+            weight = "" if info is None else f", weight {info['weight']:.3g}"
+            print(f"seed {seed} {variant}: mIoU {100 * results['students'][variant][-1]:.1f} ({results['run_seconds'][variant][-1]:.0f} s{weight})", flush=True)
             if seed == 0:
                 shown[variant] = prediction
+    results["paired"] = {v: paired_differences(differences(results["students"], v)) for v in VARIANTS if v != BASELINE}
     results["seconds"] = time.time() - start
     results["args"] = json_args(args)
-
-    rows = [f"| teacher (SegFormer 0.51 M, {args.teacher_images} images) | {100 * results['teacher']:.1f} | – |"]
-    for variant, scores in results["students"].items():
-        rows.append(f"| student (0.08 M, {args.student_images} images): {variant} | {100 * statistics.mean(scores):.1f} ± {100 * spread(scores):.1f} | {' '.join(f'{100 * s:.1f}' for s in scores)} |")
-    table = "| model | test mIoU % (mean ± std) | per seed |\n|---|---|---|\n" + "\n".join(rows)
-    write_results(args.out, results, table)
+    write_results(args.out, results, summary(results, args))
     save_masks(args.out / "masks.png", test_x, test_y, shown, count=min(4, len(test_x)))
     return results
+
+
+def differences(students: dict[str, list[float]], variant: str) -> list[float]:
+    """``variant``'s test mIoU − the same seed's no-KD student's, in points."""
+    return [100 * (a - b) for a, b in zip(students[variant], students[BASELINE], strict=True)]
+
+
+def summary(results: dict, args) -> str:
+    """The Markdown table: mIoU mean ± sd, the paired Δ from no KD, the weight, per-seed values."""
+    rows = [f"| teacher (SegFormer 0.51 M, {args.teacher_images} images) | 1 | {100 * results['teacher']:.1f} | – | – | – | – | {100 * results['teacher']:.1f} |"]
+    for variant, scores in results["students"].items():
+        points = [100 * s for s in scores]
+        pair = "– | – | –" if variant == BASELINE else paired_cells(results["paired"][variant])
+        weights = [w for w in results["weights"][variant] if w is not None]
+        weight = f"{statistics.median(weights):.3g}" if weights else "–"
+        rows.append(f"| student (0.08 M, {args.student_images} images): {variant} | {len(points)} | {statistics.mean(points):.1f} ± {spread(points):.1f} | "
+                    f"{pair} | {weight} | {' '.join(f'{v:.1f}' for v in points)} |")
+    header = "| model | runs | test mIoU % (mean ± sd) | Δ mIoU vs no KD (paired) | better / worse | p | weight (median) | per seed mIoU |\n|---|---|---|---|---|---|---|---|\n"
+    return header + "\n".join(rows)
 
 
 if __name__ == "__main__":
