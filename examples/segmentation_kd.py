@@ -194,12 +194,10 @@ def train_student(variant: str, teacher, images, labels, steps: int, batch: int,
     order = list(batches(len(images), batch, steps, seed=seed))
     info = None
     if kd is not None:
-        parts = None
         if calibrated:
             first = order[0]
-            parts = calibration_parts(distiller, kd, images[first], labels[first])
             calibrate_weights(distiller, images[first], labels[first], task_loss=task_loss, verbose=False)
-        info = {"weight": float(kd.weight), "calibration": None if parts is None else {**kd.calibration, "parts": parts}}
+        info = {"weight": float(kd.weight), "calibration": kd.calibration}
     optimizer = torch.optim.AdamW(generator_parameters(distiller), lr=5e-3, weight_decay=1e-4)
     adversarial = terms is not None and terms["holistic_weight"] > 0
     trainer = AdversarialTrainer(distiller, optimizer) if adversarial else None
@@ -213,24 +211,6 @@ def train_student(variant: str, teacher, images, labels, steps: int, batch: int,
             optimizer.step()
     distiller.remove_hooks()
     return student, info
-
-
-def calibration_parts(distiller: Distiller, kd: StructuredKD, images, labels) -> dict[str, float]:
-    """StructuredKD's weighted parts (before calibration) on the batch ``calibrate_weights`` uses,
-    measured the same way (train mode, seed 0, RNG and buffers put back), for the record."""
-    saved = [{n: b.detach().clone() for n, b in m.named_buffers()} for m in (distiller, distiller.teacher)]
-    try:
-        distiller.train()
-        with torch.random.fork_rng(), torch.no_grad():
-            torch.manual_seed(0)
-            _, results = distiller.run_methods(images, labels, {})
-    finally:
-        for module, buffers in zip((distiller, distiller.teacher), saved):
-            for name, buffer in module.named_buffers():
-                buffer.copy_(buffers[name])
-        kd.clear_pending()
-    parts = dict(zip([m.name for m in distiller.methods], results))[kd.name]
-    return {name: float(value) for name, value in parts.items()}
 
 
 def save_masks(path: Path, images, labels, predictions: dict[str, torch.Tensor], count: int = 4) -> None:

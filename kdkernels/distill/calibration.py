@@ -20,8 +20,9 @@ so the weighted loss equals ``ratio`` × the task loss on that batch. The task l
 :class:`~kdkernels.distill.CrossEntropy` method of the distiller if it has one (its weighted
 value), else the cross-entropy of the student's output with the labels, else ``task_loss``.
 Under ``torch.distributed`` the measured losses are averaged over ranks, so every rank gets the
-same weights. The new weights and what was measured are kept on the methods and saved in
-``state_dict``. The host reads the losses once, here, never inside a training step.
+same weights. The new weights and what was measured (for a method of several parts, each
+part too) are kept on the methods and saved in ``state_dict``. The host reads the losses once,
+here, never inside a training step.
 
 The schemes without a distiller have their own: :meth:`~kdkernels.distill.BYOT.calibrate` sets
 BYOT's feature weight λ the same way (its other weights do not depend on the scale).
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdkernels.distill.adversarial import AdversarialMethod
 from kdkernels.distill.methods.cross_entropy import CrossEntropy
 
 WARN_RATIO = 10.0
@@ -162,20 +164,29 @@ def calibrate_weights(
     chosen = calibrated_methods(inner.methods, methods)
     if not chosen:
         raise ValueError("calibrate_weights: no method to calibrate (only the task loss reads no teacher)")
-    with measuring([inner, inner.teacher], seed):
-        output, results = inner.run_methods(x, target, kwargs)
-        task = task_loss(output, target) if task_loss is not None else default_task_loss(inner.methods, results, output, target)
+    try:
+        with measuring([inner, inner.teacher], seed):
+            output, results = inner.run_methods(x, target, kwargs)
+            task = task_loss(output, target) if task_loss is not None else default_task_loss(inner.methods, results, output, target)
+    finally:
+        for method in inner.methods:  # the measuring forward's discriminator inputs are not a training step's
+            if isinstance(method, AdversarialMethod):
+                method.clear_pending()
     if task is None:
         raise ValueError(
             "calibrate_weights: no task loss to calibrate against: pass the labels (target) with a student that returns "
             "logits, add a CrossEntropy method, or pass task_loss=lambda output, target: ..."
         )
     by_method = dict(zip([m.name for m in inner.methods], results))
-    measured = rank_mean([task] + [method_total(by_method[m.name]) for m in chosen])
-    task_value, *losses = measured.tolist()  # the one host read, before training
+    # A method of several parts also gets its parts recorded (measured in the same read).
+    parts = [by_method[m.name] if isinstance(by_method[m.name], dict) else {} for m in chosen]
+    measured = rank_mean([task] + [method_total(by_method[m.name]) for m in chosen] + [v for p in parts for v in p.values()])
+    task_value, *values = measured.tolist()  # the one host read, before training
+    losses, part_values = values[: len(chosen)], iter(values[len(chosen):])
+    parts = [{name: next(part_values) for name in p} for p in parts]
     weights = {}
     lines = [f"calibrate_weights: task loss {task_value:.4g}; each method's loss set to {ratio:g} x that"]
-    for method, loss in zip(chosen, losses):
+    for method, loss, method_parts in zip(chosen, losses, parts):
         before = method.weight
         if not math.isfinite(loss) or loss <= 0 or not math.isfinite(task_value) or task_value <= 0:
             warnings.warn(f"calibrate_weights: {method.name}: loss {loss:.4g} (task loss {task_value:.4g}); weight left at {before:g}", LossScaleWarning, stacklevel=2)
@@ -183,6 +194,8 @@ def calibrate_weights(
             continue
         method.weight = ratio * task_value / loss
         method.calibration = {"loss": loss, "task_loss": task_value, "ratio": float(ratio), "weight_before": before}
+        if method_parts:
+            method.calibration["parts"] = method_parts  # unweighted by weight, as loss
         weights[method.name] = method.weight
         lines.append(f"  {method.name}: loss {loss:.4g} -> weight {before:g} becomes {method.weight:.4g}")
     if verbose:

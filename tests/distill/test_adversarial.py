@@ -13,6 +13,7 @@ from kdkernels.distill import (
     GANCompressionDistillation,
     HintonKD,
     StructuredKD,
+    calibrate_weights,
     discriminator_parameters,
     generator_parameters,
 )
@@ -185,4 +186,19 @@ def test_bad_configurations():
     with pytest.raises(TypeError, match="autocast_dtype"):
         AdversarialTrainer(distiller, good, autocast_dtype="bf16")
     with pytest.raises(RuntimeError, match="run the distiller's forward first"):
+        method.pending_inputs()
+
+
+def test_calibration_records_the_parts_and_leaves_no_discriminator_inputs():
+    """calibrate_weights on an adversarial method of several parts: the record holds each part
+    (unweighted by ``weight``, as the loss, in the same read) and its measuring forward leaves no
+    pending discriminator inputs behind (they are no training step's)."""
+    distiller, method = structured()
+    images = batch()
+    calibrate_weights(distiller, images, None, task_loss=lambda output, target: output.float().square().mean(), verbose=False)
+    record = method.calibration
+    assert set(record["parts"]) == {"pixel_wise", "pair_wise", "adversarial"}
+    assert sum(record["parts"].values()) == pytest.approx(record["loss"], rel=1e-5)
+    assert method.weight == pytest.approx(record["task_loss"] / record["loss"])
+    with pytest.raises(RuntimeError):
         method.pending_inputs()
