@@ -146,7 +146,7 @@ template <typename acc_t>
 struct SoftmaxPolicy {
   using V = Vec<acc_t>;
   static constexpr int kTerms = 1;
-  void accumulate(V*, const V&, const V&, const V&, const V&, int64_t) const {}
+  V accumulate(V*, const V&, const V&, const V&, const V& eb, int64_t) const { return eb; }
   static void rescale(V*, const row::Rescale<acc_t>&, const V&) {}
 };
 

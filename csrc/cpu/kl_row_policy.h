@@ -20,9 +20,10 @@ struct KlPolicy {
   acc_t scale;   // the gradients' factor (kd_loss: grad_scale·T)
   acc_t kl = 0;  // the row's KL (for the gradient of b)
 
-  void accumulate(V* terms, const V& xa, const V& xb, const V& /*ea*/, const V& eb, int64_t /*c*/) const {
+  V accumulate(V* terms, const V& xa, const V& xb, const V& /*ea*/, const V& eb, int64_t /*c*/) const {
     // Classes with p_b = 0 contribute 0, whatever a is (never 0 * inf = NaN).
-    terms[0] = terms[0] + cpu::where_nonzero(eb, eb * (xb - xa));
+    terms[0] = cpu::fmadd_where_nonzero(eb, eb, xb - xa, terms[0]);
+    return eb;
   }
   static void rescale(V* terms, const Rescale<acc_t>& r, const V& zb) {
     terms[0] = r.zero_b ? V(0) : (terms[0] + V(r.delta) * zb) * V(r.fb);

@@ -12,21 +12,24 @@
 // Maxima propagate NaN; fast_exp need not (exp_u20 clamps), so a NaN or +inf maximum is made
 // explicit in `RowStats` (its log-normalisers are NaN: every gradient recomputed from them is NaN).
 //
-// Each e_a, e_b is evaluated once: with an `ExpCache`, pass 1 stores them (shifted by the running
-// maxima of their block) in a per-thread scratch of 2·C values that stays in L2, and the
-// student-gradient pass (`student_grad_from_cache`) only rescales them, block by block, by
-// e^{(m_k − m)/T}/Z. So the whole fwd+bwd reads each input once and writes the gradient once. A
-// teacher gradient needs log p_s and log p_t of every class: `grads_from_logits` re-reads the
-// logits (also the path for rows whose maxima or normalisers are not finite).
+// Each e_a, e_b is evaluated once: with an `ExpCache`, pass 1 stores e_a and the policy's teacher
+// value (e_b, or a per-class multiple of it such as w·e_b; shifted by the running maxima of their
+// block) in a per-thread scratch of 2·C values that stays in L2, and the student-gradient pass
+// (`student_grad_from_cache`) only rescales them, block by block, by e^{(m_k − m)/T}/Z. So the
+// whole fwd+bwd reads each input once and writes the gradient once. A teacher gradient needs
+// log p_s and log p_t of every class: `grads_from_logits` re-reads the logits (also the path for
+// rows whose maxima or normalisers are not finite).
 //
 // A loss is a policy struct (see kd_loss.cpp's KlPolicy, weighted_soft_ce.cpp's WeightedCePolicy):
 //   static constexpr int kTerms;      number of cross-term accumulators
-//   void accumulate(Vec* terms, xa, xb, ea, eb, c) const;     add class vector c's cross terms
+//   Vec accumulate(Vec* terms, xa, xb, ea, eb, c) const;      add class vector c's cross terms and
+//                                      return what the cache keeps of the teacher: e_b times a
+//                                      factor of the class only (so the block rescale applies)
 //   static void rescale(Vec* terms, const Rescale& r, const Vec& z_b_before);
 //                                      the maxima moved: x_a += r.da, x_b += r.db, e_a *= r.fa,
 //                                      e_b *= r.fb (r.zero_b: e_b underflowed to 0)
-//   auto student_grad_block(fa, fb) const;   a functor (ea, eb, c) -> grad_s of one class vector,
-//                                      with p_s = ea·fa, p_t = eb·fb in this block
+//   auto student_grad_block(fa, fb) const;   a functor (ea, cb, c) -> grad_s of one class vector,
+//                                      with p_s = ea·fa, p_t = (cb's e_b)·fb in this block
 //   void grads(log_p_s, log_p_t, c, Vec* g_s, Vec* g_t) const;   gradients from log-probabilities
 // The losses' scalar results (the loss, S = Σ w p_t, ...) are computed by the policy's owner from
 // the `RowStats` and the summed terms; the walker knows nothing of them.
@@ -105,11 +108,12 @@ struct RowStats {
 };
 
 // Pass 1's exponentials, kept for the gradient pass so that each is evaluated once: e^{x_a} and
-// e^{x_b} of every class, each shifted by its block's running maxima, and those shifts. Scratch of
-// one thread, reused row after row (2·C values: in L2 at C = 32000).
+// the policy's teacher value (e^{x_b} times a factor of the class) of every class, each shifted by
+// its block's running maxima, and those shifts. Scratch of one thread, reused row after row (2·C
+// values: in L2 at C = 32000).
 template <typename acc_t>
 struct ExpCache {
-  std::vector<acc_t> ea, eb;            // C each
+  std::vector<acc_t> ea, eb;            // C each (eb: what the policy's accumulate returned)
   std::vector<acc_t> shift_a, shift_b;  // one per block
   std::vector<uint8_t> live_a, live_b;  // the block's running maximum is > -inf (else its e^x are 0)
   void resize(int64_t C) {
@@ -180,14 +184,14 @@ RowStats<acc_t, Policy::kTerms> walk_row(const Policy& policy, const s_t* s, con
       const V eb = fast_exp(xb);
       za = za + ea;
       zb = zb + eb;
-      policy.accumulate(terms, xa, xb, ea, eb, c);
+      const V cb = policy.accumulate(terms, xa, xb, ea, eb, c);
       if (ea_out != nullptr) {
         if (n == L) {
           ea.store(ea_out + c);
-          eb.store(eb_out + c);
+          cb.store(eb_out + c);
         } else {
           ea.store(ea_out + c, n);
-          eb.store(eb_out + c, n);
+          cb.store(eb_out + c, n);
         }
       }
     };
@@ -234,7 +238,7 @@ inline std::array<acc_t, 2> probability_factors(const ExpCache<acc_t>& cache, in
 
 // The student gradient of a row from pass 1's exponentials (requires st.finite()): in block k,
 //   p_s = e^{x_a}·e^{(m_a,k − m_a)/T}/Z_a,  p_t = e^{x_b}·e^{(m_b,k − m_b)/T}/Z_b,
-// and the policy's functor turns (e_a, e_b) into the gradient with those two factors.
+// and the policy's functor turns (e_a, cached teacher value) into the gradient with those factors.
 template <typename Policy, typename acc_t, typename s_t, int kTerms>
 void student_grad_from_cache(const Policy& policy, s_t* gs, int64_t C, acc_t inv_t,
                              const RowStats<acc_t, kTerms>& st, const ExpCache<acc_t>& cache) {

@@ -191,6 +191,20 @@ inline Vec<acc_t> where_nonzero(const Vec<acc_t>& a, const Vec<acc_t>& value) {
   return Vec<acc_t>::blendv(Vec<acc_t>(0), value, a != Vec<acc_t>(0));
 }
 
+// acc + a·b where `sel` ≠ 0 (NaN included), else acc: a sum of terms a·b that are 0 where sel is
+// (and whose b may be infinite there). On AVX-512 one compare into a mask register and one masked
+// FMA; elsewhere where_nonzero's select, a multiply and an add.
+template <typename acc_t>
+inline Vec<acc_t> fmadd_where_nonzero(const Vec<acc_t>& sel, const Vec<acc_t>& a, const Vec<acc_t>& b,
+                                      const Vec<acc_t>& acc) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return Vec<float>(_mm512_mask3_fmadd_ps(a, b, acc, _mm512_cmp_ps_mask(sel, _mm512_setzero_ps(), _CMP_NEQ_UQ)));
+  }
+#endif
+  return acc + where_nonzero(sel, a * b);
+}
+
 // Vec<acc_t>::size() elements of scalar_t at p, converted to acc_t.
 template <typename acc_t, typename scalar_t>
 inline Vec<acc_t> load_vec(const scalar_t* p) {

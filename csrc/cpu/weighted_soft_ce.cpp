@@ -78,11 +78,13 @@ struct WeightedCePolicy {
   acc_t loss = 0;       // the row's ℓ
 
   V weight_at(int64_t c) const { return weight != nullptr ? V::loadu(weight + c) : V(acc_t(1)); }
-  void accumulate(V* terms, const V& xa, const V& /*xb*/, const V& /*ea*/, const V& eb, int64_t c) const {
+  V accumulate(V* terms, const V& xa, const V& /*xb*/, const V& /*ea*/, const V& eb, int64_t c) const {
     const V we = weight != nullptr ? V::loadu(weight + c) * eb : eb;
     terms[0] = terms[0] + we;
-    // Classes with w·p_t = 0 are selected out: a −inf student logit there gives 0, not NaN.
-    terms[1] = terms[1] + we * V::blendv(V(0), xa, we > V(0));
+    // Classes with w·p_t = 0 are selected out: a −inf student logit there gives 0, not NaN. (The
+    // weights are ≥ 0, so w·p_t ≠ 0 is w·p_t > 0.)
+    terms[1] = fmadd_where_nonzero(we, we, xa, terms[1]);
+    return we;  // what the exponential cache keeps: the student gradient needs w·p_t, not p_t
   }
   static void rescale(V* terms, const row::Rescale<acc_t>& r, const V& /*zb*/) {
     if (r.zero_b) {
@@ -94,15 +96,12 @@ struct WeightedCePolicy {
     }
   }
   // grad_s = (S·p_s − w·p_t)·grad_scale/T
+  // (the cache holds e_a and w·e_b: see accumulate)
   struct StudentGrad {
     V fa, fb;
-    const acc_t* weight;
-    V operator()(const V& ea, const V& eb, int64_t c) const {
-      const V wp_t = weight != nullptr ? eb * fb * V::loadu(weight + c) : eb * fb;
-      return ea * fa - wp_t;
-    }
+    V operator()(const V& ea, const V& we, int64_t /*c*/) const { return ea * fa - we * fb; }
   };
-  StudentGrad student_grad_block(acc_t fa, acc_t fb) const { return {V(coef * mass * fa), V(coef * fb), weight}; }
+  StudentGrad student_grad_block(acc_t fa, acc_t fb) const { return {V(coef * mass * fa), V(coef * fb)}; }
   //   grad_s = (S·p_s − w·p_t)·gs/T,  grad_t = −p_t·(ℓ + w·log p_s)·gs/T
   void grads(const V& log_ps, const V& log_pt, int64_t c, V* g_s, V* g_t) const {
     const V zero(0), vcoef(coef);
