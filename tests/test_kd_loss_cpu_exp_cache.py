@@ -104,3 +104,27 @@ def test_teacher_gradient_and_non_finite_rows_take_the_recomputing_pass(loss_nam
     assert loss[4:].isnan().all() and ref_loss[4:].isnan().all()
     _, grad_only_s, _ = _fused(loss_fn, s, t, 2.0)
     assert grad_only_s[4:].isnan().all() and not grad_only_s[:4].isnan().any()
+
+
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("where", [0, 15, 16, 2047, 2048, V - 1])
+@pytest.mark.parametrize("rest", ["finite", "-inf"])
+def test_one_nan_logit_anywhere_makes_its_row_nan(loss_name, side, where, rest):
+    # On AVX-512 the block maxima are a plain VMAXPS, which drops a NaN when a larger logit comes
+    # after it in the same lane; the row must still come out NaN (from its softmax sums), also
+    # where every other logit of that side is −inf (a maximum of −inf would otherwise read as "no
+    # distribution": loss 0, or +inf).
+    loss_fn = LOSSES[loss_name]
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(3, V, generator=g)
+    t = torch.randn(3, V, generator=g)
+    x = s if side == "student" else t
+    if rest == "-inf":
+        x[1] = float("-inf")
+    else:
+        x[1, (where + 16) % V] = 50.0  # a larger logit in the same lane, after it
+    x[1, where] = float("nan")
+    loss, grad, _ = _fused(loss_fn, s, t, 2.0)
+    assert loss[1].isnan() and grad[1].isnan().all()
+    assert loss[[0, 2]].isfinite().all() and grad[[0, 2]].isfinite().all()

@@ -11,6 +11,9 @@
 // exactly 0, so no exponential overflows for any finite logits, and V = 1 gives exactly 0.
 // Maxima propagate NaN; fast_exp need not (exp_u20 clamps), so a NaN or +inf maximum is made
 // explicit in `RowStats` (its log-normalisers are NaN: every gradient recomputed from them is NaN).
+// On AVX-512 in float the block maxima are a plain VMAXPS, which may drop a NaN (cpu::running_max);
+// there fast_exp keeps NaN, so a NaN logit makes its sum NaN, and the row's maximum is set to NaN
+// from the sum.
 //
 // Each e_a, e_b is evaluated once: with an `ExpCache`, pass 1 stores e_a and the policy's teacher
 // value (e_b, or a per-class multiple of it such as w·e_b; shifted by the running maxima of their
@@ -146,12 +149,12 @@ RowStats<acc_t, Policy::kTerms> walk_row(const Policy& policy, const s_t* s, con
     // Block maxima of the raw logits (NaN-propagating): the shifts are raw, scaled after.
     V bma(ninf), bmb(ninf);
     for (int64_t c = c0; c < cv; c += L) {
-      bma = at::vec::maximum(bma, load_vec<acc_t>(s + c));
-      bmb = at::vec::maximum(bmb, load_vec<acc_t>(t + c));
+      bma = cpu::running_max(bma, load_vec<acc_t>(s + c));
+      bmb = cpu::running_max(bmb, load_vec<acc_t>(t + c));
     }
     if (cv < c1) {
-      bma = at::vec::maximum(bma, load_vec_n<acc_t>(s + cv, c1 - cv, ninf));
-      bmb = at::vec::maximum(bmb, load_vec_n<acc_t>(t + cv, c1 - cv, ninf));
+      bma = cpu::running_max(bma, load_vec_n<acc_t>(s + cv, c1 - cv, ninf));
+      bmb = cpu::running_max(bmb, load_vec_n<acc_t>(t + cv, c1 - cv, ninf));
     }
     const acc_t nma = nan_max(ma, hmax(bma));
     const acc_t nmb = nan_max(mb, hmax(bmb));
@@ -216,6 +219,11 @@ RowStats<acc_t, Policy::kTerms> walk_row(const Policy& policy, const s_t* s, con
   st.shift_b = sb;
   st.z_a = hsum(za);
   st.z_b = hsum(zb);
+  if constexpr (cpu::kRunningMaxDropsNan<acc_t>) {
+    // The block maxima may have dropped a NaN logit; its e^x is NaN, and so is the sum.
+    if (st.z_a != st.z_a) st.max_a = st.z_a;
+    if (st.z_b != st.z_b) st.max_b = st.z_b;
+  }
   st.log_za = std::log(st.z_a);
   st.log_zb = std::log(st.z_b);
   if (st.nonfinite_max()) {
