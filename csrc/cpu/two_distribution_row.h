@@ -146,7 +146,8 @@ RowStats<acc_t, Policy::kTerms> walk_row(const Policy& policy, const s_t* s, con
   for (int64_t c0 = 0; c0 < C; c0 += kRowBlock) {
     const int64_t c1 = std::min(C, c0 + kRowBlock);
     const int64_t cv = c0 + (c1 - c0) / L * L;
-    // Block maxima of the raw logits (NaN-propagating): the shifts are raw, scaled after.
+    // Block maxima of the raw logits (NaN-propagating, except where cpu::running_max may drop a
+    // NaN: the row's sums carry it then, see below): the shifts are raw, scaled after.
     V bma(ninf), bmb(ninf);
     for (int64_t c = c0; c < cv; c += L) {
       bma = cpu::running_max(bma, load_vec<acc_t>(s + c));
