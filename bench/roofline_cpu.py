@@ -3,12 +3,14 @@
     python bench/roofline_cpu.py --threads 2                 # N=512, V=32000 fp32, 5 rounds
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python bench/roofline_cpu.py --threads 2
 
-Times, in turn and round after round, ``torch.add(s, t, out=g)`` (read two N×V tensors, write one
-into a buffer made once: the least a fused pass must move) and the fwd+bwd of ``kd_loss``,
-``weighted_soft_ce`` (class weights, background 1.5) and ``kl_div`` (batchmean, on
-log-probabilities / probabilities, with its own roofline on those inputs); the student gradient
-is set to ``None`` before each run, so every run writes a fresh gradient as after
-``optimizer.zero_grad()``. Prints one line: the medians and each loss's share of the roofline.
+Times, with the benchmarks' harness (``_harness.time_interleaved``: the candidates take turns run
+by run, the order rotating), the harness's roofline (``roofline_fn``: ``torch.add(s, t, out=g)``,
+read two N×V tensors, write one into a buffer made once: the least a fused pass must move) and the
+fwd+bwd of ``kd_loss``, ``weighted_soft_ce`` (class weights, background 1.5) and ``kl_div``
+(batchmean, on log-probabilities / probabilities, with its own roofline on those inputs); the
+gradients are set to ``None`` before each run, so every run writes a fresh gradient as after
+``optimizer.zero_grad()``. Prints one line: the fwd+bwd medians and each loss's share of its
+roofline.
 
 The per-loss scripts (``bench_<loss>.py``) measure more (eager and compiled baselines, memory) one
 loss per process; this one exists because on a shared machine the roofline's speed can differ
@@ -20,25 +22,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 _BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(_BENCH)]  # the checkout's kdkernels, installed or not
+sys.path[:0] = [_BENCH, os.path.dirname(_BENCH)]  # the harness; the checkout's kdkernels, installed or not
+import _harness as H  # noqa: E402
 import kdkernels.functional as F  # noqa: E402
-
-
-def median_ms(fn, clear, runs: int) -> float:
-    times = []
-    for _ in range(runs + 1):  # the first run is a warm-up
-        clear()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:]) * 1e3
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -47,8 +38,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--v", type=int, default=32000)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--runs", type=int, default=27, help="timed runs per candidate and round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=25, help="timed runs per candidate and mode")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -59,24 +50,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     weight[0] = 1.5
     x = (torch.randn(args.n, args.v, generator=g) * 3).log_softmax(-1).requires_grad_()
     y = (torch.randn(args.n, args.v, generator=g) * 3).softmax(-1)
-    out, out_kl = torch.empty_like(t), torch.empty_like(y)
+    add_logits, add_probabilities = H.roofline_fn([s, t]), H.roofline_fn([x, y])
 
-    def clear():
-        s.grad = None
-        x.grad = None
-
+    # Every candidate gets (s, t, x, y): the harness clears the gradients of all of them per run.
     candidates = {
-        "roofline": lambda: torch.add(s.detach(), t, out=out),
-        "kd_loss": lambda: F.kd_loss(s, t, temperature=4.0).backward(),
-        "weighted_soft_ce": lambda: F.weighted_soft_ce(s, t, weight, 4.0).backward(),
-        "roofline (kl_div inputs)": lambda: torch.add(x.detach(), y, out=out_kl),
-        "kl_div": lambda: F.kl_div(x, y, reduction="batchmean").backward(),
+        "roofline": lambda s, t, x, y: add_logits(s, t),
+        "kd_loss": lambda s, t, x, y: F.kd_loss(s, t, temperature=4.0),
+        "weighted_soft_ce": lambda s, t, x, y: F.weighted_soft_ce(s, t, weight, 4.0),
+        "roofline (kl_div inputs)": lambda s, t, x, y: add_probabilities(x, y),
+        "kl_div": lambda s, t, x, y: F.kl_div(x, y, reduction="batchmean"),
     }
-    times = {name: [] for name in candidates}
-    for _ in range(args.rounds):
-        for name, fn in candidates.items():
-            times[name].append(median_ms(fn, clear, args.runs))
-    med = {name: statistics.median(v) for name, v in times.items()}
+    timings = H.time_interleaved(candidates, [[s, t, x, y]], torch.device("cpu"), args.warmup, args.repeats)
+    for name, result in timings.items():
+        if isinstance(result, BaseException):
+            raise RuntimeError(f"{name} failed") from result
+    med = {name: result["fwd_bwd"]["median_ms"] for name, result in timings.items()}
     share = {
         "kd_loss": med["roofline"] / med["kd_loss"],
         "weighted_soft_ce": med["roofline"] / med["weighted_soft_ce"],

@@ -13,7 +13,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "bench" / "roofline_cpu.p
 def test_roofline_script_runs_and_reports_every_loss(capsys):
     threads = torch.get_num_threads()
     try:
-        args = ["--threads", "1", "--n", "3", "--v", "37", "--rounds", "2", "--runs", "2"]
+        args = ["--threads", "1", "--n", "3", "--v", "37", "--warmup", "1", "--repeats", "5"]
         share = load_script(SCRIPT, "roofline_cpu").main(args)
     finally:
         torch.set_num_threads(threads)
