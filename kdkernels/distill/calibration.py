@@ -131,6 +131,15 @@ def check_ratio(ratio) -> float:
     return float(ratio)
 
 
+def calibration_record(loss: float, task_value: float, ratio: float, weight_before: float) -> dict | None:
+    """What calibrating one weight measured and the weight it gives (``record["weight"]`` =
+    ``ratio`` × task loss / loss), or None where the loss or the task loss is 0 or not finite (the
+    weight then stays, and the caller warns)."""
+    if not (math.isfinite(loss) and math.isfinite(task_value) and loss > 0 and task_value > 0):
+        return None
+    return {"loss": loss, "task_loss": task_value, "ratio": ratio, "weight_before": weight_before, "weight": ratio * task_value / loss}
+
+
 def calibrate_weights(
     distiller: nn.Module,
     x: Any,
@@ -188,12 +197,13 @@ def calibrate_weights(
     lines = [f"calibrate_weights: task loss {task_value:.4g}; each method's loss set to {ratio:g} x that"]
     for method, loss, method_parts in zip(chosen, losses, parts):
         before = method.weight
-        if not math.isfinite(loss) or loss <= 0 or not math.isfinite(task_value) or task_value <= 0:
+        record = calibration_record(loss, task_value, ratio, before)
+        if record is None:
             warnings.warn(f"calibrate_weights: {method.name}: loss {loss:.4g} (task loss {task_value:.4g}); weight left at {before:g}", LossScaleWarning, stacklevel=2)
             weights[method.name] = before
             continue
-        method.weight = ratio * task_value / loss
-        method.calibration = {"loss": loss, "task_loss": task_value, "ratio": float(ratio), "weight_before": before}
+        method.weight = record.pop("weight")
+        method.calibration = record
         if method_parts:
             method.calibration["parts"] = method_parts  # unweighted by weight, as loss
         weights[method.name] = method.weight

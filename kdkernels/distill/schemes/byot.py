@@ -35,7 +35,6 @@ bottleneck head there −0.6, heads on both shallow stages −2.7 (pointwise) an
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Sequence
 
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdkernels.distill.calibration import LossScaleWarning, check_ratio, measuring, rank_mean
+from kdkernels.distill.calibration import LossScaleWarning, calibration_record, check_ratio, measuring, rank_mean
 from kdkernels.distill.capture import FeatureCapture, SpecLike, as_spec
 from kdkernels.distill.distiller import DistillOutput, total_loss
 from kdkernels.functional.kd_loss import kd_loss
@@ -177,11 +176,12 @@ class BYOT(nn.Module):
             distance = sum(self._feature_distance(head_feature, feature) for head_feature, _ in heads)
         task_value, distance_value = rank_mean([task, distance]).tolist()  # the one host read
         before = self.feature_weight
-        if not (math.isfinite(task_value) and math.isfinite(distance_value) and task_value > 0 and distance_value > 0):
+        record = calibration_record(distance_value, task_value, ratio, before)
+        if record is None:
             warnings.warn(f"byot.calibrate: feature distance {distance_value:.4g}, CE {task_value:.4g}; feature_weight left at {before:g}", LossScaleWarning, stacklevel=2)
             return before
-        self.feature_weight = ratio * task_value / distance_value
-        self.calibration = {"loss": distance_value, "task_loss": task_value, "ratio": ratio, "weight_before": before}
+        self.feature_weight = record.pop("weight")
+        self.calibration = record
         if verbose:
             print(f"byot.calibrate: CE {task_value:.4g}, feature distance {distance_value:.4g} -> feature_weight {before:g} becomes {self.feature_weight:.4g}")
         return self.feature_weight
