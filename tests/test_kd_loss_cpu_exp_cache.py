@@ -123,7 +123,7 @@ def test_one_nan_logit_anywhere_makes_its_row_nan(loss_name, side, where, rest):
     if rest == "-inf":
         x[1] = float("-inf")
     else:
-        x[1, (where + 16) % V] = 50.0  # a larger logit in the same lane, after it
+        x[1, (where + 16) % V] = 50.0  # a larger logit in the same vector lane (the row's start for V − 1)
     x[1, where] = float("nan")
     loss, grad, _ = _fused(loss_fn, s, t, 2.0)
     assert loss[1].isnan() and grad[1].isnan().all()
