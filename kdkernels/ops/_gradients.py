@@ -28,6 +28,7 @@ instead of silently using gradients of the old values or recomputing with the ne
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Callable
 
@@ -173,4 +174,7 @@ def register_autograd(op, backward: Callable, twin: Callable) -> None:
         # Replacing the kernel custom_op registered (ours too) warns once per process.
         warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
         warnings.filterwarnings("ignore", message=".*Warning only once for all operators.*")
-        op._lib.impl(op._name, autograd_kernel, "Autograd", with_keyset=True)
+        # Older torch (2.11) refuses to replace a Python kernel unless told to (2.13 allows it by
+        # default); torch before the flag existed replaced it silently.
+        override = {"allow_override": True} if "allow_override" in inspect.signature(op._lib.impl).parameters else {}
+        op._lib.impl(op._name, autograd_kernel, "Autograd", with_keyset=True, **override)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from kdkernels._dtypes import accumulation_dtype
+from kdkernels.ops.triton.launch import wrap_triton
 
 NORM_EPS = 1e-8
 
