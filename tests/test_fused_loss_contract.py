@@ -487,3 +487,37 @@ def test_peak_memory_is_the_gradient_gpu(name, backend):
     extra = torch.cuda.max_memory_allocated() - before
     gradient = leaf.numel() * leaf.element_size()
     assert extra <= gradient * 1.01 + (1 << 20), f"peak {extra} B for a {gradient} B gradient"
+
+
+def _triton_kernel_names(spec: FusedLoss) -> set[str]:
+    """Names of the ``@triton.jit`` functions defined in the loss's Triton launcher module (not
+    the shared helpers it imports)."""
+    import importlib
+
+    import triton
+
+    module = importlib.import_module(f"kdkernels.ops.triton.{spec.name}")
+    return {
+        name
+        for name, obj in vars(module).items()
+        if isinstance(obj, triton.runtime.jit.KernelInterface) and obj.fn.__module__ == module.__name__
+    }
+
+
+@pytest.mark.parametrize("name,backend", grid(lambda row: [()], ("triton",), device="cuda", marks=[gpu]))
+def test_inductor_compiles_the_triton_kernels_themselves(name, backend):
+    """Deliverable of issue 11: with the Triton backend on a GPU, the code Inductor generates
+    launches the loss's own Triton kernels (``wrap_triton``), not the opaque op."""
+    from torch._inductor.utils import run_and_get_code
+
+    row = BY_NAME[name]
+    case = _on(make_case(row, _channels_layout(row)), "cuda")
+    diff = case.leaves()[: case.n_diff]
+    f = _diff_function(row, case, _reducing(row))
+    torch._dynamo.reset()
+    with kdkernels.use_backend(backend):
+        _, codes = run_and_get_code(torch.compile(lambda *xs: f(*xs).sum(), fullgraph=True), *diff)
+    code = "\n".join(codes)
+    kernels = _triton_kernel_names(row.spec)
+    assert kernels and any(k in code for k in kernels), f"none of {sorted(kernels)} in Inductor's code"
+    assert f"kdkernels.{row.spec.name}.default" not in code, "the op was kept whole"

@@ -44,10 +44,21 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from kdkernels.ops.reference.divergences import DIVERGENCES
 from kdkernels.ops.triton import two_distribution_row as walker
+from kdkernels.ops.triton.two_distribution_row import (
+    block_log_probs,
+    counted_positions,
+    empty_softmax,
+    kl_cross_update,
+    load_class_block,
+    open_rows,
+    revisit_block,
+    softmax_block_update,
+    store_gradients,
+)
+from kdkernels.ops.triton.launch import wrap_triton
 from kdkernels.ops.triton.nan import joined_float, split_float
 
 # Kernel kinds: the divergence after the host has resolved β's endpoints (constexpr: the kernels
@@ -194,7 +205,7 @@ def _load_transformed(
     S_SCALE: tl.constexpr, S_CAP: tl.constexpr, T_SCALE: tl.constexpr, T_CAP: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    cols, ok, a, b = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, ACC, BLOCK_C)
+    cols, ok, a, b = load_class_block(s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, ACC, BLOCK_C)
     return cols, ok, _transformed(a, s_scale, s_cap, S_SCALE, S_CAP), _transformed(b, t_scale, t_cap, T_SCALE, T_CAP)
 
 
@@ -203,12 +214,12 @@ def _divergence_block_update(m_a, z_a, m_b, z_b, w, a, b, inv_temperature, KIND:
     """Pass 1 on one class block: both softmaxes, and the KL cross term of the KL kinds."""
     z_a_before = z_a
     z_b_before = z_b
-    m_a, z_a, d_a, x_a, e_a = walker.softmax_block_update(m_a, z_a, a, inv_temperature)
-    m_b, z_b, d_b, x_b, e_b = walker.softmax_block_update(m_b, z_b, b, inv_temperature)
+    m_a, z_a, d_a, x_a, e_a = softmax_block_update(m_a, z_a, a, inv_temperature)
+    m_b, z_b, d_b, x_b, e_b = softmax_block_update(m_b, z_b, b, inv_temperature)
     if KIND == FORWARD_KL:
-        w = walker.kl_cross_update(w, z_b_before, d_b, d_a, e_b, x_b, x_a)
+        w = kl_cross_update(w, z_b_before, d_b, d_a, e_b, x_b, x_a)
     elif KIND == REVERSE_KL:
-        w = walker.kl_cross_update(w, z_a_before, d_a, d_b, e_a, x_a, x_b)
+        w = kl_cross_update(w, z_a_before, d_a, d_b, e_a, x_a, x_b)
     return m_a, z_a, m_b, z_b, w
 
 
@@ -265,9 +276,9 @@ def _divergence_kernel(
 
     # Pass 1. The first block is read outside the loop so that a resident row keeps it (raw:
     # the transforms are cheap to redo, and revisit_block hands back raw blocks otherwise).
-    m_a, z_a = walker.empty_softmax(BLOCK_P, ACC)
-    m_b, z_b = walker.empty_softmax(BLOCK_P, ACC)
-    o, i, pos_ok, s_pos, t_pos, a, b = walker.open_rows(
+    m_a, z_a = empty_softmax(BLOCK_P, ACC)
+    m_b, z_b = empty_softmax(BLOCK_P, ACC)
+    o, i, pos_ok, s_pos, t_pos, a, b = open_rows(
         S, T, n_outer, n_classes, n_inner, s_so, s_sc, s_si, t_so, t_sc, t_si, ACC, ALONG_INNER, BLOCK_P, BLOCK_C
     )
     m_a, z_a, m_b, z_b, w = _divergence_block_update(
@@ -283,18 +294,18 @@ def _divergence_kernel(
             )
             m_a, z_a, m_b, z_b, w = _divergence_block_update(m_a, z_a, m_b, z_b, w, a_c, b_c, inv_temperature, KIND)
 
-    counted = walker.counted_positions(pos_ok, m_b, MASK, o * n_inner + i, HAS_MASK)
+    counted = counted_positions(pos_ok, m_b, MASK, o * n_inner + i, HAS_MASK)
     log_z_a = tl.log(z_a)
     log_z_b = tl.log(z_b)
     n_blocks = tl.cdiv(n_classes, BLOCK_C)
     divergence, sum_g, sum_h = _closed_form_row_sums(w, z_a, z_b, log_z_a, log_z_b, KIND)
     if KIND >= JSD and KIND <= TVD:  # the mixtures. Pass 2: the per-class terms need both normalisers.
         for j in range(0, n_blocks):
-            cols_j, ok_j, a_j, b_j = walker.revisit_block(
+            cols_j, ok_j, a_j, b_j = revisit_block(
                 j, n_blocks, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok, ACC, RESIDENT, BLOCK_C
             )
-            u_j = walker.block_log_probs(_transformed(a_j, s_scale, s_cap, S_SCALE, S_CAP), m_a, log_z_a, inv_temperature)
-            v_j = walker.block_log_probs(_transformed(b_j, t_scale, t_cap, T_SCALE, T_CAP), m_b, log_z_b, inv_temperature)
+            u_j = block_log_probs(_transformed(a_j, s_scale, s_cap, S_SCALE, S_CAP), m_a, log_z_a, inv_temperature)
+            v_j = block_log_probs(_transformed(b_j, t_scale, t_cap, T_SCALE, T_CAP), m_b, log_z_b, inv_temperature)
             term_j, g_j, h_j = _bucket_terms(u_j, v_j, beta, KIND)
             divergence += tl.sum(term_j, axis=1)
             sum_g += tl.sum(g_j, axis=1)
@@ -309,19 +320,19 @@ def _divergence_kernel(
         scale = tl.load(GRAD_SCALE).to(ACC) * factor * inv_temperature
         keep = counted[:, None]
         for k in range(0, n_blocks):
-            cols_k, ok_k, a_k, b_k = walker.revisit_block(
+            cols_k, ok_k, a_k, b_k = revisit_block(
                 k, n_blocks, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok, ACC, RESIDENT, BLOCK_C
             )
             a_k = _transformed(a_k, s_scale, s_cap, S_SCALE, S_CAP)
             b_k = _transformed(b_k, t_scale, t_cap, T_SCALE, T_CAP)
-            u = walker.block_log_probs(a_k, m_a, log_z_a, inv_temperature)
-            v = walker.block_log_probs(b_k, m_b, log_z_b, inv_temperature)
+            u = block_log_probs(a_k, m_a, log_z_a, inv_temperature)
+            v = block_log_probs(b_k, m_b, log_z_b, inv_temperature)
             unused_term, g, h = _bucket_terms(u, v, beta, KIND)
             g_s = (g - tl.exp(u) * sum_g[:, None]) * _transform_slope(a_k, s_scale, s_cap, S_SCALE, S_CAP)
             g_t = (h - tl.exp(v) * sum_h[:, None]) * _transform_slope(b_k, t_scale, t_cap, T_SCALE, T_CAP)
             g_s = tl.where(keep, scale * g_s, 0.0)
             g_t = tl.where(keep, scale * g_t, 0.0)
-            walker.store_gradients(
+            store_gradients(
                 GS, GT, o, i, gs_so, gs_sc, gs_si, gt_so, gt_sc, gt_si, cols_k, ok_k, g_s, g_t, STUDENT_GRAD, TEACHER_GRAD
             )
 

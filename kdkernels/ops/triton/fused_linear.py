@@ -60,10 +60,14 @@ from typing import Iterator, Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from kdkernels.backends import triton_interpreted
-from kdkernels.ops.triton import two_distribution_row as walker
+from kdkernels.ops.triton.two_distribution_row import (
+    block_log_probs,
+    empty_softmax,
+    row_shift,
+    softmax_block_update,
+)
 from kdkernels.ops.triton.divergences import (
     FORWARD_KL,
     REVERSE_KL,
@@ -76,6 +80,7 @@ from kdkernels.ops.triton.divergences import (
     _transformed,
     divergence_kind,
 )
+from kdkernels.ops.triton.launch import wrap_triton
 from kdkernels.ops.triton.nan import joined_float, split_float
 
 # Columns of the per-row statistics (one (N, 8) tensor in the accumulation dtype).
@@ -103,7 +108,9 @@ def _logit_tile(
         k_ok = k < n_hidden
         x = tl.load(X + rows[:, None] * x_s0 + k[None, :] * x_s1, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(W + cols[None, :] * w_s0 + k[:, None] * w_s1, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(x.to(OPERAND), w.to(OPERAND), acc, input_precision=PRECISION)
+        # out_dtype names the accumulator's dtype: compiled for a GPU, tl.dot asserts that an
+        # accumulator passed in has it (float64 for float64 heads; the interpreter does not check).
+        acc = tl.dot(x.to(OPERAND), w.to(OPERAND), acc, input_precision=PRECISION, out_dtype=DOT_ACC)
     z = acc.to(ACC)
     if HAS_BIAS:
         z += tl.load(B + cols * b_s0, mask=col_ok, other=0.0).to(ACC)[None, :]
@@ -172,10 +179,10 @@ def _stats_kernel(
     )
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
-    m_a, z_a = walker.empty_softmax(BLOCK_M, ACC)
-    m_b, z_b = walker.empty_softmax(BLOCK_M, ACC)
+    m_a, z_a = empty_softmax(BLOCK_M, ACC)
+    m_b, z_b = empty_softmax(BLOCK_M, ACC)
     w = tl.zeros([BLOCK_M], ACC)
-    m_c, z_c = walker.empty_softmax(BLOCK_M, ACC)
+    m_c, z_c = empty_softmax(BLOCK_M, ACC)
     label_logit = tl.zeros([BLOCK_M], ACC)
     if CE:
         labels = tl.load(LABELS + rows, mask=row_ok, other=-1)
@@ -190,7 +197,7 @@ def _stats_kernel(
             S_OPERAND, T_OPERAND, BLOCK_M, BLOCK_V, BLOCK_K,
         )
         if CE:
-            m_c, z_c, _d, _x, _e = walker.softmax_block_update(m_c, z_c, _compared(a, cols, n_student_cols), 1.0)
+            m_c, z_c, _d, _x, _e = softmax_block_update(m_c, z_c, _compared(a, cols, n_student_cols), 1.0)
             label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], a, 0.0), axis=1)
         m_a, z_a, m_b, z_b, w = _divergence_block_update(
             m_a, z_a, m_b, z_b, w, _compared(a, cols, vocab), _compared(b, cols, vocab), inv_temperature, KIND
@@ -208,7 +215,7 @@ def _stats_kernel(
     tl.store(out + 5, sum_g, mask=row_ok)
     tl.store(out + 8, sum_h, mask=row_ok)
     if CE:
-        lse = walker.row_shift(m_c) + tl.log(z_c)
+        lse = row_shift(m_c) + tl.log(z_c)
         tl.store(out + 6, lse, mask=row_ok)
         tl.store(out + 7, lse - label_logit, mask=row_ok)
 
@@ -273,8 +280,8 @@ def _terms_kernel(
             S_BIAS, T_BIAS, S_SCALE, S_CAP, T_SCALE, T_CAP, ACC, S_DOT_ACC, T_DOT_ACC, S_PRECISION, T_PRECISION,
             S_OPERAND, T_OPERAND, BLOCK_M, BLOCK_V, BLOCK_K,
         )
-        u = walker.block_log_probs(_compared(a, cols, vocab), m_a, log_z_a, inv_temperature)
-        v = walker.block_log_probs(_compared(b, cols, vocab), m_b, log_z_b, inv_temperature)
+        u = block_log_probs(_compared(a, cols, vocab), m_a, log_z_a, inv_temperature)
+        v = block_log_probs(_compared(b, cols, vocab), m_b, log_z_b, inv_temperature)
         term, g, h = _bucket_terms(u, v, beta, KIND)
         if KL_TERMS:
             if KIND == FORWARD_KL:
@@ -305,8 +312,8 @@ def _logit_grad(
     0 for rows that do not count), plus ``ce_coef · (softmax(z') − onehot(label))`` over the
     student's columns, times the transform's slope. The teacher's: ``coef · (h − q Σh)`` times
     its slope (h = ∂D/∂v)."""
-    u = walker.block_log_probs(_compared(a, cols, vocab), m_a, log_z_a, inv_temperature)
-    v = walker.block_log_probs(_compared(b, cols, vocab), m_b, log_z_b, inv_temperature)
+    u = block_log_probs(_compared(a, cols, vocab), m_a, log_z_a, inv_temperature)
+    v = block_log_probs(_compared(b, cols, vocab), m_b, log_z_b, inv_temperature)
     _term, g, h = _bucket_terms(u, v, beta, KIND)
     live = row_ok & ((coef != 0.0) | (ce_coef != 0.0))
     if TEACHER:
@@ -675,7 +682,7 @@ def fused_linear_rows_vocab_parallel(hs, ws, bs, ht, wt, bt, mask, targets, opti
         return x
 
     def global_softmax(m_col, log_z_col, inv_temperature):
-        # Each shard's sum-exp is relative to its own shift (walker.row_shift): move it onto the
+        # Each shard's sum-exp is relative to its own shift (row_shift): move it onto the
         # global one before summing.
         m = stats[:, m_col]
         shift = torch.where(m == float("-inf"), torch.zeros_like(m), m)

@@ -33,11 +33,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from kdkernels._dtypes import accumulation_dtype
 from kdkernels.ops._gradients import gradient_buffer
-from kdkernels.ops.triton import two_distribution_row as walker
+from kdkernels.ops.triton.two_distribution_row import empty_softmax, row_shift, softmax_block_update
 from kdkernels.ops.triton.divergences import (
     FORWARD_KL,
     REVERSE_KL,
@@ -49,6 +48,7 @@ from kdkernels.ops.triton.divergences import (
     _transformed,
     divergence_kind,
 )
+from kdkernels.ops.triton.launch import wrap_triton
 from kdkernels.ops.triton.nan import joined_float, max_nan, split_float
 
 
@@ -145,7 +145,7 @@ def _sparse_kernel(
     # Student buckets.
     lse_k = _logsumexp(sk)
     if TAIL:
-        m_out, z_out = walker.empty_softmax(1, ACC)
+        m_out, z_out = empty_softmax(1, ACC)
         sorted_row = SORTED_IDS + o * q_so + i * q_si
         sorted_ids = tl.load(sorted_row + b * q_sk, mask=entry, other=0).to(tl.int64)
         first = tl.full([], 0, tl.int32)  # the first sorted id not below this block's start
@@ -159,8 +159,8 @@ def _sparse_kernel(
                 chosen = chosen | (cols == tl.load(sorted_row + j * q_sk).to(tl.int64))
             first = last
             x = tl.where(chosen, float("-inf"), _transformed(raw, s_scale, s_cap, S_SCALE, S_CAP))
-            m_out, z_out, _d, _x, _e = walker.softmax_block_update(m_out, z_out, x[None, :], inv_t)
-        lse_out = tl.sum(walker.row_shift(m_out) * inv_t + tl.log(z_out), axis=0)
+            m_out, z_out, _d, _x, _e = softmax_block_update(m_out, z_out, x[None, :], inv_t)
+        lse_out = tl.sum(row_shift(m_out) * inv_t + tl.log(z_out), axis=0)
         lse_all = tl.where(lse_out == float("-inf"), lse_k, tl.where(lse_k == float("-inf"), lse_out,
                   tl.maximum(lse_k, lse_out) + tl.log(1.0 + tl.exp(-tl.abs(lse_k - lse_out)))))
         lse_all = tl.where((lse_k != lse_k) | (lse_out != lse_out), lse_k + lse_out, lse_all)

@@ -18,10 +18,22 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from kdkernels.ops.triton.nan import joined_float
 from kdkernels.ops.triton import two_distribution_row as walker
+from kdkernels.ops.triton.two_distribution_row import (
+    block_log_probs,
+    class_block,
+    counted_positions,
+    empty_softmax,
+    load_class_block,
+    open_rows,
+    revisit_block,
+    row_shift,
+    softmax_block_update,
+    store_gradients,
+)
+from kdkernels.ops.triton.launch import wrap_triton
+from kdkernels.ops.triton.nan import joined_float
 
 
 @triton.jit
@@ -37,8 +49,8 @@ def _class_weight_block(W, cols, n_classes, HAS_WEIGHT: tl.constexpr, ACC: tl.co
 @triton.jit
 def _wsce_block_update(m_a, z_a, m_b, z_b, ws, acc, a, b, w, inv_temperature):
     """Pass 1 on one class block: both softmaxes and the weighted cross-entropy sums."""
-    m_a, z_a, d_a, x_a, _ = walker.softmax_block_update(m_a, z_a, a, inv_temperature)
-    m_b, z_b, d_b, _, e_b = walker.softmax_block_update(m_b, z_b, b, inv_temperature)
+    m_a, z_a, d_a, x_a, _ = softmax_block_update(m_a, z_a, a, inv_temperature)
+    m_b, z_b, d_b, _, e_b = softmax_block_update(m_b, z_b, b, inv_temperature)
     # Re-reference acc from the old student shift to the new one: x_new = x_old + d_a.
     rescale_b = tl.exp(d_b)
     ws = ws * rescale_b
@@ -53,9 +65,9 @@ def _wsce_block_update(m_a, z_a, m_b, z_b, ws, acc, a, b, w, inv_temperature):
 def _wsce_block_gradients(a, b, w, m_a, m_b, log_z_a, z_b_safe, s_mass, loss, counted, scale, inv_temperature):
     """``(∂/∂s, ∂/∂t)`` of one block, 0 in positions that do not count and, for the teacher,
     in classes it excludes (p_t = 0)."""
-    p_t = tl.exp((b - walker.row_shift(m_b)[:, None]) * inv_temperature) / z_b_safe[:, None]
+    p_t = tl.exp((b - row_shift(m_b)[:, None]) * inv_temperature) / z_b_safe[:, None]
     wp_t = w * p_t
-    log_p_s = walker.block_log_probs(a, m_a, log_z_a, inv_temperature)
+    log_p_s = block_log_probs(a, m_a, log_z_a, inv_temperature)
     keep = counted[:, None]
     g_s = tl.where(keep, scale * (s_mass[:, None] * tl.exp(log_p_s) - wp_t), 0.0)
     w_log_p_s = w * tl.where(wp_t > 0, log_p_s, 0.0)
@@ -77,22 +89,22 @@ def _weighted_soft_ce_kernel(
     inv_temperature = 1.0 / joined_float(temperature_hi, temperature_lo, ACC)
 
     # Pass 1. The first block is read outside the loop so that a resident row keeps it.
-    m_a, z_a = walker.empty_softmax(BLOCK_P, ACC)
-    m_b, z_b = walker.empty_softmax(BLOCK_P, ACC)
+    m_a, z_a = empty_softmax(BLOCK_P, ACC)
+    m_b, z_b = empty_softmax(BLOCK_P, ACC)
     zero = tl.zeros([BLOCK_P], ACC)
-    o, i, pos_ok, s_pos, t_pos, a, b = walker.open_rows(
+    o, i, pos_ok, s_pos, t_pos, a, b = open_rows(
         S, T, n_outer, n_classes, n_inner, s_so, s_sc, s_si, t_so, t_sc, t_si, ACC, ALONG_INNER, BLOCK_P, BLOCK_C
     )
-    cols, ok = walker.class_block(0, n_classes, pos_ok, BLOCK_C)
+    cols, ok = class_block(0, n_classes, pos_ok, BLOCK_C)
     w = _class_weight_block(W, cols, n_classes, HAS_WEIGHT, ACC)
     m_a, z_a, m_b, z_b, ws, acc = _wsce_block_update(m_a, z_a, m_b, z_b, zero, zero, a, b, w, inv_temperature)
     if not RESIDENT:  # compiled out for resident rows: no second tile pair held in registers
         for start in range(BLOCK_C, n_classes, BLOCK_C):
-            cols_c, ok_c, a_c, b_c = walker.load_class_block(s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, ACC, BLOCK_C)
+            cols_c, ok_c, a_c, b_c = load_class_block(s_pos, s_sc, t_pos, t_sc, start, n_classes, pos_ok, ACC, BLOCK_C)
             w_c = _class_weight_block(W, cols_c, n_classes, HAS_WEIGHT, ACC)
             m_a, z_a, m_b, z_b, ws, acc = _wsce_block_update(m_a, z_a, m_b, z_b, ws, acc, a_c, b_c, w_c, inv_temperature)
 
-    counted = walker.counted_positions(pos_ok, m_b, MASK, o * n_inner + i, HAS_MASK)
+    counted = counted_positions(pos_ok, m_b, MASK, o * n_inner + i, HAS_MASK)
     z_b_safe = tl.where(counted, z_b, 1.0)
     log_z_a = tl.log(tl.where(counted, z_a, 1.0))
     s_mass = ws / z_b_safe  # S = Σ_c w_c p_t,c
@@ -103,14 +115,14 @@ def _weighted_soft_ce_kernel(
         scale = tl.load(GRAD_SCALE).to(ACC) * inv_temperature
         n_blocks = tl.cdiv(n_classes, BLOCK_C)
         for k in range(0, n_blocks):
-            cols_k, ok_k, a_k, b_k = walker.revisit_block(
+            cols_k, ok_k, a_k, b_k = revisit_block(
                 k, n_blocks, a, b, s_pos, s_sc, t_pos, t_sc, n_classes, pos_ok, ACC, RESIDENT, BLOCK_C
             )
             w_k = _class_weight_block(W, cols_k, n_classes, HAS_WEIGHT, ACC)
             g_s, g_t = _wsce_block_gradients(
                 a_k, b_k, w_k, m_a, m_b, log_z_a, z_b_safe, s_mass, loss, counted, scale, inv_temperature
             )
-            walker.store_gradients(
+            store_gradients(
                 GS, GT, o, i, gs_so, gs_sc, gs_si, gt_so, gt_sc, gt_si, cols_k, ok_k, g_s, g_t, STUDENT_GRAD, TEACHER_GRAD
             )
 
