@@ -86,9 +86,29 @@ FUSED_AND_REFERENCE = FUSED + [("cpu", "torch")]
 @pytest.fixture(params=FUSED_AND_REFERENCE, ids=[f"{d}-{b}" for d, b in FUSED_AND_REFERENCE])
 def device_backend_or_reference(request):
     """Like ``device_backend``, over the fused backends that can run here and the torch reference."""
+    yield from _with_backend(request)
+
+
+def _with_backend(request):
     device, backend = request.param
     with kdkernels.use_backend(backend):
         yield torch.device(device), backend
+
+
+def device_backend_or_reference_of(spec):
+    """``device_backend_or_reference`` for one fused loss (its ``FusedLoss``): a backend with no
+    kernel for it (the relational losses have no CUDA C++ kernel) is a skip that says so. Use as
+    ``device_backend_or_reference = device_backend_or_reference_of(SPEC)`` in a test module."""
+    has_kernel = (*spec.kernel_backends, "torch")
+    params = [
+        pytest.param(
+            (device, backend),
+            marks=[] if backend in has_kernel else [pytest.mark.skip(reason=f"{spec.name} has no {backend} kernel")],
+            id=f"{device}-{backend}",
+        )
+        for device, backend in FUSED_AND_REFERENCE
+    ]
+    return pytest.fixture(params=params, name="device_backend_or_reference")(_with_backend)
 
 
 @pytest.fixture(autouse=True)

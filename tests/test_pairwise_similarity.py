@@ -11,7 +11,12 @@ import torch
 
 from kdkernels.functional.pairwise_similarity import pairwise_similarity_loss
 from kdkernels.nn.pairwise_similarity import PairwiseSimilarityLoss
+from kdkernels.ops.pairwise_similarity import PAIRWISE_SIMILARITY
+from tests.conftest import device_backend_or_reference_of
 from tests.helpers import assert_close_to_reference
+
+# No CUDA C++ kernel: on a GPU the cuda backend is a skip that says so.
+device_backend_or_reference = device_backend_or_reference_of(PAIRWISE_SIMILARITY)
 
 
 def direct_formula(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

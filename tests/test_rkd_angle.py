@@ -13,7 +13,12 @@ import kdkernels
 from kdkernels.functional.rkd_angle import rkd_angle_loss
 from kdkernels.nn.rkd_angle import RKDAngleLoss
 from kdkernels.ops.reference.rkd_angle import rkd_angle_reference
+from kdkernels.ops.rkd_angle import RKD_ANGLE
+from tests.conftest import device_backend_or_reference_of
 from tests.helpers import assert_close_to_reference
+
+# No CUDA C++ kernel: on a GPU the cuda backend is a skip that says so.
+device_backend_or_reference = device_backend_or_reference_of(RKD_ANGLE)
 
 
 def direct_formula(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

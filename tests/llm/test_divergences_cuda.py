@@ -35,11 +35,14 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # g − p·Σg of O(1) float32 terms: the same formula run by the CPU kernel on a bf16 skew-KL case of
 # this file gave an absolute error of 1e-6 on gradients of at most 7e-8 (float32 cancellation, not a
 # wrong formula), so the reduced dtypes (whose rounded inputs make such rows likelier) allow 4e-6.
+# The loss of the reduced dtypes allows 4e-5: the reverse-KL rows of test_dense_transforms_and_t2
+# (bf16 logits ×20, soft-capped and scaled) gave 2.3e-5 on an H200, where the extension is built
+# with --use_fast_math (exponentials whose error grows with |x|) and sums 5003 float32 terms.
 TOL = {
     torch.float64: (1e-9, 1e-9, 1e-11),
     torch.float32: (2e-5, 2e-5, 1e-7),
-    torch.bfloat16: (2e-5, 1e-2, 4e-6),
-    torch.float16: (2e-5, 2e-3, 4e-6),
+    torch.bfloat16: (4e-5, 1e-2, 4e-6),
+    torch.float16: (4e-5, 2e-3, 4e-6),
 }
 
 
