@@ -20,7 +20,9 @@ A fused loss is a :class:`FusedLoss`. Its parts:
   str backend) -> (loss, *grads)``: a ``torch.library.triton_op`` that runs the backend's kernel
   and reduces. Its body is traceable, so it is its own fake implementation, and under
   ``torch.compile`` AOTAutograd inlines it: with the Triton backend Inductor sees the Triton
-  kernels themselves (``wrap_triton``), with ``cpu``/``cuda`` the extension's op.
+  kernels themselves (``wrap_triton``; on an H200 its generated code launches them:
+  ``test_inductor_compiles_the_triton_kernels_themselves``), with ``cpu``/``cuda`` the extension's
+  op.
 * **the twin** (``twin``): the per-position loss in differentiable torch operations on the same
   inputs. It is the ``torch`` backend, and it gives the gradients that the precomputed ones
   cannot (double backward, forward AD, functorch; see :mod:`kdkernels.ops._gradients`).

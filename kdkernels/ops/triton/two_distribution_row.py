@@ -38,6 +38,10 @@ A divergence whose loss is a closed form of ``(m, z)`` and KL cross terms (rever
 ``kl_cross_update`` with the student as ``r``) is a block update and a gradient formula; one that
 needs normalised probabilities per class (JSD's mixture, TVD's ``|p_t − p_s|``) adds a pass over
 ``revisit_block`` summing its terms with ``block_log_probs`` (``divergences.py`` does both).
+
+Kernels import these jit helpers by name (``from ….two_distribution_row import empty_softmax``),
+never as ``walker.empty_softmax``: under ``torch.compile`` Inductor copies a kernel's source with
+the jit functions it names but not module attributes (``tests/test_triton_kernel_sources.py``).
 """
 
 from __future__ import annotations
