@@ -41,8 +41,9 @@ def _signature(kernel, logits: str) -> dict[str, str]:
 
 
 def variants(which: str):
-    """``(kernel, constexprs)`` pairs of one kernel file: each layout and resident mode, and for
-    the divergences every kind."""
+    """``(kernel, constexprs[, logits dtype])`` of one kernel file: each layout and resident mode,
+    for the divergences every kind, for the fused linear kernels float64 heads too (logits dtype
+    ``bf16`` where not given)."""
     import triton.language as tl
 
     walker = dict(ACC=tl.float32, HAS_MASK=True, STUDENT_GRAD=True, TEACHER_GRAD=True)
@@ -77,9 +78,15 @@ def variants(which: str):
                      ACC=tl.float32, S_DOT_ACC=tl.float32, T_DOT_ACC=tl.float32, S_PRECISION=None, T_PRECISION=None,
                      S_OPERAND=tl.bfloat16, T_OPERAND=tl.bfloat16, BLOCK_M=64, BLOCK_V=64, BLOCK_K=64)
         side = dict(heads, G_DOT_ACC=tl.float32, G_PRECISION=None, G_OPERAND=tl.bfloat16, KIND=divergences.JSD.value)
+        # float64 heads accumulate their tl.dot in float64. Triton 3.6 (on the GPU machines)
+        # asserts that an accumulator passed in has out_dtype: without it this variant fails
+        # there (checked with 3.6 on CPU); Triton 3.9 accepts either.
+        fp64 = dict(heads, ACC=tl.float64, S_DOT_ACC=tl.float64, T_DOT_ACC=tl.float64, S_PRECISION="ieee",
+                    T_PRECISION="ieee", S_OPERAND=tl.float64, T_OPERAND=tl.float64, KIND=divergences.FORWARD_KL.value)
         return [
             (tiles._stats_kernel, dict(heads, KIND=divergences.FORWARD_KL.value)),
             (tiles._stats_kernel, dict(heads, KIND=divergences.JSD.value)),
+            (tiles._stats_kernel, fp64, "fp64"),
             (tiles._terms_kernel, dict(heads, KIND=divergences.TVD.value)),
         ] + [
             (kernel, dict(side, TEACHER=teacher, **extra))
@@ -96,9 +103,10 @@ def compile_variants(which: str, arch: int = 90) -> list[tuple[str, str | None]]
 
     target = GPUTarget("cuda", arch, 32)
     results = []
-    for kernel, constexprs in variants(which):
-        described = f"{kernel.__name__} " + " ".join(f"{k}={v}" for k, v in constexprs.items() if k != "ACC")
-        source = triton.compiler.ASTSource(fn=kernel, signature=_signature(kernel, "bf16"), constexprs=constexprs)
+    for kernel, constexprs, *logits in variants(which):
+        logits = logits[0] if logits else "bf16"
+        described = f"{kernel.__name__} {logits} " + " ".join(f"{k}={v}" for k, v in constexprs.items() if k != "ACC")
+        source = triton.compiler.ASTSource(fn=kernel, signature=_signature(kernel, logits), constexprs=constexprs)
         try:
             compiled = triton.compile(source, target=target)
             results.append((described, None if compiled.asm.get("cubin") else "no cubin"))

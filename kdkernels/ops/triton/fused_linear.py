@@ -108,8 +108,9 @@ def _logit_tile(
         k_ok = k < n_hidden
         x = tl.load(X + rows[:, None] * x_s0 + k[None, :] * x_s1, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(W + cols[None, :] * w_s0 + k[:, None] * w_s1, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        # out_dtype names the accumulator's dtype: compiled for a GPU, tl.dot asserts that an
-        # accumulator passed in has it (float64 for float64 heads; the interpreter does not check).
+        # out_dtype names the accumulator's dtype: Triton 3.6 compiling for a GPU asserts that an
+        # accumulator passed in has it (float64 for float64 heads; seen on an H200). Neither the
+        # interpreter nor Triton 3.9 checks it.
         acc = tl.dot(x.to(OPERAND), w.to(OPERAND), acc, input_precision=PRECISION, out_dtype=DOT_ACC)
     z = acc.to(ACC)
     if HAS_BIAS:
