@@ -273,3 +273,18 @@ def test_divergence_one_sided_gradient(divergence, beta, dtype, wanted, transfor
     torch.testing.assert_close(loss.double().squeeze(-1), want, **tol)
     got, ref = (g_s, want_s) if student else (g_t, want_t)
     torch.testing.assert_close(got.double().squeeze(-1), ref, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(why_unavailable("triton", "cuda") is not None, reason=str(why_unavailable("triton", "cuda")))
+@pytest.mark.parametrize("classes", [37, 5000, 20000], ids=["resident", "two-pass", "long"])
+@pytest.mark.parametrize("divergence,beta", CASES)
+def test_divergence_triton_compiled_on_cuda(divergence, beta, classes):
+    """The Triton kernel compiled for a GPU (the tests above interpret it on CPU tensors), in
+    float64 against the reference: resident and two-pass rows, a maximum in the last block, a
+    masked row, soft-capping of the teacher."""
+    s, t = _logits(3, classes, seed=9)
+    s[0, classes - 3] = 25.0
+    t[1, classes // 2] = 30.0
+    mask = torch.tensor([True, False, True])
+    _check(s.cuda(), t.cuda(), mask.cuda(), ("triton", None), divergence=divergence, beta=beta, temperature=1.3, softcap=(None, 20.0))

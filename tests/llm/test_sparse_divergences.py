@@ -375,3 +375,17 @@ def test_op_with_inner_positions_and_strides(tail, backend):
         results.append((loss, *torch.autograd.grad(loss, (s, v))))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    kdkernels.backends.why_unavailable("triton", "cuda") is not None, reason=str(kdkernels.backends.why_unavailable("triton", "cuda"))
+)
+@pytest.mark.parametrize("tail", ["renormalize", "tail_bucket"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_triton_compiled_on_cuda_matches_the_reference(divergence, tail):
+    """The Triton kernel compiled for a GPU (the tests above interpret it on CPU tensors), in
+    float64 at an LLM-sized vocabulary, top-k ids anywhere in it."""
+    s, ids, values, mask = _case(n=(4, 3), vocab=32000, k=32, seed=5)
+    kw = dict(divergence=divergence, beta=0.3, temperature=1.7, tail=tail, teacher_values="logprobs", mask=mask.cuda(), reduction="sum")
+    _assert_matches("triton", s.cuda(), ids.cuda(), values.cuda(), **kw)
