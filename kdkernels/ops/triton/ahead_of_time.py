@@ -11,6 +11,11 @@ errors show up on any machine.
 Run ``python -m kdkernels.ops.triton.ahead_of_time [kd_loss|weighted_soft_ce|divergences|fused_linear ...]``
 (without ``TRITON_INTERPRET=1``: under the interpreter ``triton.jit`` builds interpreted
 functions, which cannot be compiled). Prints one line per variant; exits 1 if any fails.
+
+``python -m kdkernels.ops.triton.ahead_of_time vectors`` compiles the row walker's kernels as
+their launchers launch them on contiguous bf16 rows, with the JIT's specialisation of those
+arguments, and checks that the logits are loaded and the gradients stored in vectors: a row
+offset of unknown alignment makes every one of them scalar (see ``launch_strides``).
 """
 
 from __future__ import annotations
@@ -115,10 +120,107 @@ def compile_variants(which: str, arch: int = 90) -> list[tuple[str, str | None]]
     return results
 
 
+def record_launch(module, launcher, *args) -> tuple:
+    """``(kernel, args, kwargs)`` of the launch that ``launcher(*args)`` makes through
+    ``module.wrap_triton``, recorded instead of run (CPU tensors will do)."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append((self.kernel, a, kw))
+
+    original = module.wrap_triton
+    module.wrap_triton = Recorder
+    try:
+        launcher(*args)
+    finally:
+        module.wrap_triton = original
+    return calls[0]
+
+
+def compile_as_launched(kernel, args, kwargs, arch: int = 90):
+    """Compile ``kernel`` for ``sm_<arch>`` with the specialisation Triton's JIT gives these
+    arguments on a GPU (``native_specialize_impl``: an integer 1 becomes a constant, multiples of
+    16 and 16-byte-aligned pointers are marked divisible), so the code is the code a launch runs."""
+    import triton
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.runtime.jit import native_specialize_impl
+
+    constexprs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+    runtime = iter(args)
+    signature, attrs = {}, {}
+    for index, param in enumerate(kernel.params):
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            continue
+        kind, key = native_specialize_impl(BaseBackend, next(runtime), False, True, True)
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[param.name] = key
+        elif key:
+            attrs[(index,)] = BaseBackend.parse_attr(key)
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def row_memory_instructions(which: str, classes: int):
+    """``{"vector loads", "scalar loads", "vector stores", "scalar stores"}``: the 16-bit global
+    loads and stores in the PTX of ``which``'s kernel (``kd_loss``, ``weighted_soft_ce``,
+    ``divergences``) as launched on contiguous bf16 rows of ``classes`` classes (only the
+    logits and their gradient are 16-bit)."""
+    import re
+
+    import torch
+
+    from kdkernels.ops.triton import divergences, kd_loss, weighted_soft_ce
+
+    student = torch.randn(64, classes, dtype=torch.bfloat16).unsqueeze(-1)
+    teacher = torch.randn(64, classes, dtype=torch.bfloat16).unsqueeze(-1)
+    grad_scale = torch.ones(1)
+    if which == "kd_loss":
+        launch = record_launch(kd_loss, kd_loss.kd_loss_rows, student, teacher, None, 2.0, grad_scale, True, True)
+    elif which == "weighted_soft_ce":
+        weight = torch.rand(classes)
+        launch = record_launch(weighted_soft_ce, weighted_soft_ce.weighted_soft_ce_rows, student, teacher, weight, None,
+                               2.0, grad_scale, True, True)
+    else:
+        launch = record_launch(divergences, divergences.divergence_rows, student, teacher, None, "forward_kl", 0.5, 2.0,
+                               True, None, None, None, None, grad_scale.double(), True, True)
+    ptx = compile_as_launched(*launch).asm["ptx"]
+    count = lambda pattern: len(re.findall(pattern, ptx))  # noqa: E731
+    # A vector of bf16 is moved as 32-bit words (v2/v4 .b32); a scalar one as .b16.
+    return {
+        "vector loads": count(r"ld\.global(?:\.\w+)*\.v[24]\.b32"),
+        "scalar loads": count(r"ld\.global(?:\.\w+)*\.b16"),
+        "vector stores": count(r"st\.global(?:\.\w+)*\.v[24]\.b32"),
+        "scalar stores": count(r"st\.global(?:\.\w+)*\.b16"),
+    }
+
+
+def check_row_vectors() -> int:
+    """Print the 16-bit loads and stores of each walker kernel on contiguous bf16 rows (resident
+    and two-pass); 1 if any is scalar."""
+    failed = 0
+    for which in ("kd_loss", "weighted_soft_ce", "divergences"):
+        for classes in (2048, 20000):  # multiples of 16: rows that start 16-byte aligned
+            counts = row_memory_instructions(which, classes)
+            bad = counts["scalar loads"] or counts["scalar stores"] or not counts["vector loads"]
+            print(("FAIL " if bad else "ok   ") + f"{which} bf16 rows of {classes} classes: "
+                  + ", ".join(f"{v} {k}" for k, v in counts.items()), flush=True)
+            failed += bool(bad)
+    return 1 if failed else 0
+
+
 def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: interpreted functions cannot be compiled")
         return 2
+    if argv == ["vectors"]:
+        return check_row_vectors()
     failed = 0
     for which in argv or ["kd_loss", "weighted_soft_ce", "divergences", "fused_linear"]:
         for described, error in compile_variants(which):
