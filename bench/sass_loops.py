@@ -1,8 +1,9 @@
 """Static instruction counts of the row walker's Triton kernels, no GPU needed.
 
 Compiles ``kd_loss``, ``weighted_soft_ce`` and ``divergences`` (forward KL) for sm_90 as their
-launchers launch them on contiguous rows (``kdkernels.ops.triton.ahead_of_time.compile_as_launched``:
-the JIT's own specialisation of the arguments), disassembles the cubin (``cuobjdump``, shipped
+launchers launch them on contiguous rows (``walker_launches`` and ``compile_as_launched`` of
+``kdkernels.ops.triton.ahead_of_time``: the JIT's own specialisation of the arguments),
+disassembles the cubin (``cuobjdump``, shipped
 with Triton's NVIDIA backend) and prints, for each loop of the kernel (pass 1 over the class
 blocks, pass 2 writing the gradients), its instructions, global loads (LDG) and global stores
 (STG) per block and thread. A GPU time is not a static count: this says what a block costs in
@@ -48,22 +49,13 @@ def main() -> None:
     import torch
     from triton.tools.disasm import get_sass
 
-    from kdkernels.ops.triton import divergences, kd_loss, weighted_soft_ce
-    from kdkernels.ops.triton.ahead_of_time import compile_as_launched, record_launch
+    from kdkernels.ops.triton.ahead_of_time import compile_as_launched, walker_launches
 
     for name in args.dtypes:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
         s = torch.randn(args.rows, args.classes, dtype=dtype).unsqueeze(-1)
         t = torch.randn(args.rows, args.classes, dtype=dtype).unsqueeze(-1)
-        scale = torch.ones(1)
-        launches = {
-            "kd_loss": record_launch(kd_loss, kd_loss.kd_loss_rows, s, t, None, 2.0, scale, True, False),
-            "weighted_soft_ce": record_launch(weighted_soft_ce, weighted_soft_ce.weighted_soft_ce_rows, s, t,
-                                              torch.rand(args.classes), None, 2.0, scale, True, False),
-            "divergences (forward KL)": record_launch(divergences, divergences.divergence_rows, s, t, None, "forward_kl",
-                                                      0.5, 2.0, True, None, None, None, None, scale.double(), True, False),
-        }
-        for loss, launch in launches.items():
+        for loss, launch in walker_launches(s, t, teacher_grad=False).items():
             loops = loop_counts(get_sass(compile_as_launched(*launch).asm["cubin"]))
             shown = "; ".join(f"loop {k + 1}: {n} instructions, {ldg} LDG, {stg} STG" for k, (n, ldg, stg) in enumerate(loops))
             print(f"{loss} {name} {args.rows}x{args.classes} (student gradient only): {shown}", flush=True)

@@ -167,47 +167,55 @@ def compile_as_launched(kernel, args, kwargs, arch: int = 90):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def row_memory_instructions(which: str, classes: int):
-    """``{"vector loads", "scalar loads", "vector stores", "scalar stores"}``: the 16-bit global
-    loads and stores in the PTX of ``which``'s kernel (``kd_loss``, ``weighted_soft_ce``,
-    ``divergences``) as launched on contiguous bf16 rows of ``classes`` classes (only the
-    logits and their gradient are 16-bit)."""
-    import re
-
+def walker_launches(student, teacher, teacher_grad: bool = True) -> dict:
+    """``{name: (kernel, args, kwargs)}``: the launches of the row walker's three kernels
+    (``kd_loss``, ``weighted_soft_ce``, ``divergences`` as forward KL) on these ``(outer, classes,
+    inner)`` logits, recorded (:func:`record_launch`), the student's gradient always wanted."""
     import torch
 
     from kdkernels.ops.triton import divergences, kd_loss, weighted_soft_ce
 
+    scale = torch.ones(1)
+    weight = torch.rand(student.shape[1])
+    return {
+        "kd_loss": record_launch(kd_loss, kd_loss.kd_loss_rows, student, teacher, None, 2.0, scale, True, teacher_grad),
+        "weighted_soft_ce": record_launch(weighted_soft_ce, weighted_soft_ce.weighted_soft_ce_rows, student, teacher,
+                                          weight, None, 2.0, scale, True, teacher_grad),
+        "divergences": record_launch(divergences, divergences.divergence_rows, student, teacher, None, "forward_kl", 0.5,
+                                     2.0, True, None, None, None, None, scale.double(), True, teacher_grad),
+    }
+
+
+def row_memory_instructions(classes: int) -> dict:
+    """``{kernel name: {"vector loads", "scalar loads", "vector stores", "scalar stores"}}``: the
+    16-bit global loads and stores in the PTX of each walker kernel as launched on contiguous
+    bf16 rows of ``classes`` classes (only the logits and their gradients are 16-bit)."""
+    import re
+
+    import torch
+
     student = torch.randn(64, classes, dtype=torch.bfloat16).unsqueeze(-1)
     teacher = torch.randn(64, classes, dtype=torch.bfloat16).unsqueeze(-1)
-    grad_scale = torch.ones(1)
-    if which == "kd_loss":
-        launch = record_launch(kd_loss, kd_loss.kd_loss_rows, student, teacher, None, 2.0, grad_scale, True, True)
-    elif which == "weighted_soft_ce":
-        weight = torch.rand(classes)
-        launch = record_launch(weighted_soft_ce, weighted_soft_ce.weighted_soft_ce_rows, student, teacher, weight, None,
-                               2.0, grad_scale, True, True)
-    else:
-        launch = record_launch(divergences, divergences.divergence_rows, student, teacher, None, "forward_kl", 0.5, 2.0,
-                               True, None, None, None, None, grad_scale.double(), True, True)
-    ptx = compile_as_launched(*launch).asm["ptx"]
-    count = lambda pattern: len(re.findall(pattern, ptx))  # noqa: E731
-    # A vector of bf16 is moved as 32-bit words (v2/v4 .b32); a scalar one as .b16.
-    return {
-        "vector loads": count(r"ld\.global(?:\.\w+)*\.v[24]\.b32"),
-        "scalar loads": count(r"ld\.global(?:\.\w+)*\.b16"),
-        "vector stores": count(r"st\.global(?:\.\w+)*\.v[24]\.b32"),
-        "scalar stores": count(r"st\.global(?:\.\w+)*\.b16"),
-    }
+    counts = {}
+    for which, launch in walker_launches(student, teacher).items():
+        ptx = compile_as_launched(*launch).asm["ptx"]
+        count = lambda pattern: len(re.findall(pattern, ptx))  # noqa: E731
+        # A vector of bf16 is moved as 32-bit words (v2/v4 .b32); a scalar one as .b16.
+        counts[which] = {
+            "vector loads": count(r"ld\.global(?:\.\w+)*\.v[24]\.b32"),
+            "scalar loads": count(r"ld\.global(?:\.\w+)*\.b16"),
+            "vector stores": count(r"st\.global(?:\.\w+)*\.v[24]\.b32"),
+            "scalar stores": count(r"st\.global(?:\.\w+)*\.b16"),
+        }
+    return counts
 
 
 def check_row_vectors() -> int:
     """Print the 16-bit loads and stores of each walker kernel on contiguous bf16 rows (resident
     and two-pass); 1 if any is scalar."""
     failed = 0
-    for which in ("kd_loss", "weighted_soft_ce", "divergences"):
-        for classes in (2048, 20000):  # multiples of 16: rows that start 16-byte aligned
-            counts = row_memory_instructions(which, classes)
+    for classes in (2048, 20000):  # multiples of 16: rows that start 16-byte aligned
+        for which, counts in row_memory_instructions(classes).items():
             bad = counts["scalar loads"] or counts["scalar stores"] or not counts["vector loads"]
             print(("FAIL " if bad else "ok   ") + f"{which} bf16 rows of {classes} classes: "
                   + ", ".join(f"{v} {k}" for k, v in counts.items()), flush=True)
