@@ -490,18 +490,12 @@ def test_peak_memory_is_the_gradient_gpu(name, backend):
 
 
 def _triton_kernel_names(spec: FusedLoss) -> set[str]:
-    """Names of the ``@triton.jit`` functions defined in the loss's Triton launcher module (not
-    the shared helpers it imports)."""
+    """Names of the ``@triton.jit`` functions defined in the loss's Triton launcher module."""
     import importlib
 
-    import triton
+    from tests.test_triton_kernel_sources import jit_functions
 
-    module = importlib.import_module(f"kdkernels.ops.triton.{spec.name}")
-    return {
-        name
-        for name, obj in vars(module).items()
-        if isinstance(obj, triton.runtime.jit.KernelInterface) and obj.fn.__module__ == module.__name__
-    }
+    return set(jit_functions(importlib.import_module(f"kdkernels.ops.triton.{spec.name}")))
 
 
 @pytest.mark.parametrize("name,backend", grid(lambda row: [()], ("triton",), device="cuda", marks=[gpu]))

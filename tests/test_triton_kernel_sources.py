@@ -25,12 +25,21 @@ from triton.runtime.jit import KernelInterface  # noqa: E402
 import kdkernels.ops.triton as triton_ops  # noqa: E402
 
 
+def jit_functions(module) -> dict:
+    """``{name: kernel}``: the ``@triton.jit`` functions defined in ``module`` (not the shared
+    helpers it imports)."""
+    return {
+        name: obj
+        for name, obj in vars(module).items()
+        if isinstance(obj, KernelInterface) and obj.fn.__module__ == module.__name__
+    }
+
+
 def _jit_functions():
     for info in pkgutil.iter_modules(triton_ops.__path__):
         module = importlib.import_module(f"{triton_ops.__name__}.{info.name}")
-        for name, obj in vars(module).items():
-            if isinstance(obj, KernelInterface) and obj.fn.__module__ == module.__name__:
-                yield pytest.param(obj.fn, id=f"{info.name}.{name}")
+        for name, obj in jit_functions(module).items():
+            yield pytest.param(obj.fn, id=f"{info.name}.{name}")
 
 
 def _local_names(tree: ast.AST) -> set[str]:
