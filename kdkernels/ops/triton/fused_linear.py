@@ -83,10 +83,10 @@ from kdkernels.ops.triton.divergences import (
 from kdkernels.ops.triton.launch import wrap_triton
 from kdkernels.ops.triton.nan import joined_float, split_float
 
-# Columns of the per-row statistics (one (N, 8) tensor in the accumulation dtype).
+# Columns of the per-row statistics (one (N, _N_STATS) tensor in the accumulation dtype).
 _M_S, _LZ_S, _M_T, _LZ_T, _DIV, _SUM_G, _LSE_CE, _CE, _SUM_H = range(9)
 _N_STATS = 9
-STATS_WIDTH = tl.constexpr(9)  # for the kernels (globals they read must be constexpr)
+STATS_WIDTH = tl.constexpr(_N_STATS)  # for the kernels (globals they read must be constexpr)
 
 # ---------------------------------------------------------------------------------------------
 # Device side
